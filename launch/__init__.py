@@ -1,0 +1,1 @@
+"""Command line, config composition and validation, launchers and the per-rank trainer."""

@@ -1,0 +1,57 @@
+"""Routed experts as stacked SwiGLU weights, run as one grouped matmul over expert-sorted tokens.
+
+Shape legend: N tokens (sorted by expert), D model dim, F expert hidden, E experts held by this module.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HAS_GROUPED_MM = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
+
+
+def _grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return fn(x_ND, w_EDF, offs=offsets_E)
+
+
+def looped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Reference: one matmul per expert over its slice of the sorted tokens."""
+    chunks = torch.split(x_ND, counts_E.tolist())
+    return torch.cat([chunk @ w_EDF[e] for e, chunk in enumerate(chunks)])
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts: y = (silu(x W1) * (x W3)) W2, per expert."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, grouped_mm: Literal["auto", "on", "off"] = "auto"):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        if grouped_mm == "on" and not HAS_GROUPED_MM:
+            raise ValueError("moe.grouped_mm=on needs torch grouped_mm, which this torch lacks (rule: use auto or off)")
+        # grouped_mm needs 16-byte aligned row strides: widths that are multiples of 8 serve fp32 and bf16.
+        aligned = dim % 8 == 0 and hidden % 8 == 0
+        if grouped_mm == "on" and not aligned:
+            raise ValueError(f"moe.grouped_mm=on needs dim and expert_hidden divisible by 8 (got {dim}, {hidden})")
+        self.use_grouped_mm = grouped_mm == "on" or (grouped_mm == "auto" and HAS_GROUPED_MM and aligned)
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Args: x_ND tokens sorted by expert; counts_E tokens per expert (int). Returns y_ND."""
+        if x_ND.shape[0] == 0:
+            # A rank can receive no tokens; keep the weights in the graph so their (zero) grads exist.
+            return x_ND + 0 * (self.w1.sum() + self.w2.sum() + self.w3.sum())
+        if self.use_grouped_mm:
+            # grouped_mm wants int32 cumulative row ends and contiguous operands (its CPU backward
+            # rejects stride-0 gradients).
+            offsets_E = counts_E.cumsum(0).to(torch.int32)
+            mm = lambda a, w: _grouped_mm(a.contiguous(), w, offsets_E)
+        else:
+            mm = lambda a, w: looped_mm(a, w, counts_E)
+        h_NF = F.silu(mm(x_ND, self.w1)) * mm(x_ND, self.w3)
+        return mm(h_NF, self.w2)

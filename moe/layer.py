@@ -1,0 +1,103 @@
+"""The MoE feed-forward layer: route, dispatch, run experts, combine, plus shared experts.
+
+Shape legend: B sequences, S tokens per sequence, T = B*S, D model dim, N dispatched rows, E experts.
+
+Balancing losses never travel through the model's output: each layer attaches its weighted aux/z losses to
+its output's autograd graph (as Megatron's MoEAuxLossAutoScaler does), so they are counted once per layer and
+micro-batch whatever the pipeline split, and the trainer's gradient averaging treats them like the LM loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.config import MoEConfig
+from moe.dispatcher import Dispatcher, LocalDispatcher
+from moe.experts import GroupedExperts
+from moe.router import Router, Routing
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU FFN: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on `out`; in backward, seeds d(aux)/d(aux) = 1 so the aux term's gradient flows."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape, dtype, device = ctx.aux_meta
+        return grad_out, torch.ones(shape, dtype=dtype, device=device)
+
+
+def _recomputing() -> bool:
+    """True while autograd runs a backward pass (activation-checkpoint recompute): skip stat recording."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class MoELayer(nn.Module):
+    """Token routing to E SwiGLU experts (optionally plus always-on shared experts)."""
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(dim, cfg)
+        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden, cfg.grouped_mm)
+        shared_hidden = cfg.num_shared_experts * cfg.expert_hidden
+        self.shared_experts = SwiGLU(dim, shared_hidden) if shared_hidden else None
+        self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts)
+        self.stats: list[dict[str, torch.Tensor]] = []
+        """Detached per-forward routing statistics, drained by the trainer after each step."""
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        routing = self.router(x_BSD, reduce_load=self.dispatcher.reduce_load)
+        x_TD = x_BSD.reshape(B * S, D)
+        x_ND, counts_E, meta = self.dispatcher.dispatch(x_TD, routing)
+        y_ND = self.experts(x_ND, counts_E)
+        out_TD = self.dispatcher.combine(y_ND, routing, meta)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+        weighted_aux = (
+            self.cfg.aux_loss_coef * routing.aux_loss
+            + self.cfg.seq_aux_loss_coef * routing.seq_aux_loss
+            + self.cfg.z_loss_coef * routing.z_loss
+        )
+        if torch.is_grad_enabled() and weighted_aux.requires_grad:
+            out_TD = _AttachAuxLoss.apply(out_TD, weighted_aux)
+        if not _recomputing():
+            self.stats.append(self._stats(routing, counts_E))
+        return out_TD.view(B, S, D)
+
+    def _stats(self, routing: Routing, received_E: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "routed": routing.routed_E,
+            "kept": routing.kept_E,
+            "mean_prob": routing.mean_prob_E,
+            "entropy": routing.entropy,
+            "aux_loss": routing.aux_loss.detach(),
+            "seq_aux_loss": routing.seq_aux_loss.detach(),
+            "z_loss": routing.z_loss.detach(),
+            "received": received_E.detach(),
+        }
+
+    def drain_stats(self) -> list[dict[str, torch.Tensor]]:
+        """Returns and clears the statistics recorded since the last call."""
+        stats, self.stats = self.stats, []
+        return stats

@@ -1,0 +1,235 @@
+"""Routers: token-choice top-k (softmax or sigmoid scores), expert-choice, capacity and balancing losses.
+
+Shape legend: G sequences ("groups"), S tokens per sequence, T = G*S tokens, D model dim, E experts,
+K experts per token, A kept (token, expert) assignments.
+
+Capacity is counted per sequence (GShard's "group"), so which assignments are dropped never depends on how
+a batch is split over data-parallel ranks or micro-batches: a sharded run drops exactly what one process does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.config import MoEConfig
+
+LoadReducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Router decisions for T tokens, consumed by the dispatcher and the expert-load tracker."""
+
+    token_idx_A: torch.Tensor
+    """Flat token index of each kept assignment (int64)."""
+    expert_idx_A: torch.Tensor
+    """Expert of each kept assignment (int64)."""
+    weight_A: torch.Tensor
+    """Combine weight of each kept assignment (float, differentiable)."""
+    routed_E: torch.Tensor
+    """Assignments chosen per expert before capacity (int64)."""
+    kept_E: torch.Tensor
+    """Assignments kept per expert after capacity (int64)."""
+    mean_prob_E: torch.Tensor
+    """Mean router probability per expert over the tokens (detached)."""
+    entropy: torch.Tensor
+    """Mean router entropy per token in nats (detached scalar)."""
+    aux_loss: torch.Tensor
+    """Switch/GShard batch-level balancing loss, unscaled (differentiable scalar)."""
+    seq_aux_loss: torch.Tensor
+    """Sequence-level balancing loss, unscaled (differentiable scalar)."""
+    z_loss: torch.Tensor
+    """Router z-loss, unscaled (differentiable scalar)."""
+
+
+def capacity_per_sequence(cfg: MoEConfig, seq_len: int, factor: float | None = None) -> int:
+    """Slots per expert per sequence: ceil(factor * S * K / E)."""
+    factor = cfg.capacity_factor if factor is None else factor
+    return max(1, math.ceil(factor * seq_len * cfg.top_k / cfg.num_experts))
+
+
+def capacity_keep_mask(
+    expert_GN: torch.Tensor, priority_GN: torch.Tensor, num_experts: int, capacity: int
+) -> torch.Tensor:
+    """Which of the N assignments of each sequence fit into `capacity` slots per expert.
+
+    Args:
+        expert_GN: expert of each assignment, int64 [G, N].
+        priority_GN: lower value = served first, any real dtype [G, N].
+        num_experts: E.
+        capacity: slots per expert per sequence.
+
+    Returns:
+        bool [G, N], True where the assignment is kept.
+    """
+    G, N = expert_GN.shape
+    rank_GN = priority_GN.argsort(dim=-1, stable=True).argsort(dim=-1)
+    order_GN = (expert_GN * N + rank_GN).argsort(dim=-1)
+    sorted_expert_GN = expert_GN.gather(-1, order_GN)
+    counts_GE = torch.zeros(G, num_experts, dtype=torch.long, device=expert_GN.device)
+    counts_GE.scatter_add_(1, expert_GN, torch.ones_like(expert_GN))
+    starts_GE = counts_GE.cumsum(-1) - counts_GE
+    pos_sorted_GN = torch.arange(N, device=expert_GN.device) - starts_GE.gather(-1, sorted_expert_GN)
+    keep_GN = torch.empty_like(expert_GN, dtype=torch.bool)
+    keep_GN.scatter_(-1, order_GN, pos_sorted_GN < capacity)
+    return keep_GN
+
+
+def switch_aux_loss(probs_TE: torch.Tensor, routed_E: torch.Tensor) -> torch.Tensor:
+    """Switch/GShard balancing loss E * sum_e f_e * P_e.
+
+    f_e (fraction of assignments routed to e) comes from `routed_E`, which the caller may have summed over
+    data-parallel ranks; P_e is the local mean probability. Averaging this loss over ranks then equals the
+    loss of the whole batch, so every layout trains like one process.
+    """
+    E = probs_TE.shape[-1]
+    f_E = routed_E.to(probs_TE.dtype) / routed_E.sum().clamp(min=1)
+    return E * (f_E * probs_TE.mean(0)).sum()
+
+
+def sequence_aux_loss(probs_GSE: torch.Tensor, topk_idx_GSK: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise balancing loss, averaged over sequences.
+
+    Per sequence: sum_e f_e * P_e with f_e = E / (K*S) * (tokens choosing e), P_e = mean normalised score.
+    """
+    G, S, E = probs_GSE.shape
+    K = topk_idx_GSK.shape[-1]
+    counts_GE = torch.zeros(G, E, device=probs_GSE.device, dtype=probs_GSE.dtype)
+    counts_GE.scatter_add_(1, topk_idx_GSK.reshape(G, -1), torch.ones_like(topk_idx_GSK.reshape(G, -1), dtype=probs_GSE.dtype))
+    f_GE = counts_GE * E / (K * S)
+    p_GE = (probs_GSE / probs_GSE.sum(-1, keepdim=True)).mean(1)
+    return (f_GE * p_GE).sum(-1).mean()
+
+
+def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+class Router(nn.Module):
+    """Scores tokens against experts and picks assignments (token-choice or expert-choice)."""
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
+        # Aux-loss-free balancing: a bias that only steers selection, never the combine weights.
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=True)
+
+    def forward(self, x_GSD: torch.Tensor, reduce_load: LoadReducer | None = None) -> Routing:
+        """Route every token of `x_GSD` [G, S, D]; `reduce_load` sums per-expert counts over data ranks."""
+        G, S, _ = x_GSD.shape
+        # Router math in fp32: small logit differences decide discrete choices (ST-MoE, sec. 3).
+        logits_TE = F.linear(x_GSD.reshape(G * S, -1).float(), self.gate.weight.float())
+        if self.cfg.router == "expert_choice":
+            return self._expert_choice(logits_TE, G, S)
+        return self._token_choice(logits_TE, G, S, reduce_load)
+
+    def _scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        if self.cfg.router == "sigmoid_topk":
+            return torch.sigmoid(logits_TE)
+        return torch.softmax(logits_TE, dim=-1)
+
+    def _select(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """Top-K expert indices per token [T, K], with the balancing bias and group limits applied."""
+        cfg = self.cfg
+        choice_TE = scores_TE.detach() + self.expert_bias
+        if cfg.n_groups > 1:
+            T, E = choice_TE.shape
+            grouped_TGe = choice_TE.view(T, cfg.n_groups, E // cfg.n_groups)
+            # DeepSeek-V3 scores a group by the sum of its two best experts.
+            top2 = min(2, E // cfg.n_groups)
+            group_score_TG = grouped_TGe.topk(top2, dim=-1).values.sum(-1)
+            keep_groups_TG = group_score_TG.topk(cfg.topk_groups, dim=-1).indices
+            group_mask_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, keep_groups_TG, True)
+            choice_TE = grouped_TGe.masked_fill(~group_mask_TG[..., None], float("-inf")).view(T, E)
+        return choice_TE.topk(cfg.top_k, dim=-1).indices
+
+    def _token_choice(self, logits_TE: torch.Tensor, G: int, S: int, reduce_load: LoadReducer | None) -> Routing:
+        cfg = self.cfg
+        E, K = cfg.num_experts, cfg.top_k
+        scores_TE = self._scores(logits_TE)
+        topk_idx_TK = self._select(scores_TE)
+        weight_TK = scores_TE.gather(1, topk_idx_TK)
+        if cfg.norm_topk_prob:
+            weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
+        weight_TK = weight_TK * cfg.route_scale
+
+        routed_E = torch.bincount(topk_idx_TK.flatten(), minlength=E)
+        keep_TK = torch.ones_like(topk_idx_TK, dtype=torch.bool)
+        if cfg.capacity_factor is not None:
+            keep_TK = self._capacity_mask(topk_idx_TK, weight_TK, G, S)
+        global_routed_E = reduce_load(routed_E) if reduce_load is not None else routed_E
+        probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True) if cfg.router == "sigmoid_topk" else scores_TE
+
+        token_TK = torch.arange(G * S, device=logits_TE.device)[:, None].expand(-1, K)
+        kept_expert_A = topk_idx_TK[keep_TK]
+        return Routing(
+            token_idx_A=token_TK[keep_TK],
+            expert_idx_A=kept_expert_A,
+            weight_A=weight_TK[keep_TK],
+            routed_E=routed_E,
+            kept_E=torch.bincount(kept_expert_A, minlength=E),
+            mean_prob_E=probs_TE.detach().mean(0),
+            entropy=_entropy(probs_TE),
+            aux_loss=switch_aux_loss(probs_TE, global_routed_E),
+            seq_aux_loss=sequence_aux_loss(scores_TE.view(G, S, E), topk_idx_TK.view(G, S, K)),
+            z_loss=z_loss(logits_TE),
+        )
+
+    def _capacity_mask(self, topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, G: int, S: int) -> torch.Tensor:
+        K = self.cfg.top_k
+        if self.cfg.drop_policy == "probability":
+            priority = -weight_TK.detach()
+        else:  # earlier tokens first; all first choices before any second choice (GShard)
+            slot_TK = torch.arange(K, device=topk_idx_TK.device).expand(G * S, K)
+            pos_TK = torch.arange(S, device=topk_idx_TK.device).repeat(G)[:, None].expand(-1, K)
+            priority = slot_TK * S + pos_TK
+        keep = capacity_keep_mask(
+            topk_idx_TK.reshape(G, S * K),
+            priority.reshape(G, S * K),
+            self.cfg.num_experts,
+            capacity_per_sequence(self.cfg, S),
+        )
+        return keep.view(G * S, K)
+
+    def _expert_choice(self, logits_TE: torch.Tensor, G: int, S: int) -> Routing:
+        """Each expert picks its top-C tokens of every sequence (Zhou et al., 2022)."""
+        E = self.cfg.num_experts
+        probs_GSE = torch.softmax(logits_TE, dim=-1).view(G, S, E)
+        capacity = min(S, capacity_per_sequence(self.cfg, S, factor=self.cfg.capacity_factor or 1.0))
+        weight_GEC, pos_GEC = probs_GSE.transpose(1, 2).topk(capacity, dim=-1)
+        token_GEC = pos_GEC + (torch.arange(G, device=logits_TE.device) * S)[:, None, None]
+        expert_GEC = torch.arange(E, device=logits_TE.device)[None, :, None].expand_as(token_GEC)
+        count_E = torch.full((E,), G * capacity, dtype=torch.long, device=logits_TE.device)
+        zero = logits_TE.new_zeros(())
+        probs_TE = probs_GSE.view(G * S, E)
+        return Routing(
+            token_idx_A=token_GEC.flatten(),
+            expert_idx_A=expert_GEC.flatten(),
+            weight_A=weight_GEC.flatten() * self.cfg.route_scale,
+            routed_E=count_E,
+            kept_E=count_E,
+            mean_prob_E=probs_TE.detach().mean(0),
+            entropy=_entropy(probs_TE),
+            aux_loss=zero,
+            seq_aux_loss=zero,
+            z_loss=z_loss(logits_TE),
+        )
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor) -> None:
+        """DeepSeek-V3 aux-free rule: b_e += rate * sign(mean load - load_e), from a whole step's load."""
+        load = load_E.to(self.expert_bias.dtype)
+        self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+
+
+def _entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    p = probs_TE.detach()
+    return -(p * p.clamp(min=1e-20).log()).sum(-1).mean()

@@ -1,0 +1,1 @@
+"""Parallelism: the device mesh, tensor/expert/pipeline/data parallel plans and distributed checkpoints."""
