@@ -49,7 +49,9 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def allreduce_grads(model: torch.nn.Module, dp_group: dist.ProcessGroup, edp_group: dist.ProcessGroup, dp: int) -> None:
+def allreduce_grads(
+    model: torch.nn.Module, dp_group: dist.ProcessGroup | None, edp_group: dist.ProcessGroup | None, dp: int
+) -> None:
     """Averages replicated gradients: experts over edp, the rest over dp; one flat buffer per group.
 
     Hand-written rather than DDP because DDP reduces all parameters over one group and does not take DTensor
@@ -63,7 +65,7 @@ def allreduce_grads(model: torch.nn.Module, dp_group: dist.ProcessGroup, edp_gro
         if not grads:
             continue
         flat = torch.cat([g.flatten() for g in grads])
-        if dist.get_world_size(group) > 1:
+        if group is not None:  # None: a size-1 axis (never the default group)
             dist.all_reduce(flat, group=group)
         flat.div_(dp)
         for g, chunk in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
