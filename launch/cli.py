@@ -10,6 +10,22 @@ from launch.config import compose, write_resolved
 from launch.validate import ConfigError, launcher_world_size, validate
 
 
+def compose_error_line(err: Exception, overrides: list[str]) -> str:
+    """One line naming the key, the value and the rule, from a Hydra/OmegaConf composition error."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    # Hydra wraps the OmegaConf error that knows the key ("Error merging override model.dim=abc").
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+    key = getattr(cause, "full_key", None)
+    if not key:  # e.g. an unknown group option: Hydra's message lists the available ones
+        return " ".join(str(err).split()).split(" Config search path")[0]
+    detail = str(cause).strip().splitlines()[0]
+    given = next((o.lstrip("+~") for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), key)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+        return f"{given} is not a config field ({detail}) (rule: keys must be schema fields; check the spelling)"
+    return f"{given}: {detail}"
+
+
 def cmd_train(overrides: list[str]) -> int:
     """Composes and validates the config once, writes it resolved, then starts the configured launcher."""
     from hydra.errors import HydraException
@@ -19,7 +35,7 @@ def cmd_train(overrides: list[str]) -> int:
         cfg = compose(overrides)
         validate(cfg, launcher_world_size(cfg))
     except (HydraException, OmegaConfBaseException) as err:
-        print(f"moeyard: config error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"moeyard: config error: {compose_error_line(err, overrides)}", file=sys.stderr)
         return 2
     except ConfigError as err:
         print(f"moeyard: config error: {err}", file=sys.stderr)
@@ -46,7 +62,27 @@ def cmd_prepare(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "prepare": cmd_prepare}
+def cmd_export(argv: list[str]) -> int:
+    from launch.hf import cmd_export as run  # Hugging Face interop lives in launch/hf.py
+
+    return run(argv)
+
+
+def cmd_import(argv: list[str]) -> int:
+    from launch.hf import cmd_import as run
+
+    return run(argv)
+
+
+def cmd_dashboard(argv: list[str]) -> int:
+    """`moeyard dashboard RUN_DIR [--port P] [--host H] [--export FILE]` (profiling/dashboard.py)."""
+    from profiling.dashboard import cmd_dashboard as dashboard
+
+    return dashboard(argv)
+
+
+COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "export": cmd_export, "import": cmd_import,
+            "dashboard": cmd_dashboard}
 
 
 def main(argv: list[str] | None = None) -> int:

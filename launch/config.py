@@ -53,8 +53,9 @@ class TrainConfig:
     """Global batch, in sequences per step (over all data-parallel ranks and micro-batches)."""
     seq_len: int = 64
     """Tokens per sequence."""
-    micro_batches: int = 1
-    """Micro-batches per step (gradient accumulation; pipeline micro-batches); must divide batch_size."""
+    micro_batches: int = 2
+    """Micro-batches per step (gradient accumulation; pipeline micro-batches); must divide batch_size.
+    The batch-level aux loss is defined per micro-batch, so compare runs at equal micro_batches."""
     seed: int = 1234
     """Seeds weights (per tensor name), data order and dropout-free RNG state."""
     dtype: str = choice("fp32", "bf16")
@@ -69,6 +70,12 @@ class TrainConfig:
     """Write a metrics.jsonl line every N steps."""
     deterministic: bool = True
     """Deterministic algorithms (bitwise-repeatable on CPU)."""
+    resume: str = "none"
+    """none; auto: the latest complete checkpoint in run.dir/checkpoints (else start fresh); or a checkpoint path."""
+    init_from: str | None = None
+    """Start from these weights at step 0 (fresh optimizer): a checkpoint, a run dir, or a Hugging Face dir."""
+    nonfinite: str = choice("halt", "skip")
+    """A step with NaN/Inf loss or gradients: stop with an error, or skip its update (logged in metrics)."""
 
 
 @dataclass(kw_only=True)
@@ -95,10 +102,11 @@ class LauncherConfig:
     nproc_per_node: int = 1
     """torchrun/local: processes per node."""
     node_rank: int = 0
-    """torchrun: this agent's node rank."""
+    """torchrun: this agent's node rank (c10d orders agents itself; kept for the static backend)."""
     rdzv_endpoint: str = "127.0.0.1:29500"
     """torchrun: c10d rendezvous host:port."""
     rdzv_id: str = "moeyard"
+    """torchrun: the rendezvous (job) id every agent of one job shares."""
     max_restarts: int = 0
     """torchrun: restarts of the whole worker group after a failure."""
     nodes: int = 1
@@ -120,10 +128,14 @@ class LauncherConfig:
     """slurm: print the sbatch script instead of submitting."""
     wait: bool = False
     """slurm: follow the job and return its exit status."""
+    python: str | None = None
+    """slurm: the python on the compute nodes (default: the one running `moeyard`, e.g. the venv's)."""
     np: int = 1
     """mpi: ranks."""
     mpirun: str = "mpiexec"
-    """mpi: the MPI launcher program."""
+    """mpi: the MPI launcher program (looked up on PATH, then beside the running python)."""
+    mpi_args: list[str] = field(default_factory=list)
+    """mpi: extra launcher arguments, e.g. [-f, hosts] (MPICH) or [--oversubscribe] (Open MPI)."""
     timeout_s: int = 1800
     """Collective and rendezvous timeout in seconds."""
 
@@ -133,16 +145,25 @@ class ProfilingConfig:
     """Throughput/MFU metering, step breakdown, traces and the expert-load tracker."""
 
     breakdown_every: int = 10
-    """Time the step phases every N steps (sampling avoids a host sync per step on GPU)."""
+    """Time the step phases every N steps (sampling avoids a host sync per step on GPU); 0 = never."""
+    collectives: bool = True
+    """On sampled steps of multi-rank runs, also sum time inside collectives from torch.profiler events."""
+    nvtx: bool = True
+    """NVTX ranges per step and phase on CUDA, for Nsight Systems."""
     torch_trace: bool = False
-    """Record torch.profiler Chrome traces."""
+    """Record torch.profiler Chrome traces into RUN_DIR/traces/."""
     trace_wait: int = 1
+    """Trace schedule: idle steps before each window."""
     trace_warmup: int = 1
+    """Trace schedule: warm-up steps (profiled, discarded)."""
     trace_active: int = 2
+    """Trace schedule: recorded steps per window."""
     trace_repeat: int = 1
+    """Trace schedule: windows (0 = until the run ends)."""
     trace_ranks: list[int] = field(default_factory=lambda: [0])
+    """Ranks that record traces (and the memory snapshot)."""
     memory_snapshot: bool = False
-    """CUDA memory snapshot pickle at the end (GPU only)."""
+    """CUDA memory snapshot pickle at the end, on trace_ranks (GPU only)."""
     expert_load: bool = True
     """Write expert_load.jsonl."""
     tensorboard: bool = False
@@ -161,12 +182,12 @@ class ProfilingConfig:
 class CheckpointConfig:
     """Distributed checkpoints."""
 
-    every: int = 0
-    """Save every N steps (0 = only at the end, when enabled)."""
-    keep: int = 2
-    """Keep the newest K complete checkpoints."""
     enabled: bool = False
-    """Write checkpoints at all."""
+    """Write checkpoints: every N steps, at the end, and on SIGTERM (then exit 143)."""
+    every: int = 0
+    """Save every N steps (0 = only at the end and on SIGTERM); needs enabled=true."""
+    keep: int = 2
+    """Keep the newest K complete checkpoints (older ones are deleted after a save)."""
 
 
 @dataclass(kw_only=True)

@@ -56,8 +56,13 @@ def prepare(paths: list[Path], out_dir: Path, vocab_size: int = 256) -> dict:
         raise ValueError(f"prepare: no files under {[str(p) for p in paths]} (rule: give text files or dirs)")
     tokens = tokenize_files(files)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"dtype": "uint16", "num_tokens": int(tokens.size), "vocab_size": vocab_size,
-            "tokenizer": TOKENIZER, "files": len(files)}
+    meta = {
+        "dtype": "uint16",
+        "num_tokens": int(tokens.size),
+        "vocab_size": vocab_size,
+        "tokenizer": TOKENIZER,
+        "files": len(files),
+    }
     tmp = out_dir / "tokens.bin.tmp"
     tokens.tofile(tmp)
     tmp.replace(out_dir / "tokens.bin")
@@ -116,8 +121,15 @@ class TokenData:
         return rows_t[:, :-1].contiguous(), rows_t[:, 1:].contiguous()
 
 
-def build_data(source: str, path: str | None, max_files: int, val_fraction: float, seq_len: int,
-               seed: int, vocab_size: int) -> TokenData:
+def build_data(
+    source: str,
+    path: str | None,
+    max_files: int,
+    val_fraction: float,
+    seq_len: int,
+    seed: int,
+    vocab_size: int,
+) -> TokenData:
     """Loads the configured token stream and splits off the held-out tail."""
     if source == "stdlib":
         tokens = tokenize_files(stdlib_files(max_files))

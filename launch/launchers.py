@@ -1,6 +1,8 @@
-"""Launchers: run the per-rank trainer here (local) or start ranks through torchrun.
+"""Launchers: start the ranks of a job whose config is already composed, validated and written resolved.
 
-Every rank gets the path of the resolved config.yaml in MOEYARD_CONFIG and reads it with `load_resolved`.
+local: in this process (nproc_per_node=1) or `torchrun --standalone`; torchrun: one agent per node with c10d
+rendezvous; slurm: an sbatch script (launch.slurm); mpi: mpiexec (launch.mpi). Every rank runs
+`python -m launch.rank` and reads the resolved config.yaml named by MOEYARD_CONFIG.
 """
 
 from __future__ import annotations
@@ -10,35 +12,90 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.config import JobConfig, load_resolved
+from launch.config import JobConfig
+from launch.validate import ConfigError
+
+FAILED_RANK = "moeyard rank "  # launch.rank prints this line when a rank fails
+RDZV_TIMEOUT = "RendezvousTimeoutError"
 
 
-def rank_main() -> int:
-    """Body of every launched rank: read the resolved config and train."""
-    from launch.trainer import train
-
-    train(load_resolved(os.environ["MOEYARD_CONFIG"]))
-    return 0
-
-
-def torchrun_command(cfg: JobConfig, nnodes: int, nproc: int, node_rank: int | None = None) -> list[str]:
+def torchrun_command(cfg: JobConfig) -> list[str]:
+    """The torchrun (torch.distributed.run) command line of this node's agent."""
     lc = cfg.launcher
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
-           f"--max-restarts={lc.max_restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint={lc.rdzv_endpoint}",
-           f"--rdzv-id={lc.rdzv_id}"]
-    if node_rank is not None:
-        cmd.append(f"--node-rank={node_rank}")
-    return [*cmd, "-m", "launch.rank"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={lc.nproc_per_node}"]
+    if lc.name == "local":
+        return [*cmd, "--standalone", "--nnodes=1", "-m", "launch.rank"]
+    return [
+        *cmd,
+        f"--nnodes={lc.nnodes}",
+        f"--node-rank={lc.node_rank}",
+        f"--max-restarts={lc.max_restarts}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={lc.rdzv_endpoint}",
+        f"--rdzv-id={lc.rdzv_id}",
+        f"--rdzv-conf=join_timeout={lc.timeout_s}",
+        "-m",
+        "launch.rank",
+    ]
+
+
+def run_streaming(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
+    """Runs `cmd`, echoing its stderr; returns its status and the stderr lines that explain a failure."""
+    notable = []
+    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            if line.startswith(FAILED_RANK) or RDZV_TIMEOUT in line:
+                notable.append(line.rstrip("\n"))
+        return proc.wait(), notable
+
+
+def failure_line(cfg: JobConfig, what: str, status: int, notable: list[str]) -> str:
+    """One line that says why the ranks failed, for the cases we can tell apart."""
+    lc = cfg.launcher
+    if any(RDZV_TIMEOUT in line for line in notable):
+        return (
+            f"torchrun rendezvous at {lc.rdzv_endpoint} timed out after launcher.timeout_s={lc.timeout_s}: "
+            f"not all launcher.nnodes={lc.nnodes} agents joined (start one per node with the same run.dir)"
+        )
+    failed = [line for line in notable if line.startswith(FAILED_RANK)]
+    reason = failed[0] if failed else f"see {Path(cfg.run.dir) / 'logs'} and the output above"
+    return f"{what} exited with status {status}: {reason}"
+
+
+def launch_torchrun(cfg: JobConfig, env: dict[str, str]) -> int:
+    status, notable = run_streaming(torchrun_command(cfg), env)
+    if status:
+        print(f"moeyard: {failure_line(cfg, 'torchrun', status, notable)}", file=sys.stderr)
+    return status
+
+
+def launch_mpi(cfg: JobConfig, env: dict[str, str]) -> int:
+    from launch.mpi import mpi_command
+
+    status, notable = run_streaming(mpi_command(cfg), env)
+    if status:
+        print(f"moeyard: {failure_line(cfg, cfg.launcher.mpirun, status, notable)}", file=sys.stderr)
+    return status
 
 
 def launch(cfg: JobConfig, config_path: Path) -> int:
-    """Starts the configured launcher; returns its exit status."""
-    env = {**os.environ, "MOEYARD_CONFIG": str(config_path.resolve())}
+    """Starts the configured launcher; returns its exit status. Pre-spawn problems raise ConfigError."""
     lc = cfg.launcher
+    config_path = config_path.resolve()
+    if lc.name == "slurm":
+        from launch.slurm import launch_slurm
+
+        return launch_slurm(cfg, config_path)
+    env = {**os.environ, "MOEYARD_CONFIG": str(config_path)}
     if lc.name == "local" and lc.nproc_per_node == 1:
-        os.environ["MOEYARD_CONFIG"] = env["MOEYARD_CONFIG"]
-        return rank_main()
+        from launch.trainer import train
+
+        train(cfg)
+        return 0
     if lc.name in ("local", "torchrun"):
-        nnodes = lc.nnodes if lc.name == "torchrun" else 1
-        return subprocess.call(torchrun_command(cfg, nnodes, lc.nproc_per_node), env=env)
-    raise NotImplementedError(f"launcher.name={lc.name}")
+        return launch_torchrun(cfg, env)
+    if lc.name == "mpi":
+        return launch_mpi(cfg, env)
+    raise ConfigError(f"launcher.name={lc.name} must be one of local, torchrun, slurm, mpi")

@@ -1,8 +1,101 @@
-"""`python -m launch.rank`: the module every launcher starts once per rank."""
+"""`python -m launch.rank`: the module every launcher starts once per rank.
 
+It reads the resolved config named by MOEYARD_CONFIG, turns the launcher's environment into the
+torch.distributed one (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), sends the output of every
+rank but 0 to RUN_DIR/logs/rank_N.log, joins the process group and trains. torchrun sets the torch variables
+itself; srun tasks (launch.slurm) and MPI ranks (launch.mpi) get them translated here.
+"""
+
+from __future__ import annotations
+
+import os
 import sys
+import traceback
+from pathlib import Path
+from typing import TextIO
 
-from launch.launchers import rank_main
+from launch.config import JobConfig, load_resolved
+
+
+def rank_env(cfg: JobConfig) -> dict[str, str]:
+    """The torch.distributed variables this process lacks, from the launcher that started it."""
+    lc = cfg.launcher
+    if lc.name == "slurm" and lc.mode == "srun":
+        from launch.slurm import rank_env_from_slurm
+
+        return rank_env_from_slurm(os.environ)
+    if lc.name == "mpi":
+        from launch.mpi import rank_env_from_mpi
+
+        return rank_env_from_mpi()
+    return {}  # started by torchrun (launcher local, torchrun, or slurm mode=torchrun)
+
+
+def rank_log(run_dir: Path, rank: int) -> Path:
+    return run_dir / "logs" / f"rank_{rank}.log"
+
+
+def redirect_output(path: Path) -> None:
+    """Points this process's stdout and stderr (file descriptors, so C++ warnings too) at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def join_process_group(cfg: JobConfig) -> None:
+    """Rendezvous with the other ranks; any failure here is reported as the rendezvous failing."""
+    from launch.trainer import init_distributed, pick_device
+
+    device = pick_device(cfg)
+    try:
+        init_distributed(cfg, device)
+    except Exception as err:
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise RuntimeError(
+            f"rendezvous of {os.environ.get('WORLD_SIZE')} ranks at {where} failed "
+            f"(launcher.timeout_s={cfg.launcher.timeout_s}): {type(err).__name__}: {first}"
+        ) from err
+
+
+def run(cfg: JobConfig, console: TextIO) -> int:
+    """Trains this rank; a failing rank prints one line to the console (and its traceback to its log)."""
+    from launch.trainer import train
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            join_process_group(cfg)
+        train(cfg)
+        return 0
+    except Exception as err:
+        traceback.print_exc()
+        first = (str(err).strip().splitlines() or [""])[0]
+        where = f" (log: {rank_log(Path(cfg.run.dir), rank)})" if rank else ""
+        print(f"moeyard rank {rank} failed: {type(err).__name__}: {first}{where}", file=console, flush=True)
+        return 1
+
+
+def main() -> int:
+    # One thread per rank unless told otherwise, as torchrun does: ranks sharing a node would oversubscribe.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cfg = load_resolved(os.environ["MOEYARD_CONFIG"])
+    os.environ.update(rank_env(cfg))
+    console = os.fdopen(os.dup(2), "w")  # kept before redirecting, for the one-line failure notice
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        redirect_output(rank_log(Path(cfg.run.dir), rank))
+    status = run(cfg, console)
+    if status and cfg.launcher.name == "mpi":
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Abort(status)  # the other ranks may wait in a collective: end the whole job
+    return status
+
 
 if __name__ == "__main__":
-    sys.exit(rank_main())
+    sys.exit(main())

@@ -17,15 +17,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
+from launch.checkpointing import Checkpointer
 from launch.config import JobConfig
 from launch.data import TokenData, build_data
+from launch.faults import StepGuard, report_collectives_on_error
 from launch.validate import validate
-from parallel.data_parallel import allreduce_grads
+from parallel.data_parallel import finish_grads
 from parallel.dims import Axis, ParallelDims
 from parallel.grads import clip_grads, scale_grads
 from parallel.parallelize import ParallelModel, attach_schedule, build_parallel_model
 from parallel.tensor import loss_context
+from profiling.profiler import StepProfiler
 from profiling.sinks import MetricsLog
 
 
@@ -52,6 +56,12 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A detached plain tensor (loss_parallel returns replicated DTensor losses)."""
+    t = t.detach()
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def lr_at(step: int, cfg: JobConfig) -> float:
     """Linear warmup to optim.lr, then cosine decay to optim.lr * min_lr_ratio at train.steps."""
     o, total = cfg.optim, cfg.train.steps
@@ -62,16 +72,26 @@ def lr_at(step: int, cfg: JobConfig) -> float:
 
 
 def build_optimizer(pm: ParallelModel, cfg: JobConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; matrices decay, vectors (norms) do not; fused kernel on CUDA (apex's FusedAdam equivalent)."""
+    """AdamW; matrices decay, vectors (norms) do not; fused kernel on CUDA (apex's FusedAdam equivalent).
+
+    DTensor and plain parameters go to separate groups: the multi-tensor kernels cannot mix them.
+    """
     o = cfg.optim
-    params = [p for _, p in pm.named_parameters()]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for _, p in pm.named_parameters():
+        groups.setdefault((p.ndim >= 2, isinstance(p, DTensor)), []).append(p)
     fused = o.fused == "on" or (o.fused == "auto" and device.type == "cuda")
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    param_groups = [
+        {"params": params, "weight_decay": o.weight_decay if decay else 0.0}
+        for (decay, _), params in sorted(groups.items())
+    ]
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-        fused=fused or None, foreach=None if fused else True,
+        param_groups,
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        fused=fused or None,
+        foreach=None if fused else True,
     )
 
 
@@ -91,17 +111,34 @@ class Trainer:
         self.mesh = self.dims.build_mesh(self.device.type) if self.dims.is_distributed else None
         t = cfg.train
         self.micro_rows = t.batch_size // t.micro_batches // self.dims.dp
-        self.pm = build_parallel_model(cfg.model, cfg.moe, cfg.parallel, self.dims, self.mesh, self.device,
-                                       t.seed, bf16=self.bf16)
+        self.pm = build_parallel_model(
+            cfg.model, cfg.moe, cfg.parallel, self.dims, self.mesh, self.device, t.seed, bf16=self.bf16
+        )
         attach_schedule(self.pm, cfg.parallel, self.device, t.micro_batches, lm_loss)
         self.optimizer = build_optimizer(self.pm, cfg, self.device)
-        self.data: TokenData = build_data(cfg.data.source, cfg.data.path, cfg.data.max_files,
-                                          cfg.data.val_fraction, t.seq_len, t.seed, cfg.model.vocab_size)
+        self.data: TokenData = build_data(
+            cfg.data.source,
+            cfg.data.path,
+            cfg.data.max_files,
+            cfg.data.val_fraction,
+            t.seq_len,
+            t.seed,
+            cfg.model.vocab_size,
+        )
         self.dp_rank = self.mesh[Axis.DP.value].get_local_rank() if self.dims.dp > 1 else 0
         self.tp_rank = self.mesh[Axis.TP.value].get_local_rank() if self.dims.tp > 1 else 0
-        self.log = MetricsLog(self.run_dir, is_writer=self.rank == 0, progress=cfg.profiling.progress,
-                              total_steps=t.steps)
+        self.log = MetricsLog(
+            self.run_dir,
+            is_writer=self.rank == 0,
+            progress=cfg.profiling.progress,
+            total_steps=t.steps,
+            tensorboard=cfg.profiling.tensorboard,
+        )
+        self.prof = StepProfiler(cfg, self.pm, self.device, self.run_dir, self.log)  # [profiling]
         self.step = 0
+        self.guard = StepGuard(self)  # [faults] SIGTERM, NaN/Inf policy, collective log, test fault hook
+        self.checkpointer = Checkpointer(self)  # [checkpoint] train.resume / train.init_from, periodic saves
+        self.step = self.checkpointer.restore()
 
     @property
     def bf16(self) -> bool:
@@ -124,36 +161,56 @@ class Trainer:
             if self.pm.schedule is not None:
                 args = (x,) if self.pm.has_first_stage else ()
                 target = y if self.pm.has_last_stage else None
-                self.pm.schedule.step(*args, target=target, losses=losses)
-                return [loss.detach() for loss in losses]
+                with self.prof.phase("forward_backward"):  # [profiling] a schedule interleaves the two
+                    self.pm.schedule.step(*args, target=target, losses=losses)
+                return [_plain(loss) for loss in losses]
             model = self.pm.parts[0]
             for xm, ym in zip(x.chunk(m), y.chunk(m), strict=True):
-                loss = lm_loss(model(xm), ym)
-                loss.backward()
-                losses.append(loss.detach())
+                with self.prof.phase("forward"):  # [profiling]
+                    loss = lm_loss(model(xm), ym)
+                with self.prof.phase("backward"):  # [profiling]
+                    loss.backward()
+                losses.append(_plain(loss))
         scale_grads([p for _, p in self.pm.named_parameters()], 1.0 / m)
         return losses
 
     def train_step(self) -> dict[str, float]:
         cfg, step = self.cfg, self.step
+        self.prof.step_begin(step)  # [profiling] breakdown on sampled steps, NVTX ranges on CUDA
         t0 = time.perf_counter()
-        x, y = self.data.batch(step, cfg.train.batch_size)
+        with self.prof.phase("data"):  # [profiling]
+            x, y = self.data.batch(step, cfg.train.batch_size)
+            x, y = self.local_rows(x), self.local_rows(y)
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        losses = self.forward_backward(self.local_rows(x), self.local_rows(y))
-        if cfg.parallel.dp_mode == "replicate" and self.dims.dp > 1:
-            for part in self.pm.parts:
-                allreduce_grads(part, self.pm.groups.dp, self.pm.groups.edp, self.dims.dp)
-        grad_norm = clip_grads(self.pm.named_parameters(), cfg.optim.grad_clip, self.pm.groups.ep, self.pm.groups.pp)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        layer_stats = {lid: moe.drain_stats() for lid, moe in self.pm.moe_layers().items()}
-        self._update_bias(layer_stats)
+        losses = self.forward_backward(x, y)
+        g = self.pm.groups
+        with self.prof.phase("grad_sync"):  # [profiling]
+            finish_grads(self.pm.parts, cfg.parallel.dp_mode, g.dp, g.edp, self.dims.dp, self.dims.ep)
+        with self.prof.phase("optimizer"):  # [profiling]
+            grad_norm = clip_grads(self.pm.named_parameters(), cfg.optim.grad_clip, g.ep, g.pp)
+            skip = self.guard.skip_step(losses, grad_norm)  # [faults] NaN/Inf: skip or halt; agree on SIGTERM
+            if not skip:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        # The last M forwards are the step's micro-batches; a pipeline stage's first step also runs a
+        # metadata-inference forward (on placeholder data) whose statistics are dropped here.
+        m = cfg.train.micro_batches
+        layer_stats = {lid: moe.drain_stats()[-m:] for lid, moe in self.pm.moe_layers().items()}
+        if not skip:
+            self._update_bias(layer_stats)
         metrics = self._reduce_losses(losses, layer_stats)
+        metrics.update(self.guard.metrics())  # [faults] marks a non-finite step
         elapsed = time.perf_counter() - t0
-        metrics.update(step=step + 1, lr=lr, grad_norm=float(grad_norm), step_time_s=elapsed,
-                       tokens_per_s=cfg.train.batch_size * cfg.train.seq_len / elapsed)
+        metrics.update(
+            step=step + 1,
+            lr=lr,
+            grad_norm=float(grad_norm),
+            step_time_s=elapsed,
+            tokens_per_s=cfg.train.batch_size * cfg.train.seq_len / elapsed,
+        )
+        self.prof.step_end(metrics, layer_stats)  # [profiling] breakdown, throughput, MFU; keeps the load
         self.step += 1
         return metrics
 
@@ -194,13 +251,23 @@ class Trainer:
             with loss_context(self.dims.tp), self._autocast():
                 if self.pm.schedule is not None:
                     losses: list[torch.Tensor] = []
-                    self.pm.schedule.eval(*((x,) if self.pm.has_first_stage else ()),
-                                          target=y if self.pm.has_last_stage else None, losses=losses)
-                    value = torch.stack(losses).double().mean() if losses else torch.zeros((), dtype=torch.float64)
+                    self.pm.schedule.eval(
+                        *((x,) if self.pm.has_first_stage else ()),
+                        target=y if self.pm.has_last_stage else None,
+                        losses=losses,
+                    )
+                    value = (
+                        torch.stack([_plain(v) for v in losses]).double().mean()
+                        if losses
+                        else torch.zeros((), dtype=torch.float64)
+                    )
                 else:
-                    value = torch.stack([lm_loss(self.pm.parts[0](xm), ym).double()
-                                         for xm, ym in zip(x.chunk(t.micro_batches), y.chunk(t.micro_batches),
-                                                           strict=True)]).mean()
+                    value = torch.stack(
+                        [
+                            _plain(lm_loss(self.pm.parts[0](xm), ym)).double()
+                            for xm, ym in zip(x.chunk(t.micro_batches), y.chunk(t.micro_batches), strict=True)
+                        ]
+                    ).mean()
             total += value.cpu() if self.tp_rank == 0 else 0.0
         for moe in self.pm.moe_layers().values():
             moe.drain_stats()
@@ -221,18 +288,24 @@ class Trainer:
             if t.eval_every and (self.step % t.eval_every == 0 or last):
                 metrics["eval_loss"] = self.evaluate()
             if self.step % t.log_every == 0 or last:
-                self.log.write(metrics)
+                self.prof.log(metrics)  # [profiling] every rank: peak memory, expert load, then the sinks
             history.append(metrics)
-        self.log.close()
+            self.checkpointer.after_step(self.step, last or self.guard.stop_requested)  # [checkpoint]
+            if self.guard.stop_requested:  # [faults] SIGTERM: this step is saved, stop here
+                break
+        self.prof.close()  # [profiling] traces, expert_load.jsonl, sinks
+        self.guard.close()
         return history
 
 
 def train(cfg: JobConfig) -> list[dict[str, float]]:
     """Entry point on every rank."""
-    trainer = Trainer(cfg)
-    try:
-        return trainer.fit()
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+    # [faults] On an error, each rank prints the last collectives it entered; no barrier then (peers may be gone).
+    with report_collectives_on_error():
+        trainer = Trainer(cfg)
+        history = trainer.fit()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    trainer.guard.exit_if_stopped()  # [faults] after a SIGTERM (checkpoint saved): exit 143
+    return history

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 
 from launch.config import JobConfig
+from launch.data import load_token_dir
 from parallel.dims import ParallelDims
 
 
@@ -30,14 +32,29 @@ def _check(ok: bool, field: str, value: object, rule: str) -> None:
 
 
 def _check_choices(node: object, prefix: str) -> None:
-    """Every `choice(...)` field holds one of its listed values."""
+    """Every key is a schema field and every `choice(...)` field holds one of its listed values."""
+    # Hydra's `+key=value` appends keys the structured schema lacks; OmegaConf then sets them as attributes.
+    known = [f.name for f in dataclasses.fields(node)]
+    for name in vars(node):
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+        _check(
+            name in known,
+            f"{prefix}{name}",
+            getattr(node, name),
+            f"is not a field of {type(node).__name__} (rule: keys must be schema fields{hint})",
+        )
     for f in dataclasses.fields(node):
         value = getattr(node, f.name)
         if dataclasses.is_dataclass(value):
             _check_choices(value, f"{prefix}{f.name}.")
         elif "choices" in f.metadata:
-            _check(value in f.metadata["choices"], f"{prefix}{f.name}", value,
-                   f"must be one of {', '.join(f.metadata['choices'])}")
+            _check(
+                value in f.metadata["choices"],
+                f"{prefix}{f.name}",
+                value,
+                f"must be one of {', '.join(f.metadata['choices'])}",
+            )
 
 
 def validate(cfg: JobConfig, world_size: int) -> ParallelDims:
@@ -48,41 +65,136 @@ def validate(cfg: JobConfig, world_size: int) -> ParallelDims:
         _check(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), "must be >= 1")
     _check(m.dim % m.n_heads == 0, "model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
     _check(m.head_dim % 2 == 0, "model.dim/n_heads", m.head_dim, "must be even (RoPE rotates channel pairs)")
-    _check(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
+    _check(
+        m.n_heads % m.n_kv_heads == 0,
+        "model.n_kv_heads",
+        m.n_kv_heads,
+        f"must divide model.n_heads={m.n_heads}",
+    )
     _check(m.moe_every >= 1, "model.moe_every", m.moe_every, "must be >= 1")
     _check(e.num_experts >= 1, "moe.num_experts", e.num_experts, "must be >= 1")
-    _check(1 <= e.top_k <= e.num_experts, "moe.top_k", e.top_k, f"must be in [1, moe.num_experts={e.num_experts}]")
+    _check(
+        1 <= e.top_k <= e.num_experts,
+        "moe.top_k",
+        e.top_k,
+        f"must be in [1, moe.num_experts={e.num_experts}]",
+    )
     _check(e.expert_hidden >= 1, "moe.expert_hidden", e.expert_hidden, "must be >= 1")
     _check(e.num_shared_experts >= 0, "moe.num_shared_experts", e.num_shared_experts, "must be >= 0")
     cf = e.capacity_factor
     _check(cf is None or cf > 0, "moe.capacity_factor", cf, "must be > 0, or null for dropless")
-    _check(e.n_groups >= 1 and e.num_experts % e.n_groups == 0, "moe.n_groups", e.n_groups,
-           f"must divide moe.num_experts={e.num_experts}")
-    _check(1 <= e.topk_groups <= e.n_groups, "moe.topk_groups", e.topk_groups, f"must be in [1, moe.n_groups={e.n_groups}]")
+    _check(
+        e.n_groups >= 1 and e.num_experts % e.n_groups == 0,
+        "moe.n_groups",
+        e.n_groups,
+        f"must divide moe.num_experts={e.num_experts}",
+    )
+    _check(
+        1 <= e.topk_groups <= e.n_groups,
+        "moe.topk_groups",
+        e.topk_groups,
+        f"must be in [1, moe.n_groups={e.n_groups}]",
+    )
     if e.n_groups > 1:
         reachable = e.topk_groups * (e.num_experts // e.n_groups)
-        _check(e.top_k <= reachable, "moe.top_k", e.top_k, f"must be <= experts in the chosen groups ({reachable})")
+        _check(
+            e.top_k <= reachable,
+            "moe.top_k",
+            e.top_k,
+            f"must be <= experts in the chosen groups ({reachable})",
+        )
     for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
         _check(getattr(e, name) >= 0, f"moe.{name}", getattr(e, name), "must be >= 0")
     _check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
     _check(t.seq_len >= 2, "train.seq_len", t.seq_len, "must be >= 2")
-    _check(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
+    _check(
+        t.seq_len <= m.max_seq_len,
+        "train.seq_len",
+        t.seq_len,
+        f"must be <= model.max_seq_len={m.max_seq_len}",
+    )
     _check(t.micro_batches >= 1, "train.micro_batches", t.micro_batches, "must be >= 1")
-    _check(t.batch_size % t.micro_batches == 0, "train.batch_size", t.batch_size,
-           f"must be divisible by train.micro_batches={t.micro_batches}")
+    _check(
+        t.batch_size % t.micro_batches == 0,
+        "train.batch_size",
+        t.batch_size,
+        f"must be divisible by train.micro_batches={t.micro_batches}",
+    )
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
     _check(0 < cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
-    _check(cfg.data.source != "tokens" or bool(cfg.data.path), "data.path", cfg.data.path,
-           "must name a `moeyard prepare` directory when data.source=tokens")
+    _check(
+        cfg.data.source != "tokens" or bool(cfg.data.path),
+        "data.path",
+        cfg.data.path,
+        "must name a `moeyard prepare` directory when data.source=tokens",
+    )
+    if cfg.data.source == "tokens":
+        _check_token_dir(cfg.data.path, m.vocab_size)
+    _check_launcher(cfg)
     try:
         dims = ParallelDims.from_config(p, world_size)
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(f"{err} ({launcher_request(cfg)})") from None
     _check_layout(cfg, dims)
+    _check_checkpointing(cfg)
     return dims
+
+
+def launcher_request(cfg: JobConfig) -> str:
+    """Where the world size comes from, for error messages."""
+    lc = cfg.launcher
+    if lc.name == "torchrun":
+        return f"launcher.nnodes={lc.nnodes} x launcher.nproc_per_node={lc.nproc_per_node}"
+    if lc.name == "slurm":
+        return f"launcher.nodes={lc.nodes} x launcher.tasks_per_node={lc.tasks_per_node}"
+    if lc.name == "mpi":
+        return f"launcher.np={lc.np}"
+    return f"launcher.nproc_per_node={lc.nproc_per_node}"
+
+
+def _check_launcher(cfg: JobConfig) -> None:
+    """Launcher fields, and whether the nodes x ranks request can hold the layout."""
+    lc, tp = cfg.launcher, cfg.parallel.tp
+    _check(lc.timeout_s >= 1, "launcher.timeout_s", lc.timeout_s, "must be >= 1")
+    if lc.name == "mpi":
+        _check(lc.np >= 1, "launcher.np", lc.np, "must be >= 1")
+        return
+    per_node = lc.tasks_per_node if lc.name == "slurm" else lc.nproc_per_node
+    nodes = {"slurm": lc.nodes, "torchrun": lc.nnodes}.get(lc.name, 1)
+    per_node_field = "launcher.tasks_per_node" if lc.name == "slurm" else "launcher.nproc_per_node"
+    _check(per_node >= 1, per_node_field, per_node, "must be >= 1")
+    _check(nodes >= 1, "launcher.nodes" if lc.name == "slurm" else "launcher.nnodes", nodes, "must be >= 1")
+    if nodes > 1:
+        _check(
+            per_node % tp == 0,
+            "parallel.tp",
+            tp,
+            f"must divide {per_node_field}={per_node} (a tensor-parallel group stays inside one node)",
+        )
+    if lc.name == "torchrun":
+        _check(0 <= lc.node_rank < lc.nnodes, "launcher.node_rank", lc.node_rank, f"must be in [0, {lc.nnodes})")
+        _check(lc.max_restarts >= 0, "launcher.max_restarts", lc.max_restarts, "must be >= 0")
+        host, _, port = lc.rdzv_endpoint.rpartition(":")
+        _check(bool(host) and port.isdigit(), "launcher.rdzv_endpoint", lc.rdzv_endpoint, "must be host:port")
+    if lc.name == "slurm":
+        _check(lc.gpus_per_node >= 0, "launcher.gpus_per_node", lc.gpus_per_node, "must be >= 0")
+        _check(
+            lc.gpus_per_node == 0 or lc.tasks_per_node <= lc.gpus_per_node,
+            "launcher.tasks_per_node",
+            lc.tasks_per_node,
+            f"must be <= launcher.gpus_per_node={lc.gpus_per_node} (one GPU per rank)",
+        )
+
+
+def _check_token_dir(path: str, vocab_size: int) -> None:
+    """The prepared token files exist, are complete and fit the vocabulary: found before any rank starts."""
+    try:
+        load_token_dir(path, vocab_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check_layout(cfg: JobConfig, dims: ParallelDims) -> None:
@@ -93,29 +205,82 @@ def _check_layout(cfg: JobConfig, dims: ParallelDims) -> None:
     _check(m.vocab_size % dims.tp == 0, "parallel.tp", dims.tp, f"must divide model.vocab_size={m.vocab_size}")
     _check(m.ffn_hidden % dims.tp == 0, "parallel.tp", dims.tp, f"must divide model.ffn_hidden={m.ffn_hidden}")
     if p.sequence_parallel:
-        _check(t.seq_len % dims.tp == 0, "train.seq_len", t.seq_len, f"must be divisible by parallel.tp={dims.tp}")
+        _check(
+            t.seq_len % dims.tp == 0,
+            "train.seq_len",
+            t.seq_len,
+            f"must be divisible by parallel.tp={dims.tp}",
+        )
     per_micro = t.batch_size // t.micro_batches
-    _check(per_micro % dims.dp == 0, "train.batch_size/micro_batches", per_micro,
-           f"must be divisible by the data-parallel degree dp={dims.dp}")
+    _check(
+        per_micro % dims.dp == 0,
+        "train.batch_size/micro_batches",
+        per_micro,
+        f"must be divisible by the data-parallel degree dp={dims.dp}",
+    )
     stages = dims.pp * p.pp_stages_per_rank
     _check(p.pp_stages_per_rank >= 1, "parallel.pp_stages_per_rank", p.pp_stages_per_rank, "must be >= 1")
-    _check(m.n_layers >= stages, "model.n_layers", m.n_layers,
-           f"is too few for {stages} pipeline stages (pp={dims.pp} x pp_stages_per_rank={p.pp_stages_per_rank})")
+    _check(
+        m.n_layers >= stages,
+        "model.n_layers",
+        m.n_layers,
+        f"is too few for {stages} pipeline stages (pp={dims.pp} x pp_stages_per_rank={p.pp_stages_per_rank})",
+    )
     if p.pp_layers:
-        _check(len(p.pp_layers) == stages and all(n >= 1 for n in p.pp_layers) and sum(p.pp_layers) == m.n_layers,
-               "parallel.pp_layers", p.pp_layers, f"must give {stages} positive counts summing to {m.n_layers}")
+        _check(
+            len(p.pp_layers) == stages and all(n >= 1 for n in p.pp_layers) and sum(p.pp_layers) == m.n_layers,
+            "parallel.pp_layers",
+            p.pp_layers,
+            f"must give {stages} positive counts summing to {m.n_layers}",
+        )
     if p.pp_schedule == "interleaved_1f1b" and dims.pp > 1:
-        _check(p.pp_stages_per_rank >= 2, "parallel.pp_stages_per_rank", p.pp_stages_per_rank,
-               "must be >= 2 for pp_schedule=interleaved_1f1b")
-        _check(t.micro_batches % dims.pp == 0, "train.micro_batches", t.micro_batches,
-               f"must be a multiple of parallel.pp={dims.pp} for interleaved_1f1b")
+        _check(
+            p.pp_stages_per_rank >= 2,
+            "parallel.pp_stages_per_rank",
+            p.pp_stages_per_rank,
+            "must be >= 2 for pp_schedule=interleaved_1f1b",
+        )
+        _check(
+            t.micro_batches % dims.pp == 0,
+            "train.micro_batches",
+            t.micro_batches,
+            f"must be a multiple of parallel.pp={dims.pp} for interleaved_1f1b",
+        )
     if p.pp_schedule != "interleaved_1f1b":
-        _check(p.pp_stages_per_rank == 1, "parallel.pp_stages_per_rank", p.pp_stages_per_rank,
-               f"must be 1 for pp_schedule={p.pp_schedule} (only interleaved_1f1b has virtual stages)")
+        _check(
+            p.pp_stages_per_rank == 1,
+            "parallel.pp_stages_per_rank",
+            p.pp_stages_per_rank,
+            f"must be 1 for pp_schedule={p.pp_schedule} (only interleaved_1f1b has virtual stages)",
+        )
     if dims.pp > 1:
-        _check(t.micro_batches >= dims.pp, "train.micro_batches", t.micro_batches,
-               f"must be >= parallel.pp={dims.pp} so every stage has work in the schedule")
+        _check(
+            t.micro_batches >= dims.pp,
+            "train.micro_batches",
+            t.micro_batches,
+            f"must be >= parallel.pp={dims.pp} so every stage has work in the schedule",
+        )
         _check(not m.tie_embeddings, "model.tie_embeddings", True, "is not supported with parallel.pp > 1")
     if dims.tp > 1:
         _check(not m.tie_embeddings, "model.tie_embeddings", True, "is not supported with parallel.tp > 1")
     _check(p.ac_every >= 1, "parallel.ac_every", p.ac_every, "must be >= 1")
+
+
+def _check_checkpointing(cfg: JobConfig) -> None:
+    """checkpoint.* values, and that train.resume / train.init_from name loadable, compatible checkpoints."""
+    c, t = cfg.checkpoint, cfg.train
+    _check(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = only at the end and on SIGTERM)")
+    _check(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")
+    _check(c.every == 0 or c.enabled, "checkpoint.every", c.every, "needs checkpoint.enabled=true")
+    _check(
+        t.resume in ("none", "auto") or bool(t.resume),
+        "train.resume",
+        t.resume,
+        "must be none, auto or a path",
+    )
+    from launch.checkpointing import preflight  # reads checkpoint files only when asked to
+
+    try:
+        preflight(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None

@@ -131,7 +131,7 @@ def init_full_tensor(fqn: str, shape: torch.Size | tuple[int, ...], cfg: ModelCo
         return torch.zeros(shape)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(fqn.encode()))
     std = cfg.init_std
-    if any(f".{name}." in f".{fqn}" for name in ("wo", "w2")):
+    if any(f".{name}." in f".{fqn}." for name in ("wo", "w2")):
         std = std / math.sqrt(2 * cfg.n_layers)  # GPT-2 scaling of residual-branch outputs
     return torch.randn(shape, generator=gen) * std
 

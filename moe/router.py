@@ -101,7 +101,9 @@ def sequence_aux_loss(probs_GSE: torch.Tensor, topk_idx_GSK: torch.Tensor) -> to
     G, S, E = probs_GSE.shape
     K = topk_idx_GSK.shape[-1]
     counts_GE = torch.zeros(G, E, device=probs_GSE.device, dtype=probs_GSE.dtype)
-    counts_GE.scatter_add_(1, topk_idx_GSK.reshape(G, -1), torch.ones_like(topk_idx_GSK.reshape(G, -1), dtype=probs_GSE.dtype))
+    counts_GE.scatter_add_(
+        1, topk_idx_GSK.reshape(G, -1), torch.ones_like(topk_idx_GSK.reshape(G, -1), dtype=probs_GSE.dtype)
+    )
     f_GE = counts_GE * E / (K * S)
     p_GE = (probs_GSE / probs_GSE.sum(-1, keepdim=True)).mean(1)
     return (f_GE * p_GE).sum(-1).mean()

@@ -32,14 +32,13 @@ def is_expert_param(fqn: str) -> bool:
     return bool(_EXPERT_PARAM.search(clean_fqn(fqn)))
 
 
-def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh, dp: int, bf16: bool) -> None:
+def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh, bf16: bool) -> None:
     """Shards experts over edp and everything else over dp, one FSDP unit per block (FSDP2)."""
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     for block in model.layers.values():
         moe = _unwrap(block).moe
         if moe is not None:
             fully_shard(moe.experts, mesh=edp_mesh, mp_policy=mp)
-            moe.experts.set_gradient_divide_factor(float(dp))
         fully_shard(block, mesh=dp_mesh, mp_policy=mp)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
 
@@ -70,6 +69,31 @@ def allreduce_grads(
         flat.div_(dp)
         for g, chunk in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
             g.copy_(chunk.view_as(g))
+
+
+@torch.no_grad()
+def finish_grads(
+    parts: list[torch.nn.Module],
+    mode: str,
+    dp_group: dist.ProcessGroup | None,
+    edp_group: dist.ProcessGroup | None,
+    dp: int,
+    ep: int,
+) -> None:
+    """Completes the data-parallel gradient mean after backward.
+
+    FSDP2 has already averaged over each unit's mesh: dp for dense weights, edp = dp/ep for experts, so expert
+    gradients still need 1/ep. (FSDP2's own divide factor uses PREMUL_SUM, which gloo lacks.)
+    """
+    if dp == 1:
+        return
+    for part in parts:
+        if mode == "replicate":
+            allreduce_grads(part, dp_group, edp_group, dp)
+        elif ep > 1:
+            for fqn, param in part.named_parameters():
+                if param.grad is not None and is_expert_param(fqn):
+                    param.grad.div_(ep)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -60,9 +60,7 @@ class ParallelDims:
             raise _rule("parallel.pp*tp", p.pp * p.tp, f"must divide the world size {world_size}")
         dp = world_size // (p.pp * p.tp) if p.dp == -1 else p.dp
         if p.pp * dp * p.tp != world_size:
-            raise _rule(
-                "parallel.pp*dp*tp", f"{p.pp}*{dp}*{p.tp}", f"must equal the world size {world_size}"
-            )
+            raise _rule("parallel.pp*dp*tp", f"{p.pp}*{dp}*{p.tp}", f"must equal the world size {world_size}")
         if dp % p.ep:
             raise _rule("parallel.ep", p.ep, f"must divide the data-parallel degree dp={dp} (experts fold into dp)")
         return cls(pp=p.pp, dp=dp, tp=p.tp, ep=p.ep, world_size=world_size)

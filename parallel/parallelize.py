@@ -39,8 +39,13 @@ class Groups:
         if mesh is None:
             return cls()
         pick = lambda axis, size: mesh[axis.value].get_group() if size > 1 else None
-        return cls(dp=pick(Axis.DP, dims.dp), edp=pick(Axis.EDP, dims.edp), ep=pick(Axis.EP, dims.ep),
-                   pp=pick(Axis.PP, dims.pp), tp=pick(Axis.TP, dims.tp))
+        return cls(
+            dp=pick(Axis.DP, dims.dp),
+            edp=pick(Axis.EDP, dims.edp),
+            ep=pick(Axis.EP, dims.ep),
+            pp=pick(Axis.PP, dims.pp),
+            tp=pick(Axis.TP, dims.tp),
+        )
 
 
 @dataclass
@@ -146,12 +151,22 @@ def build_parallel_model(
         # Materialised before FSDP so every shard is cut from the same full tensor with plain placements.
         materialize(part, model_cfg, seed, device, ep_rank, dims.ep)
         if pcfg.dp_mode == "fsdp" and dims.dp > 1:
-            apply_fsdp(part, mesh[Axis.DP.value], mesh[Axis.EDP.value], dims.dp, bf16)
+            apply_fsdp(part, mesh[Axis.DP.value], mesh[Axis.EDP.value], bf16)
     return ParallelModel(parts=parts, stage_ids=stage_ids, n_stages=n_stages, dims=dims, mesh=mesh, groups=groups)
 
 
-def attach_schedule(pm: ParallelModel, pcfg: ParallelConfig, device: torch.device, n_microbatches: int, loss_fn) -> None:
+def attach_schedule(
+    pm: ParallelModel, pcfg: ParallelConfig, device: torch.device, n_microbatches: int, loss_fn
+) -> None:
     """Adds the pipeline schedule (pp > 1)."""
     if pm.dims.pp > 1:
-        pm.schedule = build_schedule(pm.parts, pm.stage_ids, pm.n_stages, pm.mesh[Axis.PP.value], device,
-                                     pcfg.pp_schedule, n_microbatches, loss_fn)
+        pm.schedule = build_schedule(
+            pm.parts,
+            pm.stage_ids,
+            pm.n_stages,
+            pm.mesh[Axis.PP.value],
+            device,
+            pcfg.pp_schedule,
+            n_microbatches,
+            loss_fn,
+        )

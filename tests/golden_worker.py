@@ -19,8 +19,13 @@ from parallel.state import full_state_dict
 
 
 def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     cfg = compose(overrides)
     trainer = Trainer(cfg)
@@ -35,10 +40,7 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> N
 
 def run_layout(overrides: list[str], world: int, out: str, port: int) -> dict:
     """Trains `overrides` on `world` gloo ranks; returns {"history", "state"} from rank 0."""
-    if world == 1:
-        _rank(0, 1, port, overrides, out)
-    else:
-        mp.start_processes(_rank, args=(world, port, overrides, out), nprocs=world, start_method="spawn")
+    mp.start_processes(_rank, args=(world, port, overrides, out), nprocs=world, start_method="spawn")
     return torch.load(out, weights_only=True)
 
 

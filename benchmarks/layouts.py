@@ -1,0 +1,162 @@
+"""Training throughput (tokens/s) of each parallel layout against one process, on this machine.
+
+Every layout trains the same tiny model on the same batches with the real trainer (launch/trainer.py), its
+ranks started with torch.multiprocessing on gloo; rank 0's median step time after warmup gives tokens/s.
+The one-process baseline gets all CPU cores as torch threads and each rank of an n-rank layout gets
+cores // n (at least 1), so every row uses the same cores. On a CPU this is informational: ranks share the
+cores and talk over loopback, so layouts measure their overhead here, not their speed-up on a cluster.
+Where CUDA is present, one-GPU rows (fp32 and bf16) follow for the same model and for the demo model.
+
+Run: .venv/bin/python benchmarks/layouts.py [--quick] [--steps N] [--warmup N] [--layouts dp2,ep2,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import tempfile
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from launch.config import compose
+from launch.trainer import Trainer
+
+LAYOUTS: dict[str, tuple[int, list[str]]] = {
+    "single": (1, []),
+    "single 1t": (1, []),
+    "dp2": (2, []),
+    "dp2 fsdp": (2, ["parallel.dp_mode=fsdp"]),
+    "tp2": (2, ["parallel.tp=2"]),
+    "tp2 sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "ep2": (2, ["parallel.ep=2"]),
+    "pp2": (2, ["parallel.pp=2"]),
+    "tp2·ep2": (4, ["parallel.tp=2", "parallel.ep=2"]),
+    "pp2·ep2": (4, ["parallel.pp=2", "parallel.ep=2"]),
+}
+"""Layout name -> (ranks, overrides); dp is inferred from the world size (parallel.dp=-1).
+"single 1t" is one process with one thread: the per-core baseline the multi-rank rows are built from."""
+QUICK_LAYOUTS = ["single", "ep2"]
+BATCH, SEQ_LEN = 16, 128
+WORKLOAD = [
+    "model=debug",
+    f"train.batch_size={BATCH}",
+    f"train.seq_len={SEQ_LEN}",
+    "train.micro_batches=2",
+    "train.eval_every=0",
+    "data.max_files=40",
+    "profiling.progress=false",
+]
+"""Same model and batches for every layout; 2 micro-batches so the pipeline layouts have work per stage."""
+TIMEOUT_S = 300
+
+
+def _rank(rank: int, world: int, port: int, overrides: list[str], threads: int, out: str) -> None:
+    """One rank: train with the real trainer (its console output to a log), rank 0 saves per-step metrics."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(threads)
+    with open(f"{out}.rank{rank}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
+        history = Trainer(compose(overrides)).fit()
+    if rank == 0:
+        torch.save(history, out)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_layout(world: int, overrides: list[str], threads: int, out: Path) -> list[dict]:
+    """Trains on `world` spawned gloo ranks (killed after TIMEOUT_S); returns rank 0's metrics per step."""
+    ctx = mp.start_processes(
+        _rank,
+        args=(world, _free_port(), overrides, threads, str(out)),
+        nprocs=world,
+        start_method="spawn",
+        join=False,
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"layout {overrides} still running after {TIMEOUT_S}s")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+    return torch.load(out, weights_only=True)
+
+
+def measure(world: int, overrides: list[str], threads: int, warmup: int, out: Path) -> tuple[float, float]:
+    """Median step seconds after `warmup` steps, and tokens/s at that step time."""
+    history = run_layout(world, overrides, threads, out)
+    step_s = statistics.median(h["step_time_s"] for h in history[warmup:])
+    return step_s, BATCH * SEQ_LEN / step_s
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="single and ep2, 2 steps (smoke test)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the median")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated: " + ", ".join(LAYOUTS))
+    args = parser.parse_args(argv)
+    names = QUICK_LAYOUTS if args.quick else [n.strip() for n in args.layouts.split(",")]
+    if args.quick:
+        args.steps, args.warmup = 2, 1
+    unknown = [n for n in names if n not in LAYOUTS]
+    if unknown:
+        parser.error(f"--layouts: unknown {unknown}; choose from {', '.join(LAYOUTS)}")
+    if args.steps <= args.warmup:
+        parser.error(f"--steps={args.steps} must exceed --warmup={args.warmup}")
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="moeyard-layouts-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        common = [*WORKLOAD, f"train.steps={args.steps}", f"run.dir={tmp / 'run'}", "train.device=cpu"]
+        print(
+            f"Training throughput per layout: {' '.join(WORKLOAD[:4])}, cpu ({cores} cores, load average "
+            f"{load:.1f} at start), median step after {args.warmup} warmup of {args.steps}"
+        )
+        print(f"{'layout':<10} {'ranks':>5} {'threads':>7} {'step ms':>9} {'tokens/s':>10} {'x single':>8}")
+        base = None
+        for name in ["single", *[n for n in names if n != "single"]]:
+            world, extra = LAYOUTS[name]
+            threads = 1 if name == "single 1t" else max(1, cores // world)
+            step_s, tps = measure(world, [*common, *extra], threads, args.warmup, tmp / f"{name}.pt")
+            base = base or tps
+            print(f"{name:<10} {world:>5} {threads:>7} {step_s * 1e3:>9.1f} {tps:>10.0f} {tps / base:>8.2f}")
+        if torch.cuda.is_available():
+            gpu_rows(common, args.warmup, tmp)
+
+
+def gpu_rows(common: list[str], warmup: int, tmp: Path) -> None:
+    """One-GPU throughput for the benchmark model and the demo model, fp32 and bf16."""
+    print(f"\nOne GPU ({torch.cuda.get_device_name()}):")
+    print(f"{'model':<10} {'dtype':>5} {'step ms':>9} {'tokens/s':>10}")
+    gpu = [o for o in common if o not in ("train.device=cpu", "model=debug")] + ["train.device=cuda"]
+    for model in ("debug", "demo"):
+        for dtype in ("fp32", "bf16"):
+            overrides = [*gpu, f"model={model}", f"train.dtype={dtype}"]
+            step_s, tps = measure(1, overrides, 1, warmup, tmp / f"gpu-{model}-{dtype}.pt")
+            print(f"{model:<10} {dtype:>5} {step_s * 1e3:>9.1f} {tps:>10.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""Distributed checkpoints through torch.distributed.checkpoint (DCP): atomic, named independently of the
+layout, and resharded on load.
+
+On disk: RUN_DIR/checkpoints/step_N/ holds DCP's files (one per rank plus .metadata), meta.json (step, model
+shape, the layout it was saved under, the size of every file) and a COMPLETE marker. A save writes
+step_N.tmp; rank 0 writes meta.json and COMPLETE only after every rank's files are on disk, then renames the
+directory. A crash mid-save leaves a .tmp directory (or one without COMPLETE) that is never taken for a
+checkpoint, and the next save removes it.
+
+Names do not depend on the layout: entries are keyed by full-model FQNs ("model.layers.3.moe.experts.w1",
+"optim.layers.3.moe.experts.w1.exp_avg"), and every sharded tensor is a DTensor that knows its global shape
+and offset. TP and FSDP parameters are DTensors already; expert weights under EP are plain local
+[E/ep, ...] slices, which are wrapped as DTensors sharded over the mesh's "ep" axis. DCP then reads whichever
+slices another layout needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from moe.config import ModelConfig, MoEConfig
+from parallel.data_parallel import is_expert_param
+from parallel.dims import Axis
+
+CHECKPOINTS = "checkpoints"
+FORMAT = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# Fields that decide tensor shapes: a checkpoint loads only into a model that agrees on all of them.
+SHAPE_FIELDS = {
+    "model": (
+        "vocab_size",
+        "dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "ffn_hidden",
+        "tie_embeddings",
+        "first_dense_layers",
+        "moe_every",
+    ),
+    "moe": ("num_experts", "expert_hidden", "num_shared_experts"),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line naming the field, the path and the rule."""
+
+
+# --- finding checkpoints ------------------------------------------------------------------------------------
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(save sequence number, path) of every complete checkpoint under `root`, oldest save first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        if _STEP_DIR.match(path.name) and (path / "COMPLETE").is_file():
+            try:
+                found.append((int(json.loads((path / "meta.json").read_text())["seq"]), path))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable meta: not a checkpoint auto-resume may pick; read_meta says why
+    return sorted(found)
+
+
+def resolve(spec: str | None, run_dir: str | Path, field: str) -> Path | None:
+    """The checkpoint directory `spec` names: none, auto (the latest save in the run, if any) or a path.
+
+    A path may be a step_N directory, a run directory or its checkpoints/ directory (then its latest save).
+    """
+    if spec in (None, "", "none"):
+        return None
+    if spec == "auto":
+        found = complete_checkpoints(checkpoint_root(run_dir))
+        return found[-1][1] if found else None
+    path = Path(spec)
+    if (path / "COMPLETE").is_file():
+        return path
+    for root in (checkpoint_root(path), path):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1][1]
+    if (path / "meta.json").exists() or (path / ".metadata").exists() or path.name.endswith(".tmp"):
+        raise CheckpointError(
+            f"{field}={spec} is an incomplete checkpoint: it has no COMPLETE marker "
+            "(rule: its save was interrupted; use an earlier step_N)"
+        )
+    raise CheckpointError(
+        f"{field}={spec} holds no complete checkpoint (rule: give a step_N directory with "
+        "a COMPLETE marker, or a run directory that has one)"
+    )
+
+
+def read_meta(path: Path, field: str) -> dict:
+    """meta.json of a complete checkpoint, after checking every file it lists has the recorded size."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        files, step = dict(meta["files"]), int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{field}={path}: meta.json is missing or corrupt ({type(err).__name__}) "
+            "(rule: a checkpoint is a step_N directory written by moeyard)"
+        ) from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{field}={path}: format={meta.get('format')} (rule: this moeyard reads format {FORMAT})")
+    for name, size in files.items():
+        actual = (path / name).stat().st_size if (path / name).is_file() else None
+        if actual != size:
+            raise CheckpointError(
+                f"{field}={path}: {name} has {actual} bytes, meta.json records {size} "
+                "(rule: checkpoint files must be complete and unaltered)"
+            )
+    meta["step"] = step
+    return meta
+
+
+def check_compatible(meta: dict, model: ModelConfig, moe: MoEConfig, field: str, path: Path) -> None:
+    """Raises CheckpointError naming the first shape field where the checkpoint and the config differ."""
+    for section, names in SHAPE_FIELDS.items():
+        ours = asdict(model if section == "model" else moe)
+        for name in names:
+            saved = meta.get(section, {}).get(name)
+            if saved != ours[name]:
+                raise CheckpointError(
+                    f"{field}={path}: the checkpoint has {section}.{name}={saved}, this config "
+                    f"{ours[name]} (rule: a checkpoint loads only into the same model shape)"
+                )
+
+
+# --- the layout-free state dict --------------------------------------------------------------------------
+
+
+def _layout_free(name: str, t: torch.Tensor, pm) -> tuple[torch.Tensor, Callable[[], None] | None]:
+    """`t` as DCP should see it (global shape and offset), and what to copy back after a load, if anything."""
+    t = t.detach()
+    if t.ndim == 0 or not (is_expert_param(name) and pm.dims.ep > 1):
+        return t, None
+    ep_mesh = pm.mesh[Axis.EP.value]
+    if not isinstance(t, DTensor):  # from_local shares storage: DCP loads straight into the parameter
+        return DTensor.from_local(t, ep_mesh, [Shard(0)], run_check=False), None
+    # FSDP shards this rank's [E/ep] experts again over edp: gather them, and re-shard after a load.
+    local = t.full_tensor()
+
+    def write_back() -> None:
+        t.to_local().copy_(distribute_tensor(local, t.device_mesh, t.placements, src_data_rank=None).to_local())
+
+    return DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False), write_back
+
+
+def model_tensors(pm) -> list[tuple[str, torch.Tensor]]:
+    """This rank's parameters and aux-free expert biases, by full-model FQN."""
+    named = list(pm.named_parameters())
+    named += [(f"layers.{lid}.moe.router.expert_bias", moe.router.expert_bias) for lid, moe in pm.moe_layers().items()]
+    return named
+
+
+@torch.no_grad()
+def copy_full(pm, name: str, t: torch.Tensor, full: torch.Tensor, expert: bool) -> None:
+    """Copies this rank's part of the full tensor `full` into `t` (a parameter or buffer of any layout)."""
+    t = t.detach()
+    if expert and pm.dims.ep > 1:
+        full = full.chunk(pm.dims.ep)[pm.mesh[Axis.EP.value].get_local_rank()]
+    if isinstance(t, DTensor):
+        full = distribute_tensor(full.to(t.device), t.device_mesh, t.placements, src_data_rank=None).to_local()
+        t = t.to_local()
+    if tuple(full.shape) != tuple(t.shape):
+        raise ValueError(f"{name}: shape {tuple(full.shape)} does not fit {tuple(t.shape)} (rule: same model shape)")
+    t.copy_(full)
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Creates AdamW's zero state (as its first step would) so a load has tensors to fill."""
+    assert isinstance(optimizer, torch.optim.AdamW), type(optimizer)
+    for group in optimizer.param_groups:
+        on_device = group["fused"] or group["capturable"]
+        for p in group["params"]:
+            if optimizer.state.get(p):
+                continue
+            state = {
+                "step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            optimizer.state[p] = state
+
+
+def rng_key(rank: int) -> str:
+    return f"rng.rank{rank}.cpu"
+
+
+def build_state(pm, optimizer: torch.optim.Optimizer | None, rank: int, with_rng: bool):
+    """The flat DCP state dict of this rank and the write-backs a load needs afterwards."""
+    state: dict[str, torch.Tensor] = {}
+    write_backs: list[Callable[[], None]] = []
+
+    def add(key: str, name: str, t: torch.Tensor) -> None:
+        state[key], back = _layout_free(name, t, pm)
+        if back is not None:
+            write_backs.append(back)
+
+    named = model_tensors(pm)
+    for name, t in named:
+        add(f"model.{name}", name, t)
+    if optimizer is not None:
+        name_of = {id(p): name for name, p in named}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                for key, value in optimizer.state[p].items():
+                    add(f"optim.{name_of[id(p)]}.{key}", name_of[id(p)], value)
+    if with_rng:
+        state[rng_key(rank)] = torch.get_rng_state()
+    return state, write_backs
+
+
+# --- save and load ------------------------------------------------------------------------------------------
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Deletes a checkpoint so that no crash leaves it looking complete: the marker goes first."""
+    (path / "COMPLETE").unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale(root: Path) -> None:
+    """Removes leftovers of interrupted saves (rank 0, while no save is running)."""
+    if root.is_dir():
+        for path in root.glob("step_*.tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save(
+    pm, optimizer, step: int, root: Path, keep: int, meta: dict, fault: Callable[[str], None] | None = None
+) -> Path:
+    """Writes step_N atomically on every rank (a collective), then keeps the newest `keep` saves.
+
+    `meta` (JSON) is stored beside the tensors; `fault` is the test hook called between phases.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale(root)
+        tmp.mkdir()
+    _barrier()
+    state, _ = build_state(pm, optimizer, rank, with_rng=True)
+    try:
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True))
+        if fault is not None:
+            fault("save")
+        _barrier()
+        if rank == 0:
+            _seal(tmp, final, root, {**meta, "step": step, "optimizer": optimizer is not None})
+            for _, old in complete_checkpoints(root)[:-keep]:
+                remove_checkpoint(old)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier()
+    return final
+
+
+def _seal(tmp: Path, final: Path, root: Path, meta: dict) -> None:
+    """meta.json, then COMPLETE, then the rename: only a fully written directory ever becomes step_N."""
+    found = complete_checkpoints(root)
+    meta = {
+        "format": FORMAT,
+        **meta,
+        "seq": found[-1][0] + 1 if found else 1,
+        "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()},
+    }
+    _write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
+    _write_synced(tmp / "COMPLETE", f"step {meta['step']}\n")
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (a resumed run passing it): the new save replaces it
+        remove_checkpoint(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+
+
+def load(pm, optimizer, path: Path, field: str, *, weights_only: bool = False) -> dict:
+    """Loads a checkpoint saved under any layout into this rank's shards (a collective); returns meta.json.
+
+    weights_only: parameters and expert biases only (the optimizer and RNG start fresh).
+    """
+    meta = read_meta(path, field)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    with_optim = optimizer is not None and not weights_only and meta.get("optimizer", False)
+    if with_optim:
+        init_optimizer_state(optimizer)
+    # RNG streams belong to ranks: restored only when the world size is the one saved.
+    with_rng = not weights_only and meta.get("world_size") == world
+    state, write_backs = build_state(pm, optimizer if with_optim else None, rank, with_rng)
+    try:
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path))
+    except Exception as err:
+        raise CheckpointError(
+            f"{field}={path} could not be read: {first_error_line(err)} "
+            "(rule: the checkpoint must be complete and match the model)"
+        ) from None
+    for back in write_backs:
+        back()
+    if with_rng:
+        torch.set_rng_state(state[rng_key(rank)])
+    return meta
+
+
+def first_error_line(err: BaseException) -> str:
+    """A one-line summary of an error, looking inside DCP's per-rank CheckpointException."""
+    failures = getattr(err, "failures", None)
+    if failures:
+        inner = next(iter(failures.values()))
+        err = getattr(inner, "exception", inner)
+    text = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {text}"[:300]

@@ -1,0 +1,143 @@
+"""Model FLOPs per token from the active parameters, device peaks, and peak memory.
+
+Forward FLOPs per token, counting a multiply-add as 2 FLOPs and only matrix multiplies (norms, softmax, RoPE
+and the embedding lookup are left out, as in the PaLM and Megatron MFU conventions):
+
+    attention, per block   2 * D * (H + 2 * G) * Hd + 2 * H * Hd * D     projections wq, wk, wv, wo
+                         + 2 * 2 * S * H * Hd                            scores Q K^T and P V, full S x S
+    dense FFN block        2 * 3 * D * F_dense                           SwiGLU w1, w3, w2
+    MoE block              2 * D * E                                     router
+                         + 2 * 3 * D * F * (K + n_shared)                K routed experts + shared experts
+    output head            2 * D * V
+
+with D model dim, H query heads, G kv heads, Hd head dim, S sequence length, E experts, K = top_k, F expert
+hidden, V vocab. Training FLOPs per token = 3 x forward (the backward pass computes input and weight
+gradients, two matmuls per forward matmul). Only the K chosen experts count: that is what "active" means.
+Expert-choice routing fills K * T / E slots per expert, the same K per token on average; dropped tokens and
+activation-checkpoint recompute are not subtracted or added (model FLOPs, not hardware FLOPs). The scores term
+counts the whole S x S matrix, as torch's FlopCounterMode and the PaLM paper do, although causal kernels skip
+about half of it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from moe.config import ModelConfig, MoEConfig
+
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from NVIDIA's data sheets. Matched in order
+# against torch.cuda.get_device_name(), e.g. "NVIDIA H100 80GB HBM3" (SXM) or "NVIDIA H100 PCIe".
+PEAK_BF16_TFLOPS: dict[str, float] = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,
+    "A100": 312.0,
+}
+
+
+def attention_flops_per_token(model: ModelConfig, seq_len: int) -> tuple[int, int]:
+    """(projection FLOPs, score FLOPs) of one attention block, forward, per token."""
+    d, h, g, hd = model.dim, model.n_heads, model.n_kv_heads, model.head_dim
+    projections = 2 * d * (h + 2 * g) * hd + 2 * h * hd * d
+    scores = 2 * 2 * seq_len * h * hd
+    return projections, scores
+
+
+def ffn_flops_per_token(model: ModelConfig, moe: MoEConfig, layer_id: int) -> int:
+    """Forward FLOPs per token of block `layer_id`'s feed-forward: dense SwiGLU or the active MoE part."""
+    d = model.dim
+    if not model.is_moe_layer(layer_id):
+        return 2 * 3 * d * model.ffn_hidden
+    router = 2 * d * moe.num_experts
+    return router + 2 * 3 * d * moe.expert_hidden * (moe.top_k + moe.num_shared_experts)
+
+
+def forward_flops_per_token(model: ModelConfig, moe: MoEConfig, seq_len: int) -> int:
+    """Forward matmul FLOPs per token of the whole model at sequence length `seq_len` (formula above)."""
+    projections, scores = attention_flops_per_token(model, seq_len)
+    blocks = sum(projections + scores + ffn_flops_per_token(model, moe, i) for i in range(model.n_layers))
+    return blocks + 2 * model.dim * model.vocab_size
+
+
+def train_flops_per_token(model: ModelConfig, moe: MoEConfig, seq_len: int) -> int:
+    """Forward + backward FLOPs per token: 3 x forward."""
+    return 3 * forward_flops_per_token(model, moe, seq_len)
+
+
+def gpu_peak_tflops(device_name: str) -> float | None:
+    """bf16 dense peak of a known GPU, or None."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in device_name), None)
+
+
+def measure_cpu_tflops(n: int = 1024, reps: int = 8) -> float:
+    """Best fp32 GEMM rate of an n x n x n matmul with this process's torch threads (TFLOP/s)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up: thread pool start and caches
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e12
+
+
+def _cpu_key() -> str:
+    """Identifies what the GEMM rate depends on: CPU model, torch threads, torch build."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
+def cache_dir() -> Path:
+    """$MOEYARD_CACHE, else $XDG_CACHE_HOME/moeyard, else ~/.cache/moeyard."""
+    if "MOEYARD_CACHE" in os.environ:
+        return Path(os.environ["MOEYARD_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moeyard"
+
+
+def cpu_peak_tflops(cache: Path | None = None) -> float:
+    """This CPU's fp32 GEMM peak, measured once per (CPU, threads, torch) and cached in a JSON file.
+
+    Ranks starting together take a file lock, so one measures alone while the others wait and then read.
+    """
+    path = cache or cache_dir() / "cpu_peak.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = _cpu_key()
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        table = json.loads(path.read_text()) if path.exists() else {}
+        if key not in table:
+            table[key] = measure_cpu_tflops()
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(table, indent=1))
+            os.replace(tmp, path)
+    return float(table[key])
+
+
+def device_peak_tflops(device: torch.device, override: float | None = None) -> float | None:
+    """Per-device peak for MFU: the override, the GPU table (bf16), or the measured CPU GEMM rate (fp32)."""
+    if override:
+        return override
+    if device.type == "cuda":
+        return gpu_peak_tflops(torch.cuda.get_device_name(device))
+    return cpu_peak_tflops()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process in GB (1e9 bytes): CUDA max allocated, or the CPU max resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
