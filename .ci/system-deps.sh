@@ -2,8 +2,11 @@
 # Installs the Debian packages the tests use for real: Slurm + munge (two-node cluster on this host) and
 # Chromium (dashboard browser test). Idempotent; needs root (apt-get).
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"  # the Slurm and munge daemons live in sbin, outside a user's PATH
 need=()
-command -v slurmctld >/dev/null || need+=(slurm-wlm)
+for tool in slurmctld slurmd sbatch srun scontrol sinfo; do
+  command -v "$tool" >/dev/null || { need+=(slurm-wlm); break; }
+done
 command -v munged >/dev/null || need+=(munge)
 command -v chromium >/dev/null || need+=(chromium)
 [ ${#need[@]} -eq 0 ] && exit 0

@@ -2,9 +2,11 @@
 
 Every layout trains the same tiny model on the same batches with the real trainer (launch/trainer.py), its
 ranks started with torch.multiprocessing on gloo; rank 0's median step time after warmup gives tokens/s.
-The one-process baseline gets all CPU cores as torch threads and each rank of an n-rank layout gets
-cores // n (at least 1), so every row uses the same cores. On a CPU this is informational: ranks share the
-cores and talk over loopback, so layouts measure their overhead here, not their speed-up on a cluster.
+Every rank runs one torch thread, the baseline "single" too, so an n-rank row uses n cores (a 4-rank layout
+on 2 cores shares them); "single mt" adds one process with all cores as threads. One thread per process
+because several multi-threaded processes on busy cores stall each other (a 2-thread run on a loaded 2-core
+machine took 6 s per step, 25x its 1-thread time). On a CPU this is informational: ranks talk over loopback,
+so the rows show each layout's overhead here, not its speed-up on a cluster.
 Where CUDA is present, one-GPU rows (fp32 and bf16) follow for the same model and for the demo model.
 
 Run: .venv/bin/python benchmarks/layouts.py [--quick] [--steps N] [--warmup N] [--layouts dp2,ep2,...]
@@ -30,7 +32,7 @@ from launch.trainer import Trainer
 
 LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "single": (1, []),
-    "single 1t": (1, []),
+    "single mt": (1, []),
     "dp2": (2, []),
     "dp2 fsdp": (2, ["parallel.dp_mode=fsdp"]),
     "tp2": (2, ["parallel.tp=2"]),
@@ -41,17 +43,15 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "pp2·ep2": (4, ["parallel.pp=2", "parallel.ep=2"]),
 }
 """Layout name -> (ranks, overrides); dp is inferred from the world size (parallel.dp=-1).
-"single 1t" is one process with one thread: the per-core baseline the multi-rank rows are built from."""
+"single mt" is one process with all cores as torch threads; every other row runs one thread per rank."""
 QUICK_LAYOUTS = ["single", "ep2"]
-BATCH, SEQ_LEN = 16, 128
 WORKLOAD = [
     "model=debug",
-    f"train.batch_size={BATCH}",
-    f"train.seq_len={SEQ_LEN}",
     "train.micro_batches=2",
     "train.eval_every=0",
     "data.max_files=40",
     "profiling.progress=false",
+    "train.device=cpu",
 ]
 """Same model and batches for every layout; 2 micro-batches so the pipeline layouts have work per stage."""
 TIMEOUT_S = 300
@@ -107,19 +107,22 @@ def measure(world: int, overrides: list[str], threads: int, warmup: int, out: Pa
     """Median step seconds after `warmup` steps, and tokens/s at that step time."""
     history = run_layout(world, overrides, threads, out)
     step_s = statistics.median(h["step_time_s"] for h in history[warmup:])
-    return step_s, BATCH * SEQ_LEN / step_s
+    tokens = round(history[-1]["tokens_per_s"] * history[-1]["step_time_s"])  # batch_size * seq_len
+    return step_s, tokens / step_s
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="single and ep2, 2 steps (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="single and ep2, 2 small steps (smoke test)")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (train.batch_size)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (train.seq_len)")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the median")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated: " + ", ".join(LAYOUTS))
     args = parser.parse_args(argv)
     names = QUICK_LAYOUTS if args.quick else [n.strip() for n in args.layouts.split(",")]
     if args.quick:
-        args.steps, args.warmup = 2, 1
+        args.steps, args.warmup, args.batch_size, args.seq_len = 2, 1, 4, 32
     unknown = [n for n in names if n not in LAYOUTS]
     if unknown:
         parser.error(f"--layouts: unknown {unknown}; choose from {', '.join(LAYOUTS)}")
@@ -129,16 +132,17 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="moeyard-layouts-") as tmp_dir:
         tmp = Path(tmp_dir)
-        common = [*WORKLOAD, f"train.steps={args.steps}", f"run.dir={tmp / 'run'}", "train.device=cpu"]
+        shape = [f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}"]
+        common = [*WORKLOAD, *shape, f"train.steps={args.steps}", f"run.dir={tmp / 'run'}"]
         print(
-            f"Training throughput per layout: {' '.join(WORKLOAD[:4])}, cpu ({cores} cores, load average "
+            f"Training throughput per layout: {' '.join(WORKLOAD[:2] + shape)}, cpu ({cores} cores, load average "
             f"{load:.1f} at start), median step after {args.warmup} warmup of {args.steps}"
         )
         print(f"{'layout':<10} {'ranks':>5} {'threads':>7} {'step ms':>9} {'tokens/s':>10} {'x single':>8}")
         base = None
         for name in ["single", *[n for n in names if n != "single"]]:
             world, extra = LAYOUTS[name]
-            threads = 1 if name == "single 1t" else max(1, cores // world)
+            threads = cores if name == "single mt" else 1
             step_s, tps = measure(world, [*common, *extra], threads, args.warmup, tmp / f"{name}.pt")
             base = base or tps
             print(f"{name:<10} {world:>5} {threads:>7} {step_s * 1e3:>9.1f} {tps:>10.0f} {tps / base:>8.2f}")

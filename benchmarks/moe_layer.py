@@ -10,7 +10,7 @@ For each shape (T tokens, D model dim, E experts, K top-k, F expert hidden) and 
 Every variant runs forward and backward (input and weight gradients). Variants take turns within each
 repeat, so drift on a shared machine hits them alike; the table shows the median and the ratio to the floor.
 
-Run: .venv/bin/python benchmarks/moe_layer.py [--quick] [--repeats N] [--warmup N] [--device auto|cpu|cuda]
+Run: .venv/bin/python benchmarks/moe_layer.py [--quick] [--repeats N] [--threads N] [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -204,9 +204,7 @@ def deepspeed_available(device: torch.device) -> str | None:
 
 def load_note(device: torch.device) -> str:
     """The 1-minute load average on a CPU run: the machine may be shared, and timings with it."""
-    return (
-        f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if device.type == "cpu" else ""
-    )
+    return f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if device.type == "cpu" else ""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,10 +214,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed column")
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.repeats = 1, 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

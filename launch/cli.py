@@ -40,7 +40,11 @@ def cmd_train(overrides: list[str]) -> int:
     except ConfigError as err:
         print(f"moeyard: config error: {err}", file=sys.stderr)
         return 2
-    config_path = write_resolved(cfg, Path(cfg.run.dir))
+    try:
+        config_path = write_resolved(cfg, Path(cfg.run.dir))
+    except OSError as err:
+        print(f"moeyard: run.dir={cfg.run.dir}: {err.strerror} (rule: must be a writable directory)", file=sys.stderr)
+        return 2
     from launch.launchers import launch
 
     return launch(cfg, config_path)
@@ -57,7 +61,12 @@ def cmd_prepare(argv: list[str]) -> int:
     if missing:
         print(f"moeyard prepare: inputs={missing} do not exist (rule: give existing files or dirs)", file=sys.stderr)
         return 2
-    meta = prepare(args.inputs, args.out)
+    try:
+        meta = prepare(args.inputs, args.out)
+    except OSError as err:
+        rule = "inputs must be readable, --out a writable directory"
+        print(f"moeyard prepare: {err.filename}: {err.strerror} (rule: {rule})", file=sys.stderr)
+        return 2
     print(f"wrote {meta['num_tokens']} tokens from {meta['files']} files to {args.out}")
     return 0
 
@@ -81,8 +90,13 @@ def cmd_dashboard(argv: list[str]) -> int:
     return dashboard(argv)
 
 
-COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "export": cmd_export, "import": cmd_import,
-            "dashboard": cmd_dashboard}
+COMMANDS = {
+    "train": cmd_train,
+    "prepare": cmd_prepare,
+    "export": cmd_export,
+    "import": cmd_import,
+    "dashboard": cmd_dashboard,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

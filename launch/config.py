@@ -102,7 +102,7 @@ class LauncherConfig:
     nproc_per_node: int = 1
     """torchrun/local: processes per node."""
     node_rank: int = 0
-    """torchrun: this agent's node rank (c10d orders agents itself; kept for the static backend)."""
+    """torchrun: this agent's node; node 0 hosts the c10d rendezvous store at rdzv_endpoint."""
     rdzv_endpoint: str = "127.0.0.1:29500"
     """torchrun: c10d rendezvous host:port."""
     rdzv_id: str = "moeyard"

@@ -49,9 +49,14 @@ def tokenize_files(paths: Iterable[Path]) -> np.ndarray:
     return np.concatenate(chunks).astype(np.uint16) if chunks else np.zeros(0, dtype=np.uint16)
 
 
+def _visible_files(root: Path) -> list[Path]:
+    """Files under `root`, sorted, skipping hidden files and directories (.git, .venv, editor state)."""
+    return sorted(f for f in root.rglob("*") if not any(part.startswith(".") for part in f.relative_to(root).parts))
+
+
 def prepare(paths: list[Path], out_dir: Path, vocab_size: int = 256) -> dict:
     """Tokenizes text files into OUT/tokens.bin (uint16) and OUT/meta.json; writes atomically."""
-    files = [f for p in paths for f in (sorted(p.rglob("*")) if p.is_dir() else [p]) if f.is_file()]
+    files = [f for p in paths for f in (_visible_files(p) if p.is_dir() else [p]) if f.is_file()]
     if not files:
         raise ValueError(f"prepare: no files under {[str(p) for p in paths]} (rule: give text files or dirs)")
     tokens = tokenize_files(files)

@@ -54,8 +54,8 @@ _OPS = (
 _FUNCOL_OPS = ("all_to_all_single_autograd",)
 
 
-class NonFiniteError(RuntimeError):
-    """A step produced NaN/Inf under train.nonfinite=halt."""
+class NonFiniteError(ValueError):
+    """A step produced NaN/Inf under train.nonfinite=halt (a ValueError: the CLI shows it as one line)."""
 
 
 class CollectiveLog:
@@ -108,20 +108,31 @@ class CollectiveLog:
 
     def _group(self, args: tuple, kwargs: dict) -> str:
         group = kwargs.get("group") or next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
-        if group is None or group is dist.GroupMember.WORLD:
-            return "world"
+        group = group or dist.GroupMember.WORLD
         if id(group) not in self.names:
             try:
-                self.names[id(group)] = f"ranks{dist.get_process_group_ranks(group)}"
+                ranks = dist.get_process_group_ranks(group)
             except (RuntimeError, ValueError):
                 return type(group).__name__
+            self.names[id(group)] = "world" if group is dist.GroupMember.WORLD else f"ranks{ranks}"
         return self.names[id(group)]
 
     def name_groups(self, groups: dict[str, dist.ProcessGroup | None]) -> None:
-        """Shows mesh axis names (dp, ep, ...) with the ranks of each group."""
+        """Shows the mesh axes (dp, ep, ...) of each group with its ranks; a mesh axis may be the world."""
+        self.names.clear()
+        axes: dict[int, tuple[dist.ProcessGroup, list[str]]] = {}
         for axis, group in groups.items():
             if group is not None:
-                self.names[id(group)] = f"{axis}{dist.get_process_group_ranks(group)}"
+                axes.setdefault(id(group), (group, []))[1].append(axis)
+        for key, (group, names) in axes.items():
+            self.names[key] = f"{'/'.join(names)}{dist.get_process_group_ranks(group)}"
+
+    def last(self) -> str:
+        """The newest entry, as one line."""
+        if not self.entries:
+            return "none"
+        step, op, group, shape, state, _ = self.entries[-1]
+        return f"step {step} {op} group={group} shape={shape} {state}"
 
     def report(self, rank: int) -> str:
         now = time.monotonic()
@@ -149,6 +160,7 @@ COLLECTIVES = CollectiveLog()
 def report_collectives_on_error() -> Iterator[CollectiveLog]:
     """Records collectives inside the block; if it raises, prints this rank's log to stderr and re-raises."""
     COLLECTIVES.install()
+    COLLECTIVES.step = lambda: "init"
     try:
         yield COLLECTIVES
     except (SystemExit, NonFiniteError, ValueError):  # a clean exit, or an error that explains itself
@@ -214,8 +226,10 @@ class StepGuard:
 
     def _on_sigterm(self, signum, frame) -> None:
         self._terminated = True
+        # One line, so a rank stuck outside collectives still says where it was.
         print(
-            f"moeyard rank {self.rank}: SIGTERM: finishing step {self.trainer.step + 1}, then saving",
+            f"moeyard rank {self.rank}: SIGTERM in step {self.trainer.step + 1} (last collective entered: "
+            f"{COLLECTIVES.last()}); finishing the step, then saving and exiting",
             file=sys.stderr,
             flush=True,
         )
@@ -255,9 +269,7 @@ class StepGuard:
             return False
         loss = float(torch.stack([x.float().mean() for x in losses]).mean()) if losses else float("nan")
         if self.policy == "halt":
-            self.trainer.log.write(
-                {"step": step, "loss": loss, "grad_norm": norm, "nonfinite": 1, "halted": 1}
-            )
+            self.trainer.log.write({"step": step, "loss": loss, "grad_norm": norm, "nonfinite": 1, "halted": 1})
             raise NonFiniteError(
                 f"step {step}: non-finite loss or gradients (loss={loss:.4g}, grad_norm={norm:.4g}) "
                 "(rule: train.nonfinite=halt stops the run; lower optim.lr, or set "

@@ -85,9 +85,7 @@ def check_exportable(m: ModelConfig, e: MoEConfig) -> None:
     ]
     for ok, field, value, rule in rules:
         if not ok:
-            raise ValueError(
-                f"{field}={value} has no Hugging Face Mixtral equivalent (rule: {rule} to export)"
-            )
+            raise ValueError(f"{field}={value} has no Hugging Face Mixtral equivalent (rule: {rule} to export)")
 
 
 def _rope_rows_to_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -107,9 +105,7 @@ def to_hf(name: str, t: torch.Tensor, m: ModelConfig) -> dict[str, torch.Tensor]
     prefix = f"model.layers.{lid}."
     if rest.startswith("moe.experts.w"):
         w = rest.rsplit(".", 1)[-1]
-        return {
-            f"{prefix}block_sparse_moe.experts.{e}.{w}.weight": t[e].T.contiguous() for e in range(t.shape[0])
-        }
+        return {f"{prefix}block_sparse_moe.experts.{e}.{w}.weight": t[e].T.contiguous() for e in range(t.shape[0])}
     if rest == "attention.wq.weight":
         t = _rope_rows_to_hf(t, m.n_heads)
     elif rest == "attention.wk.weight":
@@ -125,9 +121,7 @@ def from_hf(name: str, get: Callable[[str], torch.Tensor], m: ModelConfig, e: Mo
     prefix = f"model.layers.{lid}."
     if rest.startswith("moe.experts.w"):
         w = rest.rsplit(".", 1)[-1]
-        return torch.stack(
-            [get(f"{prefix}block_sparse_moe.experts.{i}.{w}.weight").T for i in range(e.num_experts)]
-        )
+        return torch.stack([get(f"{prefix}block_sparse_moe.experts.{i}.{w}.weight").T for i in range(e.num_experts)])
     t = get(prefix + _LAYER[rest])
     if rest == "attention.wq.weight":
         return _rope_rows_from_hf(t, m.n_heads)
@@ -199,7 +193,8 @@ def export(source: Path, out: Path, dtype: str = "float32") -> Path:
     weight_map, total = {}, 0
     for i, names in enumerate(groups):
         state = {f"model.{n}": torch.empty(shapes[n]) for n in names}
-        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+        with ckpt.single_process_quiet():
+            dcp.load(state, storage_reader=ckpt.SafeFileSystemReader(path), no_dist=True)
         tensors = {
             k: v.to(getattr(torch, dtype)).contiguous()
             for n in names
@@ -209,9 +204,7 @@ def export(source: Path, out: Path, dtype: str = "float32") -> Path:
         save_file(tensors, str(tmp / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
-    (tmp / INDEX).write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
-    )
+    (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (tmp / "config.json").write_text(json.dumps(hf_config(m, e, dtype), indent=1))
     if out.exists():
         out.rmdir()
@@ -220,6 +213,19 @@ def export(source: Path, out: Path, dtype: str = "float32") -> Path:
 
 
 # --- import -------------------------------------------------------------------------------------------------
+
+
+_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "num_local_experts",
+    "num_experts_per_tok",
+)
 
 
 def read_hf_config(hf_dir: Path, field: str) -> dict:
@@ -235,11 +241,12 @@ def read_hf_config(hf_dir: Path, field: str) -> dict:
             f"{field}={hf_dir}: model_type={hf.get('model_type')} (rule: moeyard imports Mixtral "
             "weights, model_type=mixtral)"
         )
+    missing = [key for key in _REQUIRED if key not in hf]
+    if missing:
+        raise ValueError(f"{field}={hf_dir}: config.json lacks {', '.join(missing)} (rule: a Mixtral config)")
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
-        raise ValueError(
-            f"{field}={hf_dir}: head_dim={head_dim} (rule: must be hidden_size/num_attention_heads)"
-        )
+        raise ValueError(f"{field}={hf_dir}: head_dim={head_dim} (rule: must be hidden_size/num_attention_heads)")
     if hf.get("sliding_window") is not None:
         raise ValueError(
             f"{field}={hf_dir}: sliding_window={hf['sliding_window']} (rule: moeyard attends to the "
@@ -279,10 +286,6 @@ def overrides_from_hf(hf: dict) -> dict[str, object]:
 def check_hf_dir(hf_dir: Path, cfg, field: str) -> None:
     """The weights exist and their shape fields agree with the config (ValueError naming the field)."""
     hf = read_hf_config(hf_dir, field)
-    if not (hf_dir / INDEX).is_file() and not (hf_dir / "model.safetensors").is_file():
-        raise ValueError(
-            f"{field}={hf_dir} has no {INDEX} or model.safetensors (rule: weights as safetensors)"
-        )
     for key, value in overrides_from_hf(hf).items():
         section, name = key.split(".")
         if name in ckpt.SHAPE_FIELDS.get(section, ()) and getattr(getattr(cfg, section), name) != value:
@@ -291,6 +294,8 @@ def check_hf_dir(hf_dir: Path, cfg, field: str) -> None:
                 f"{getattr(getattr(cfg, section), name)} (rule: the model shape must match the "
                 "weights; `moeyard import DIR` sets it)"
             )
+    if not (hf_dir / INDEX).is_file() and not (hf_dir / "model.safetensors").is_file():
+        raise ValueError(f"{field}={hf_dir} has no {INDEX} or model.safetensors (rule: weights as safetensors)")
 
 
 class _SafetensorsDir:
@@ -306,9 +311,7 @@ class _SafetensorsDir:
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.files:
-            raise ValueError(
-                f"train.init_from={self.dir} lacks tensor {name} (rule: complete Mixtral weights)"
-            )
+            raise ValueError(f"train.init_from={self.dir} lacks tensor {name} (rule: complete Mixtral weights)")
         with safe_open(str(self.dir / self.files[name]), framework="pt") as f:
             return f.get_tensor(name).float()
 
@@ -334,9 +337,7 @@ def cmd_export(argv: list[str]) -> int:
         prog="moeyard export",
         description="Write a checkpoint as Hugging Face Mixtral safetensors with a config.json.",
     )
-    parser.add_argument(
-        "source", type=Path, help="a run directory (its latest checkpoint) or a step_N directory"
-    )
+    parser.add_argument("source", type=Path, help="a run directory (its latest checkpoint) or a step_N directory")
     parser.add_argument("--out", type=Path, required=True, help="new or empty output directory")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args(argv)
@@ -356,9 +357,7 @@ def cmd_import(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="further Hydra overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
     hf = read_hf_config(args.hf_dir, "import")
-    derived = [
-        f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides_from_hf(hf).items()
-    ]
+    derived = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides_from_hf(hf).items()]
     from launch.cli import cmd_train
 
     return cmd_train([*derived, f"train.init_from={args.hf_dir.resolve()}", *args.overrides])

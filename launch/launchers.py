@@ -8,6 +8,7 @@ rendezvous; slurm: an sbatch script (launch.slurm); mpi: mpiexec (launch.mpi). E
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from launch.config import JobConfig
 from launch.validate import ConfigError
 
-FAILED_RANK = "moeyard rank "  # launch.rank prints this line when a rank fails
+FAILED_RANK = re.compile(r"^moeyard rank \d+ failed: ")  # the line launch.rank prints when a rank fails
 RDZV_TIMEOUT = "RendezvousTimeoutError"
 
 
@@ -25,15 +26,17 @@ def torchrun_command(cfg: JobConfig) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={lc.nproc_per_node}"]
     if lc.name == "local":
         return [*cmd, "--standalone", "--nnodes=1", "-m", "launch.rank"]
+    # node_rank 0 hosts the c10d store at rdzv_endpoint; saying so beats torchrun's guess from host names,
+    # which picks no host (or two) when the endpoint is an alias or several agents share a machine.
+    rdzv_conf = f"join_timeout={lc.timeout_s},is_host={'true' if lc.node_rank == 0 else 'false'}"
     return [
         *cmd,
         f"--nnodes={lc.nnodes}",
-        f"--node-rank={lc.node_rank}",
         f"--max-restarts={lc.max_restarts}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={lc.rdzv_endpoint}",
         f"--rdzv-id={lc.rdzv_id}",
-        f"--rdzv-conf=join_timeout={lc.timeout_s}",
+        f"--rdzv-conf={rdzv_conf}",
         "-m",
         "launch.rank",
     ]
@@ -46,7 +49,7 @@ def run_streaming(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
         assert proc.stderr is not None
         for line in proc.stderr:
             sys.stderr.write(line)
-            if line.startswith(FAILED_RANK) or RDZV_TIMEOUT in line:
+            if FAILED_RANK.match(line) or RDZV_TIMEOUT in line:
                 notable.append(line.rstrip("\n"))
         return proc.wait(), notable
 
@@ -59,7 +62,7 @@ def failure_line(cfg: JobConfig, what: str, status: int, notable: list[str]) -> 
             f"torchrun rendezvous at {lc.rdzv_endpoint} timed out after launcher.timeout_s={lc.timeout_s}: "
             f"not all launcher.nnodes={lc.nnodes} agents joined (start one per node with the same run.dir)"
         )
-    failed = [line for line in notable if line.startswith(FAILED_RANK)]
+    failed = [line for line in notable if FAILED_RANK.match(line)]
     reason = failed[0] if failed else f"see {Path(cfg.run.dir) / 'logs'} and the output above"
     return f"{what} exited with status {status}: {reason}"
 

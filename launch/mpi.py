@@ -49,9 +49,9 @@ def master_address(hosts: list[str]) -> str:
     return addr
 
 
-def free_port(addr: str) -> int:
+def free_port() -> int:
     with socket.socket() as s:
-        s.bind((addr, 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -64,7 +64,7 @@ def rank_env_from_mpi() -> dict[str, str]:
     where = None
     if comm.rank == 0:
         addr = os.environ.get("MASTER_ADDR") or master_address(hosts)
-        where = (addr, os.environ.get("MASTER_PORT") or str(free_port("" if addr != "127.0.0.1" else addr)))
+        where = (addr, os.environ.get("MASTER_PORT") or str(free_port()))
     addr, port = comm.bcast(where, root=0)
     local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).rank  # portable across MPICH and Open MPI
     return {

@@ -7,6 +7,7 @@ import difflib
 
 from launch.config import JobConfig
 from launch.data import load_token_dir
+from moe.experts import HAS_GROUPED_MM
 from parallel.dims import ParallelDims
 
 
@@ -105,6 +106,14 @@ def validate(cfg: JobConfig, world_size: int) -> ParallelDims:
         )
     for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
         _check(getattr(e, name) >= 0, f"moe.{name}", getattr(e, name), "must be >= 0")
+    if e.grouped_mm == "on":
+        _check(HAS_GROUPED_MM, "moe.grouped_mm", "on", "needs a torch with grouped_mm (use auto or off)")
+        _check(
+            m.dim % 8 == 0 and e.expert_hidden % 8 == 0,
+            "moe.grouped_mm",
+            "on",
+            f"needs model.dim={m.dim} and moe.expert_hidden={e.expert_hidden} divisible by 8 (16-byte rows)",
+        )
     _check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
     _check(t.seq_len >= 2, "train.seq_len", t.seq_len, "must be >= 2")
     _check(

@@ -127,8 +127,10 @@ class Router(nn.Module):
     def forward(self, x_GSD: torch.Tensor, reduce_load: LoadReducer | None = None) -> Routing:
         """Route every token of `x_GSD` [G, S, D]; `reduce_load` sums per-expert counts over data ranks."""
         G, S, _ = x_GSD.shape
-        # Router math in fp32: small logit differences decide discrete choices (ST-MoE, sec. 3).
-        logits_TE = F.linear(x_GSD.reshape(G * S, -1).float(), self.gate.weight.float())
+        # Router math in fp32: small logit differences decide discrete choices (ST-MoE, sec. 3). Autocast
+        # would run the linear in bf16 whatever its inputs' dtype, so it is switched off here.
+        with torch.autocast(x_GSD.device.type, enabled=False):
+            logits_TE = F.linear(x_GSD.reshape(G * S, -1).float(), self.gate.weight.float())
         if self.cfg.router == "expert_choice":
             return self._expert_choice(logits_TE, G, S)
         return self._token_choice(logits_TE, G, S, reduce_load)

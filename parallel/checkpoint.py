@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -57,6 +60,50 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line naming the field, the path and the rule."""
 
 
+# --- reading DCP metadata without running code ------------------------------------------------------------
+
+# DCP's .metadata is a pickle. These are the only globals it holds (plus torch dtypes); anything else in a
+# checkpoint's metadata is refused, so loading a checkpoint from elsewhere cannot run code.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if dtype or name in _METADATA_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """FileSystemReader whose .metadata unpickling admits only DCP's own records (tensors load as usual)."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp.metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 # --- finding checkpoints ------------------------------------------------------------------------------------
 
 
@@ -89,7 +136,7 @@ def resolve(spec: str | None, run_dir: str | Path, field: str) -> Path | None:
         found = complete_checkpoints(checkpoint_root(run_dir))
         return found[-1][1] if found else None
     path = Path(spec)
-    if (path / "COMPLETE").is_file():
+    if (path / "COMPLETE").is_file() and not path.name.endswith(".tmp"):  # .tmp: a save never sealed
         return path
     for root in (checkpoint_root(path), path):
         found = complete_checkpoints(root)
@@ -125,6 +172,13 @@ def read_meta(path: Path, field: str) -> dict:
                 f"{field}={path}: {name} has {actual} bytes, meta.json records {size} "
                 "(rule: checkpoint files must be complete and unaltered)"
             )
+    try:
+        SafeFileSystemReader(path).read_metadata()
+    except Exception as err:
+        raise CheckpointError(
+            f"{field}={path}: .metadata is unreadable ({first_error_line(err)}) "
+            "(rule: checkpoint files must be complete and unaltered)"
+        ) from None
     meta["step"] = step
     return meta
 
@@ -232,6 +286,14 @@ def build_state(pm, optimizer: torch.optim.Optimizer | None, rank: int, with_rng
 # --- save and load ------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def single_process_quiet() -> Iterator[None]:
+    """Silences DCP's notice that it runs without a process group (meant: one process)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -281,7 +343,9 @@ def save(
     _barrier()
     state, _ = build_state(pm, optimizer, rank, with_rng=True)
     try:
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True))
+        writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
+        with single_process_quiet():
+            dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
         if fault is not None:
             fault("save")
         _barrier()
@@ -330,7 +394,8 @@ def load(pm, optimizer, path: Path, field: str, *, weights_only: bool = False) -
     with_rng = not weights_only and meta.get("world_size") == world
     state, write_backs = build_state(pm, optimizer if with_optim else None, rank, with_rng)
     try:
-        dcp.load(state, storage_reader=dcp.FileSystemReader(path))
+        with single_process_quiet():
+            dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=not dist.is_initialized())
     except Exception as err:
         raise CheckpointError(
             f"{field}={path} could not be read: {first_error_line(err)} "

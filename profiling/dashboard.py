@@ -72,8 +72,7 @@ def render_page(run_dir: Path, static: dict[str, Any] | None = None) -> str:
     else:
         plotly_tag = f"<script>{PLOTLY_JS.read_text()}</script>"
         data = json.dumps(static).replace("</", "<\\/")  # keep "</script>" in config text from closing the tag
-    return (page.replace("{{PLOTLY}}", plotly_tag).replace("{{DATA}}", data)
-            .replace("{{RUN}}", json.dumps(str(run_dir))))
+    return page.replace("{{PLOTLY}}", plotly_tag).replace("{{DATA}}", data).replace("{{RUN}}", json.dumps(str(run_dir)))
 
 
 class DashboardHandler(BaseHTTPRequestHandler):
@@ -87,6 +86,9 @@ class DashboardHandler(BaseHTTPRequestHandler):
             self._send(render_page(self.run_dir).encode(), "text/html; charset=utf-8")
         elif url.path == "/plotly.min.js":
             self._send(PLOTLY_JS.read_bytes(), "application/javascript", cache=True)
+        elif url.path == "/favicon.ico":
+            self.send_response(HTTPStatus.NO_CONTENT)
+            self.end_headers()
         elif url.path == "/api/config":
             self._send_json({"text": config_text(self.run_dir)})
         elif url.path.startswith("/api/") and url.path[5:] in FEEDS:
@@ -106,6 +108,12 @@ class DashboardHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the browser closed the tab mid-response
+
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the page polls every two seconds."""
 
@@ -120,16 +128,20 @@ def make_server(run_dir: Path, host: str = "127.0.0.1", port: int = 0) -> Thread
 
 def cmd_dashboard(argv: list[str]) -> int:
     """`moeyard dashboard RUN_DIR [--port P] [--host H] [--export FILE]`."""
-    parser = argparse.ArgumentParser(prog="moeyard dashboard", description="Live view of a run's metrics and "
-                                     "expert load, or a self-contained HTML report.")
+    parser = argparse.ArgumentParser(
+        prog="moeyard dashboard",
+        description="Live view of a run's metrics and expert load, or a self-contained HTML report.",
+    )
     parser.add_argument("run_dir", type=Path, help="the run directory (holds metrics.jsonl)")
     parser.add_argument("--port", type=int, default=8050, help="port (0 = any free port); default 8050")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; default loopback only")
     parser.add_argument("--export", type=Path, metavar="FILE", help="write a self-contained HTML report and exit")
     args = parser.parse_args(argv)
     if not args.run_dir.is_dir():
-        print(f"moeyard dashboard: run_dir={args.run_dir} is not a directory (rule: give a run directory)",
-              file=sys.stderr)
+        print(
+            f"moeyard dashboard: run_dir={args.run_dir} is not a directory (rule: give a run directory)",
+            file=sys.stderr,
+        )
         return 2
     if args.export:
         args.export.write_text(render_page(args.run_dir, read_all(args.run_dir)))

@@ -47,8 +47,18 @@ class ExpertLoadTracker:
 
     KEYS = ("routed", "kept", "mean_prob", "received", "entropy")
 
-    def __init__(self, model: ModelConfig, moe: MoEConfig, device: torch.device, ep: int, ep_rank: int,
-                 contributes: bool, run_dir: Path | None, dead_steps: int, imbalance_warn: float) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        moe: MoEConfig,
+        device: torch.device,
+        ep: int,
+        ep_rank: int,
+        contributes: bool,
+        run_dir: Path | None,
+        dead_steps: int,
+        imbalance_warn: float,
+    ) -> None:
         self.layer_ids = moe_layer_ids(model)
         self.E, self.P, self.ep_rank = moe.num_experts, ep, ep_rank
         self.device = device
@@ -127,8 +137,10 @@ class ExpertLoadTracker:
             for e in (self.dead_streak[i] == self.dead_steps).nonzero().flatten().tolist():
                 out.append(f"layer {lid} expert {e} received no tokens for {self.dead_steps} logged steps")
             if layer["imbalance"] > self.imbalance_warn and lid not in self.over_threshold:
-                out.append(f"layer {lid} load imbalance (max/mean) {layer['imbalance']:.2f} > "
-                           f"profiling.imbalance_warn={self.imbalance_warn}")
+                out.append(
+                    f"layer {lid} load imbalance (max/mean) {layer['imbalance']:.2f} > "
+                    f"profiling.imbalance_warn={self.imbalance_warn}"
+                )
                 self.over_threshold.add(lid)
             elif layer["imbalance"] <= self.imbalance_warn:
                 self.over_threshold.discard(lid)

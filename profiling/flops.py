@@ -114,7 +114,10 @@ def cpu_peak_tflops(cache: Path | None = None) -> float:
     Ranks starting together take a file lock, so one measures alone while the others wait and then read.
     """
     path = cache or cache_dir() / "cpu_peak.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: measure every time rather than fail
+        return measure_cpu_tflops()
     key = _cpu_key()
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

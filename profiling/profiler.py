@@ -53,9 +53,15 @@ class StepProfiler:
         self.tracker = None
         if p.expert_load:
             self.tracker = ExpertLoadTracker(
-                cfg.model, cfg.moe, device, ep=pm.dims.ep, ep_rank=_axis_rank(pm, Axis.EP, pm.dims.ep),
-                contributes=_axis_rank(pm, Axis.TP, pm.dims.tp) == 0, run_dir=run_dir if self.rank == 0 else None,
-                dead_steps=p.dead_expert_steps, imbalance_warn=p.imbalance_warn,
+                cfg.model,
+                cfg.moe,
+                device,
+                ep=pm.dims.ep,
+                ep_rank=_axis_rank(pm, Axis.EP, pm.dims.ep),
+                contributes=_axis_rank(pm, Axis.TP, pm.dims.tp) == 0,
+                run_dir=run_dir if self.rank == 0 else None,
+                dead_steps=p.dead_expert_steps,
+                imbalance_warn=p.imbalance_warn,
             )
         self.layer_stats: Stats = {}
 

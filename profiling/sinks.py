@@ -54,8 +54,9 @@ class TensorBoardSink:
 class MetricsLog:
     """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl and shows it on rank 0."""
 
-    def __init__(self, run_dir: Path, is_writer: bool, progress: bool = False, total_steps: int = 0,
-                 tensorboard: bool = False) -> None:
+    def __init__(
+        self, run_dir: Path, is_writer: bool, progress: bool = False, total_steps: int = 0, tensorboard: bool = False
+    ) -> None:
         self.is_writer = is_writer
         self.total_steps = total_steps
         self.file = None
@@ -107,12 +108,17 @@ class MetricsLog:
 class ProgressBar:
     """rich progress bar: step, loss, tokens/s, MFU and ETA; metric lines print above it."""
 
-    def __init__(self, total_steps: int) -> None:
+    def __init__(self, total_steps: int, console=None) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
         )
         self.task = self.progress.add_task("train", total=total_steps, info="")
         self.progress.start()

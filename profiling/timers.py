@@ -30,9 +30,13 @@ COMM_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def comm_kind(name: str) -> str | None:
-    """Collective kind of a backend profiler event ("gloo:all_to_all", "ncclDevKernel_AllReduce..."), or None."""
+    """Collective kind of a backend profiler event ("gloo:all_to_all", "ncclDevKernel_AllReduce..."), or None.
+
+    gloo's "gloo:<op>" ranges cover the work on its worker thread. For NCCL only the GPU kernels count: its
+    CPU-side "nccl:<op>" ranges time the launch, not the transfer.
+    """
     low = name.lower()
-    if not (low.startswith("gloo:") or low.startswith("nccl")):
+    if not (low.startswith("gloo:") or (low.startswith("nccl") and not low.startswith("nccl:"))):
         return None
     return next((kind for kind, frags in COMM_KINDS if any(f in low for f in frags)), "other")
 

@@ -15,8 +15,10 @@ def check_trace_ranks(cfg: ProfilingConfig, world: int) -> None:
     """Raises ValueError when profiling.trace_ranks names a rank the job does not have."""
     bad = [r for r in cfg.trace_ranks if not 0 <= r < world]
     if cfg.torch_trace and bad:
-        raise ValueError(f"profiling.trace_ranks={list(cfg.trace_ranks)} has ranks {bad} outside the job "
-                         f"(rule: 0 <= rank < world size {world})")
+        raise ValueError(
+            f"profiling.trace_ranks={list(cfg.trace_ranks)} has ranks {bad} outside the job "
+            f"(rule: 0 <= rank < world size {world})"
+        )
 
 
 class TraceProfiler:
@@ -39,8 +41,9 @@ class TraceProfiler:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
             self.prof = profile(
                 activities=activities,
-                schedule=schedule(wait=cfg.trace_wait, warmup=cfg.trace_warmup, active=cfg.trace_active,
-                                  repeat=cfg.trace_repeat),
+                schedule=schedule(
+                    wait=cfg.trace_wait, warmup=cfg.trace_warmup, active=cfg.trace_active, repeat=cfg.trace_repeat
+                ),
                 on_trace_ready=self._write,
                 record_shapes=True,
                 with_stack=False,

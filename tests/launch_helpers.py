@@ -31,9 +31,7 @@ def moeyard_cmd(*overrides: str) -> list[str]:
     return [sys.executable, "-m", "launch.cli", "train", *overrides]
 
 
-def moeyard(
-    *overrides: str, timeout: float, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
+def moeyard(*overrides: str, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         moeyard_cmd(*overrides),
         cwd=REPO,

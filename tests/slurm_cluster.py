@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
+DAEMONS = ("munged", "slurmctld", "slurmd")
+CLIENTS = ("sbatch", "srun", "scontrol", "sinfo")
 NODES = ("n1", "n2")
 
 
@@ -29,8 +30,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def which(name: str) -> str | None:
+    """`name` on PATH, or in /usr/sbin where Debian puts the daemons (outside a user's PATH)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
 def missing_binaries() -> list[str]:
-    return [name for name in DAEMONS if shutil.which(name) is None and not Path("/usr/sbin", name).exists()]
+    return [name for name in DAEMONS + CLIENTS if which(name) is None]
 
 
 def _slurm_conf(root: Path, ctld_port: int, node_ports: list[int], cpus: int) -> str:
@@ -81,6 +87,8 @@ class SlurmCluster:
         self.procs.append(subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT))
 
     def start(self, timeout_s: float = 30.0) -> SlurmCluster:
+        if os.geteuid() != 0:
+            raise RuntimeError("Slurm test cluster needs root: slurmd starts each job step as its user")
         missing = missing_binaries()
         if missing:
             raise RuntimeError(f"Slurm test cluster needs {missing}: run `bash .ci/system-deps.sh` as root")
@@ -96,7 +104,7 @@ class SlurmCluster:
         self._spawn(
             "munged",
             [
-                "munged",
+                which("munged"),
                 "-F",
                 "--force",
                 f"--socket={r}/munge.sock",
@@ -107,9 +115,9 @@ class SlurmCluster:
             ],
         )
         self._wait_for(lambda: (r / "munge.sock").exists(), timeout_s, "munged socket")
-        self._spawn("slurmctld", ["slurmctld", "-D", "-i"])
+        self._spawn("slurmctld", [which("slurmctld"), "-D", "-i"])
         for node in NODES:
-            self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-N", node])
+            self._spawn(f"slurmd-{node}", [which("slurmd"), "-D", "-N", node])
         self._wait_for(self._nodes_idle, timeout_s, "both nodes idle in sinfo")
         return self
 

@@ -138,9 +138,7 @@ def test_resolved_config_round_trips(tmp_path):
     assert back.moe.capacity_factor == 2.0 and back.moe.drop_policy == "position"
 
 
-@pytest.mark.parametrize(
-    "override", ["model.dimm=3", "model.dim=abc", "moe.capacity_factor=big", "nosuch.x=1"]
-)
+@pytest.mark.parametrize("override", ["model.dimm=3", "model.dim=abc", "moe.capacity_factor=big", "nosuch.x=1"])
 def test_mistyped_key_or_wrong_type_is_a_composition_error(override):
     with pytest.raises(HydraException):
         compose([override])
@@ -148,9 +146,7 @@ def test_mistyped_key_or_wrong_type_is_a_composition_error(override):
 
 def test_appended_unknown_key_fails_validation():
     cfg = compose(["+model.dimm=3"])  # Hydra lets `+` add keys; validation rejects what the schema lacks
-    with pytest.raises(
-        ConfigError, match=r"^model\.dimm=3 is not a field of ModelConfig .*did you mean model\.dim"
-    ):
+    with pytest.raises(ConfigError, match=r"^model\.dimm=3 is not a field of ModelConfig .*did you mean model\.dim"):
         validate(cfg, 1)
 
 
@@ -164,6 +160,7 @@ BAD_CLI = [
     (["model.dimm=3"], "model.dimm=3", "is not a config field"),
     (["model.dim=abc"], "model.dim=abc", "could not be converted to Integer"),
     (["+moe.topk=2"], "moe.topk=2", "did you mean moe.top_k"),
+    (["moe.grouped_mm=on", "moe.expert_hidden=12"], "moe.grouped_mm=on", "moe.expert_hidden=12 divisible by 8"),
     (["data=tokens", "data.path=missing_dir"], "data.path=missing_dir", "run `moeyard prepare` first"),
 ]
 
@@ -178,3 +175,13 @@ def test_bad_config_exits_with_one_line_before_spawning(moeyard, tmp_path, overr
     assert lines[0].startswith("moeyard: config error: ") and names in lines[0] and rule in lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not run_dir.exists()  # nothing written, nothing launched
+
+
+def test_unwritable_run_dir_is_one_line(moeyard, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = moeyard("train", f"run.dir={blocker}/run", timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"moeyard: run.dir={blocker}/run: Not a directory (rule: must be a writable directory)"
+    ]

@@ -69,11 +69,26 @@ def test_prepare_cli_then_train_from_tokens(moeyard, text_dir, tmp_path):
     assert "source: tokens" in (run / "config.yaml").read_text()
 
 
+def test_prepare_skips_hidden_files(text_dir, tmp_path):
+    (text_dir / ".git" / "objects").mkdir(parents=True)
+    (text_dir / ".git" / "objects" / "ab").write_bytes(b"\x78\x9c binary")
+    (text_dir / ".notes.txt").write_text("private")
+    assert prepare([text_dir], tmp_path / "tok")["files"] == 2
+
+
 def test_prepare_cli_missing_input_is_one_line(moeyard, tmp_path):
     proc = moeyard("prepare", "no_such_file.txt", "--out", str(tmp_path / "o"), timeout=60)
     assert proc.returncode != 0
     assert len(proc.stderr.strip().splitlines()) == 1 and "no_such_file.txt" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_prepare_cli_unwritable_out_is_one_line(moeyard, text_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = moeyard("prepare", str(text_dir), "--out", str(blocker), timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and str(blocker) in proc.stderr
 
 
 @pytest.fixture

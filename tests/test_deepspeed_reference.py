@@ -41,9 +41,7 @@ SPAWN_TIMEOUT_S = 240
 
 def reference_layer(k: int) -> MoELayer:
     """Our layer with seeded weights; balancing losses off so gradients come from the output alone."""
-    cfg = MoEConfig(
-        num_experts=E, top_k=k, expert_hidden=F, norm_topk_prob=k == 2, aux_loss_coef=0.0, z_loss_coef=0.0
-    )
+    cfg = MoEConfig(num_experts=E, top_k=k, expert_hidden=F, norm_topk_prob=k == 2, aux_loss_coef=0.0, z_loss_coef=0.0)
     layer = MoELayer(D, cfg)
     gen = torch.Generator().manual_seed(100 + k)
     with torch.no_grad():

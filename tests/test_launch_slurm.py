@@ -15,11 +15,13 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from launch.cli import main as cli_main
-from launch.slurm import exit_status, node_address, rank_env_from_slurm
+from launch.config import compose, write_resolved
+from launch.slurm import exit_status, job_state, node_address, rank_env_from_slurm
 from tests.launch_helpers import BASE, REPO, assert_same_losses, free_port, losses, moeyard, reference_losses
 from tests.slurm_cluster import SlurmCluster
 
@@ -91,7 +93,8 @@ def test_dry_run_torchrun_mode_starts_one_agent_per_node(tmp_path, capsys):
         f"run.dir={tmp_path / 'run'}",
     ]
     assert cli_main(["train", *args]) == 0
-    srun = capsys.readouterr().out.strip().splitlines()[-1]
+    script = capsys.readouterr().out
+    srun = " ".join(script[script.index("srun ") :].replace("\\\n", " ").split())
     assert srun == (
         f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 --ntasks=$SLURM_JOB_NUM_NODES {sys.executable} "
         "-m torch.distributed.run --nnodes=$SLURM_JOB_NUM_NODES --nproc-per-node=4 --max-restarts=0 "
@@ -165,6 +168,22 @@ def test_failing_job_returns_its_status_and_log_tail(cluster, tmp_path):
     assert out.stderr.strip().splitlines()[-1] == "setup-went-wrong"
 
 
+@pytest.mark.timeout(120)
+def test_submit_without_wait_prints_job_and_returns(cluster, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    out = moeyard(
+        *BASE, "launcher=slurm", "launcher.setup=['exit 0']", f"run.dir={run_dir}", timeout=60, env=cluster.env
+    )
+    assert out.returncode == 0, out.stderr
+    job = JOB_LINE.search(out.stdout)
+    assert job.group(2) == str(run_dir) and job.group(3) == f"{run_dir}/logs/slurm-{job.group(1)}.out"
+    monkeypatch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
+    deadline = time.monotonic() + 60
+    while job_state(job.group(1))[0] != "COMPLETED":
+        assert time.monotonic() < deadline, job_state(job.group(1))
+        time.sleep(0.5)
+
+
 def test_unresolvable_node_name_falls_back_to_node_addr(cluster, monkeypatch):
     monkeypatch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
     with pytest.raises(OSError):
@@ -197,19 +216,12 @@ def test_exit_status_from_slurm_exit_code():
 def test_rank_that_cannot_reach_its_master_reports_rendezvous_failure(tmp_path):
     """An srun task whose master never comes up: one line on the console, the traceback in its log."""
     run_dir = tmp_path / "run"
-    args = [
-        "launcher=slurm",
-        "launcher.nodes=1",
-        "launcher.tasks_per_node=2",
-        "launcher.timeout_s=2",
-        "launcher.dry_run=true",
-        f"run.dir={run_dir}",
-    ]
-    assert moeyard(*BASE, *args, timeout=60).returncode == 0
+    args = ["launcher=slurm", "launcher.tasks_per_node=2", "launcher.timeout_s=2", f"run.dir={run_dir}"]
+    config_path = write_resolved(compose([*BASE, *args]), run_dir)
     port = free_port()
     env = {
         **os.environ,
-        "MOEYARD_CONFIG": str(run_dir / "config.yaml"),
+        "MOEYARD_CONFIG": str(config_path),
         "SLURM_PROCID": "1",
         "SLURM_NTASKS": "2",
         "SLURM_LOCALID": "1",

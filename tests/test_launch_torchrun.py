@@ -8,9 +8,9 @@ spawns. Run: .venv/bin/pytest -q tests/test_launch_torchrun.py
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -28,15 +28,10 @@ from tests.launch_helpers import (
 )
 
 
-def wait_listening(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
-    """Blocks until something accepts on 127.0.0.1:port (agent 0's rendezvous store)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"agent 0 never listened on {port} (exit {proc.poll()})")
+def start_agent(args: list[str], out: Path) -> subprocess.Popen:
+    """One `moeyard train` (a torchrun agent); its stdout and stderr go to out.{stdout,stderr}."""
+    with out.with_suffix(".stdout").open("w") as stdout, out.with_suffix(".stderr").open("w") as stderr:
+        return subprocess.Popen(moeyard_cmd(*args), cwd=REPO, stdout=stdout, stderr=stderr)
 
 
 @pytest.mark.multiproc
@@ -54,32 +49,21 @@ def test_two_agents_as_two_nodes_match_single_process(tmp_path, tmp_path_factory
         "launcher.timeout_s=120",
         f"run.dir={run_dir}",
     ]
-    # Agent 0 first, so it hosts the c10d store; agent 1 is the same command on "node 1", same run dir.
-    agents = [
-        subprocess.Popen(
-            moeyard_cmd(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-    ]
+    # "Node 1" starts first and waits for node 0, which hosts the rendezvous store; same command, same run dir.
+    agents = [start_agent([*args, "launcher.node_rank=1"], tmp_path / "node1")]
     try:
-        wait_listening(port, agents[0], timeout_s=60)
-        agents.append(
-            subprocess.Popen(
-                moeyard_cmd(*args, "launcher.node_rank=1"),
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-        outs = [agent.communicate(timeout=240) for agent in agents]
+        time.sleep(1)
+        agents.append(start_agent(args, tmp_path / "node0"))
+        statuses = [agent.wait(timeout=240) for agent in agents]
     finally:
         for agent in agents:
             agent.kill()
-    assert [a.returncode for a in agents] == [0, 0], [err[-2000:] for _, err in outs]
+    errs = {f.name: f.read_text()[-2000:] for f in tmp_path.glob("node*.stderr")}
+    assert statuses == [0, 0], errs
     assert_same_losses(losses(run_dir), want)
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["rank_1.log", "rank_2.log", "rank_3.log"]
-    consoles = [out for out, _ in outs]
-    assert sum("[5/5]" in out for out in consoles) == 1  # exactly one agent hosts rank 0, the console
+    consoles = [f.read_text() for f in tmp_path.glob("node*.stdout")]
+    assert sum("[5/5]" in out for out in consoles) == 1  # exactly one agent runs rank 0, the console
 
 
 @pytest.mark.multiproc
@@ -124,13 +108,11 @@ def test_failing_ranks_are_named_with_their_logs(tmp_path, capsys):
     [
         (
             ["launcher.nnodes=2", "launcher.nproc_per_node=1", "parallel.dp=4"],
-            "parallel.pp*dp*tp=1*4*1 must equal the world size 2 "
-            "(launcher.nnodes=2 x launcher.nproc_per_node=1)",
+            "parallel.pp*dp*tp=1*4*1 must equal the world size 2 (launcher.nnodes=2 x launcher.nproc_per_node=1)",
         ),
         (
             ["launcher.nnodes=2", "launcher.nproc_per_node=2", "parallel.tp=4"],
-            "parallel.tp=4 must divide launcher.nproc_per_node=2 "
-            "(a tensor-parallel group stays inside one node)",
+            "parallel.tp=4 must divide launcher.nproc_per_node=2 (a tensor-parallel group stays inside one node)",
         ),
         (["launcher.nnodes=2", "launcher.node_rank=2"], "launcher.node_rank=2 must be in [0, 2)"),
         (["launcher.rdzv_endpoint=localhost"], "launcher.rdzv_endpoint=localhost must be host:port"),

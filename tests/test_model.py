@@ -120,9 +120,7 @@ def test_init_is_seeded_per_name_and_scales_residual_outputs():
     ):
         std = init_full_tensor(name, shape, cfg, seed=0).std().item()
         assert std == pytest.approx(0.02 / math.sqrt(4), rel=0.02), name
-    assert init_full_tensor("layers.0.moe.experts.w3", shape, cfg, 0).std().item() == pytest.approx(
-        0.02, rel=0.02
-    )
+    assert init_full_tensor("layers.0.moe.experts.w3", shape, cfg, 0).std().item() == pytest.approx(0.02, rel=0.02)
     assert torch.equal(init_full_tensor("layers.0.ffn_norm.weight", (32,), cfg, 0), torch.ones(32))
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moe.config import MoEConfig
+from moe.experts import GroupedExperts
 from moe.layer import MoELayer
 
 G, S, D, F_HIDDEN = 2, 8, 16, 8  # D and F divisible by 8 so grouped_mm "on" is allowed
@@ -36,10 +37,7 @@ def token_choice_routes(cfg: MoEConfig, logits_TE: torch.Tensor, bias_E: torch.T
         weights = [scores[e] for e in chosen]
         total = sum(weights) if cfg.norm_topk_prob else 1.0
         routes.append(
-            [
-                (k, e, cfg.route_scale * w / total)
-                for k, (e, w) in enumerate(zip(chosen, weights, strict=True))
-            ]
+            [(k, e, cfg.route_scale * w / total) for k, (e, w) in enumerate(zip(chosen, weights, strict=True))]
         )
     return routes
 
@@ -87,11 +85,7 @@ def reference(layer: MoELayer, x_BSD: torch.Tensor) -> torch.Tensor:
         kept = expert_choice_routes(cfg, logits_TE)
     else:
         routes = token_choice_routes(cfg, logits_TE, layer.router.expert_bias)
-        kept = (
-            apply_capacity(cfg, routes)
-            if cfg.capacity_factor
-            else [[(e, w) for _, e, w in r] for r in routes]
-        )
+        kept = apply_capacity(cfg, routes) if cfg.capacity_factor else [[(e, w) for _, e, w in r] for r in routes]
     ex, sh = layer.experts, layer.shared_experts
     rows = []
     for t, x in enumerate(x_TD):
@@ -203,3 +197,26 @@ def test_layer_records_detached_stats_per_forward():
     assert s["routed"].sum() == G * S * 2 and s["kept"].sum() == s["received"].sum()
     assert all(not v.requires_grad for v in s.values())
     assert s["mean_prob"].sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("grouped_mm", ["on", "off"])
+def test_experts_with_empty_groups_and_no_tokens(grouped_mm):
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, D, F_HIDDEN, grouped_mm=grouped_mm)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.5)
+    counts = torch.tensor([0, 3, 0, 2])  # experts 0 and 2 receive nothing
+    x = torch.randn(5, D, requires_grad=True)
+    y = experts(x, counts)
+    owner = [1, 1, 1, 3, 3]
+    ref = torch.stack([swiglu(x[i], experts.w1[e], experts.w3[e], experts.w2[e]) for i, e in enumerate(owner)])
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    (y * torch.randn_like(y)).sum().backward()
+    assert experts.w1.grad[[0, 2]].abs().sum() == 0 and experts.w1.grad[[1, 3]].abs().sum() > 0
+    # A rank whose experts receive no token at all still produces (zero) gradients for every weight.
+    experts.zero_grad(set_to_none=True)
+    empty = experts(torch.zeros(0, D), torch.zeros(4, dtype=torch.long))
+    assert empty.shape == (0, D)
+    empty.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in experts.parameters())

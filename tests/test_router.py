@@ -132,9 +132,7 @@ def test_expert_choice_counts_on_random_input():
     r = router(torch.randn(3, 10, 8))
     C = math.ceil(1.5 * 10 * 2 / 4)
     per_seq_expert = torch.zeros(3, 4, dtype=torch.long)
-    per_seq_expert.index_put_(
-        (r.token_idx_A // 10, r.expert_idx_A), torch.ones_like(r.token_idx_A), accumulate=True
-    )
+    per_seq_expert.index_put_((r.token_idx_A // 10, r.expert_idx_A), torch.ones_like(r.token_idx_A), accumulate=True)
     assert (per_seq_expert == C).all()
     assert len(set(zip(r.token_idx_A.tolist(), r.expert_idx_A.tolist(), strict=True))) == 3 * 4 * C
 
@@ -257,9 +255,7 @@ def test_sequence_aux_loss_formula():
     # Seq 0: f = [1, 1] * 2 / 2, P = [.55, .45] -> 1.0. Seq 1: f = [2, 0], P = [.85, .15] -> 1.7. Mean 1.35.
     assert sequence_aux_loss(probs, topk).item() == pytest.approx(1.35)
     # Scores are normalised per token first (sigmoid scores do not sum to one).
-    assert sequence_aux_loss(
-        probs * torch.tensor([[[2.0], [3.0]], [[0.5], [4.0]]]), topk
-    ).item() == pytest.approx(1.35)
+    assert sequence_aux_loss(probs * torch.tensor([[[2.0], [3.0]], [[0.5], [4.0]]]), topk).item() == pytest.approx(1.35)
 
 
 def test_z_loss_formula():
@@ -281,3 +277,16 @@ def test_router_reports_the_formulas_of_its_own_decisions():
     assert r.z_loss.item() == pytest.approx(math.log(4) ** 2)
     # One sequence, K=1, S=3: f = [2, 1] * 2 / 3, P = [1.75, 1.25] / 3.
     assert r.seq_aux_loss.item() == pytest.approx((4 / 3 * 1.75 + 2 / 3 * 1.25) / 3)
+
+
+def test_router_math_stays_fp32_under_autocast():
+    torch.manual_seed(0)
+    router = Router(16, MoEConfig(num_experts=8, top_k=2))
+    x = torch.randn(2, 8, 16).bfloat16()
+    plain = router(x.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.linear(x.float(), router.gate.weight).dtype == torch.bfloat16  # autocast on
+        auto = router(x)
+    # Same bf16 inputs, so fp32 router math gives bitwise the same logits, choices and weights.
+    assert torch.equal(auto.expert_idx_A, plain.expert_idx_A)
+    assert torch.equal(auto.weight_A, plain.weight_A) and torch.equal(auto.z_loss, plain.z_loss)

@@ -1,0 +1,161 @@
+"""Checkpoint mechanics in one process: atomic step_N directories, keep-last-K, which directory counts as
+the latest complete save, integrity checks (truncated files, corrupt or code-carrying metadata), and a
+save/load round trip of parameters, expert biases, AdamW state and the RNG.
+Run: .venv/bin/pytest -q tests/test_checkpoint.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.config import compose
+from launch.trainer import Trainer, build_optimizer
+from parallel import checkpoint as ckpt
+from tests.test_resume import TINY
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from more, and spinning threads stall a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fake_checkpoint(root: Path, name: str, seq: int | None, complete: bool) -> Path:
+    path = root / name
+    path.mkdir(parents=True)
+    if seq is not None:
+        (path / "meta.json").write_text(json.dumps({"seq": seq}))
+    if complete:
+        (path / "COMPLETE").write_text("")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trainer:
+    """Five steps saving every step, keeping two."""
+    run = tmp_path_factory.mktemp("run")
+    trainer = Trainer(
+        compose(
+            [
+                *TINY,
+                "train.steps=5",
+                f"run.dir={run}",
+                "checkpoint.enabled=true",
+                "checkpoint.every=1",
+                "checkpoint.keep=2",
+            ]
+        )
+    )
+    trainer.fit()
+    return trainer
+
+
+def test_saves_are_complete_and_only_the_last_k_remain(trained: Trainer) -> None:
+    root = Path(trained.cfg.run.dir) / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_4", "step_5"]
+    seqs = []
+    for step in (4, 5):
+        meta = ckpt.read_meta(root / f"step_{step}", "test")
+        assert meta["step"] == step and meta["world_size"] == 1 and meta["optimizer"]
+        assert set(meta["files"]) == {".metadata", "__0_0.distcp"}
+        seqs.append(meta["seq"])
+    assert seqs == [4, 5]
+    assert ckpt.resolve("auto", trained.cfg.run.dir, "train.resume") == root / "step_5"
+
+
+def test_only_complete_directories_count(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    done = fake_checkpoint(root, "step_2", 1, complete=True)
+    torn = fake_checkpoint(root, "step_4", 2, complete=False)
+    tmp = fake_checkpoint(root, "step_6.tmp", 3, complete=True)
+    assert ckpt.resolve("auto", tmp_path, "train.resume") == done
+    assert ckpt.resolve(str(tmp_path), "elsewhere", "train.resume") == done
+    assert ckpt.resolve("none", tmp_path, "train.resume") is None
+    for path in (torn, tmp):
+        with pytest.raises(ckpt.CheckpointError, match="incomplete checkpoint"):
+            ckpt.resolve(str(path), tmp_path, "train.resume")
+    with pytest.raises(ckpt.CheckpointError, match="holds no complete checkpoint"):
+        ckpt.resolve(str(tmp_path / "nothing"), tmp_path, "train.resume")
+    assert ckpt.resolve("auto", tmp_path / "empty", "train.resume") is None
+
+
+def test_latest_means_most_recently_saved(tmp_path: Path) -> None:
+    """A run resumed from an older step and saved again: its new save wins over a higher abandoned step."""
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, "step_6", 2, complete=True)
+    newest = fake_checkpoint(root, "step_3", 3, complete=True)
+    assert ckpt.resolve("auto", tmp_path, "train.resume") == newest
+
+
+def test_truncated_and_corrupt_files_are_refused(trained: Trainer, tmp_path: Path) -> None:
+    src = Path(trained.cfg.run.dir) / "checkpoints" / "step_5"
+    truncated = shutil.copytree(src, tmp_path / "truncated")
+    shard = truncated / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ckpt.CheckpointError, match=r"__0_0.distcp has 1000 bytes"):
+        ckpt.read_meta(truncated, "train.resume")
+    corrupt = shutil.copytree(src, tmp_path / "corrupt")
+    size = (corrupt / ".metadata").stat().st_size
+    (corrupt / ".metadata").write_bytes(b"\x00" * size)
+    with pytest.raises(ckpt.CheckpointError, match=r"\.metadata is unreadable"):
+        ckpt.read_meta(corrupt, "train.resume")
+
+
+def test_metadata_that_would_run_code_is_refused(trained: Trainer, tmp_path: Path) -> None:
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    bad = shutil.copytree(Path(trained.cfg.run.dir) / "checkpoints" / "step_5", tmp_path / "bad")
+    (bad / ".metadata").write_bytes(pickle.dumps(RunsCode()))
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["files"][".metadata"] = (bad / ".metadata").stat().st_size
+    (bad / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ckpt.CheckpointError, match="is not allowed in checkpoint metadata"):
+        ckpt.read_meta(bad, "train.resume")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_zero_optimizer_state_has_adamws_structure(trained: Trainer) -> None:
+    """init_optimizer_state creates what AdamW's first step creates: same keys, shapes, dtypes, devices."""
+    real = build_optimizer(trained.pm, trained.cfg, trained.device)
+    for _, p in trained.pm.named_parameters():
+        p.grad = torch.zeros_like(p)
+    real.step()
+    for _, p in trained.pm.named_parameters():
+        p.grad = None
+    made = build_optimizer(trained.pm, trained.cfg, trained.device)
+    ckpt.init_optimizer_state(made)
+    for p, state in real.state.items():
+        other = made.state[p]
+        assert state.keys() == other.keys()
+        for key, value in state.items():
+            assert (value.shape, value.dtype, value.device) == (other[key].shape, other[key].dtype, other[key].device)
+
+
+def test_load_restores_parameters_biases_optimizer_and_rng(trained: Trainer, tmp_path: Path) -> None:
+    torch.manual_seed(123)
+    path = ckpt.save(trained.pm, trained.optimizer, 99, tmp_path / "ck", 1, trained.checkpointer.meta())
+    after_save = torch.rand(4)
+    fresh = Trainer(compose([*TINY, f"run.dir={tmp_path / 'fresh'}"]))
+    fresh.guard.close()
+    torch.manual_seed(7)
+    assert ckpt.load(fresh.pm, fresh.optimizer, path, "train.resume")["step"] == 99
+    assert torch.equal(torch.rand(4), after_save)  # the RNG continues where the saved rank left it
+    for (name, p), (_, q) in zip(trained.pm.named_parameters(), fresh.pm.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+        for key, value in trained.optimizer.state[p].items():
+            assert torch.equal(value, fresh.optimizer.state[q][key]), (name, key)
+    for lid, moe in trained.pm.moe_layers().items():
+        assert moe.router.expert_bias.abs().sum() > 0
+        assert torch.equal(moe.router.expert_bias, fresh.pm.moe_layers()[lid].router.expert_bias)
