@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import io
 import os
+import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -119,13 +120,16 @@ def floor_step(ours: MoELayer, x: torch.Tensor, grad: torch.Tensor) -> Step:
 
 def init_deepspeed(device: torch.device) -> None:
     """One-rank process group plus DeepSpeed's comm layer (first call JIT-compiles a small op, cached)."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     import deepspeed
     import torch.distributed as dist
 
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=0, world_size=1)

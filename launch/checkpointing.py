@@ -7,6 +7,7 @@ the step, so model, optimizer, expert biases, step and RNG states are everything
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -56,14 +57,15 @@ class Checkpointer:
         """Loads train.resume (everything) or train.init_from (weights); returns the step to continue from."""
         cfg, tr = self.cfg, self.trainer
         preflight(cfg)
-        path = ckpt.resolve(cfg.train.resume, cfg.run.dir, "train.resume")
+        resume = cfg.train.resume
+        if resume == "none" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            resume = "auto"  # a restarted worker group continues its job; it never starts it over
+        path = ckpt.resolve(resume, cfg.run.dir, "train.resume")
         if path is not None:
             meta = ckpt.load(tr.pm, tr.optimizer, path, "train.resume")
             self.saved_step = meta["step"]
             layout = " ".join(f"{k}={v}" for k, v in meta["layout"].items())
-            self._note(
-                f"resumed at step {meta['step']} from {path} (saved on {meta['world_size']} ranks: {layout})"
-            )
+            self._note(f"resumed at step {meta['step']} from {path} (saved on {meta['world_size']} ranks: {layout})")
             return meta["step"]
         if cfg.train.init_from:
             if is_hf_dir(cfg.train.init_from):

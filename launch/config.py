@@ -71,9 +71,9 @@ class TrainConfig:
     deterministic: bool = True
     """Deterministic algorithms (bitwise-repeatable on CPU)."""
     resume: str = "none"
-    """none; auto: the latest complete checkpoint in run.dir/checkpoints (else start fresh); or a checkpoint path."""
+    """none; auto: the latest complete save in run.dir/checkpoints (else start fresh); or a path."""
     init_from: str | None = None
-    """Start from these weights at step 0 (fresh optimizer): a checkpoint, a run dir, or a Hugging Face dir."""
+    """Start from these weights at step 0 (fresh optimizer): a checkpoint, a run dir or a Hugging Face dir."""
     nonfinite: str = choice("halt", "skip")
     """A step with NaN/Inf loss or gradients: stop with an error, or skip its update (logged in metrics)."""
 

@@ -221,24 +221,29 @@ class StepGuard:
         if dist.is_initialized():
             apply_timeouts(groups, self.timeout_s)
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        self._handling = False
+
+    def _handle_sigterm(self) -> None:
+        """From the first step to the end of fit (a trainer that never trains keeps the default)."""
+        if not self._handling and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._handling = True
 
     def _on_sigterm(self, signum, frame) -> None:
         self._terminated = True
-        # One line, so a rank stuck outside collectives still says where it was.
-        print(
+        # One line, so a rank stuck outside collectives still says where it was; os.write because a
+        # handler may interrupt a print in progress.
+        line = (
             f"moeyard rank {self.rank}: SIGTERM in step {self.trainer.step + 1} (last collective entered: "
-            f"{COLLECTIVES.last()}); finishing the step, then saving and exiting",
-            file=sys.stderr,
-            flush=True,
+            f"{COLLECTIVES.last()}); finishing the step, then saving and exiting\n"
         )
+        os.write(2, line.encode())
 
     def close(self) -> None:
         """Gives SIGTERM back its previous handler."""
-        if self._previous is not None:
+        if self._handling:
             signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+            self._handling = False
 
     def fault(self, point: str, step: int) -> None:
         """Runs the planned fault for (point, step) on this rank, if any."""
@@ -257,6 +262,7 @@ class StepGuard:
     def skip_step(self, losses: list[torch.Tensor], grad_norm: torch.Tensor) -> bool:
         """After backward: agrees on non-finite values and SIGTERM across ranks; True = skip the update."""
         step = self.trainer.step + 1
+        self._handle_sigterm()
         self.fault("step", step)
         norm = float("nan") if any(k == "nan" and s == step for k, s, _ in self.plan) else float(grad_norm)
         local_bad = not math.isfinite(norm) or any(not bool(torch.isfinite(x).all()) for x in losses)

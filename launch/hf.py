@@ -33,6 +33,7 @@ from moe.config import ModelConfig, MoEConfig
 from moe.model import Transformer
 from parallel import checkpoint as ckpt
 from parallel.data_parallel import is_expert_param
+from parallel.safe_metadata import SafeFileSystemReader
 
 INDEX = "model.safetensors.index.json"
 _LAYER = {
@@ -194,7 +195,7 @@ def export(source: Path, out: Path, dtype: str = "float32") -> Path:
     for i, names in enumerate(groups):
         state = {f"model.{n}": torch.empty(shapes[n]) for n in names}
         with ckpt.single_process_quiet():
-            dcp.load(state, storage_reader=ckpt.SafeFileSystemReader(path), no_dist=True)
+            dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=True)
         tensors = {
             k: v.to(getattr(torch, dtype)).contiguous()
             for n in names

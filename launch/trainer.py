@@ -300,7 +300,7 @@ class Trainer:
 
 def train(cfg: JobConfig) -> list[dict[str, float]]:
     """Entry point on every rank."""
-    # [faults] On an error, each rank prints the last collectives it entered; no barrier then (peers may be gone).
+    # [faults] On an error, each rank prints the last collectives it entered; no barrier (peers may be gone).
     with report_collectives_on_error():
         trainer = Trainer(cfg)
         history = trainer.fit()

@@ -281,12 +281,7 @@ def _check_checkpointing(cfg: JobConfig) -> None:
     _check(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = only at the end and on SIGTERM)")
     _check(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")
     _check(c.every == 0 or c.enabled, "checkpoint.every", c.every, "needs checkpoint.enabled=true")
-    _check(
-        t.resume in ("none", "auto") or bool(t.resume),
-        "train.resume",
-        t.resume,
-        "must be none, auto or a path",
-    )
+    _check(bool(t.resume), "train.resume", t.resume, "must be none, auto or a checkpoint path")
     from launch.checkpointing import preflight  # reads checkpoint files only when asked to
 
     try:

@@ -22,7 +22,8 @@ def _grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor
 def looped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Reference: one matmul per expert over its slice of the sorted tokens."""
     chunks = torch.split(x_ND, counts_E.tolist())
-    return torch.cat([chunk @ w_EDF[e] for e, chunk in enumerate(chunks)])
+    # unbind, not w_EDF[e]: each indexing op's backward writes a full [E, D, F] gradient (cost grows with E^2).
+    return torch.cat([chunk @ w_DF for chunk, w_DF in zip(chunks, w_EDF.unbind(0), strict=True)])
 
 
 class GroupedExperts(nn.Module):

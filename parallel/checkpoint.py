@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
 import warnings
@@ -35,73 +34,21 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from moe.config import ModelConfig, MoEConfig
 from parallel.data_parallel import is_expert_param
 from parallel.dims import Axis
+from parallel.safe_metadata import SafeFileSystemReader
 
 CHECKPOINTS = "checkpoints"
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Fields that decide tensor shapes: a checkpoint loads only into a model that agrees on all of them.
+_MODEL_SHAPE = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "tie_embeddings")
 SHAPE_FIELDS = {
-    "model": (
-        "vocab_size",
-        "dim",
-        "n_layers",
-        "n_heads",
-        "n_kv_heads",
-        "ffn_hidden",
-        "tie_embeddings",
-        "first_dense_layers",
-        "moe_every",
-    ),
+    "model": (*_MODEL_SHAPE, "first_dense_layers", "moe_every"),
     "moe": ("num_experts", "expert_hidden", "num_shared_experts"),
 }
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line naming the field, the path and the rule."""
-
-
-# --- reading DCP metadata without running code ------------------------------------------------------------
-
-# DCP's .metadata is a pickle. These are the only globals it holds (plus torch dtypes); anything else in a
-# checkpoint's metadata is refused, so loading a checkpoint from elsewhere cannot run code.
-_METADATA_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "MetadataIndex",
-        "StorageMeta",
-        "_MEM_FORMAT_ENCODING",
-    },
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
-    "collections": {"OrderedDict"},
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if dtype or name in _METADATA_GLOBALS.get(module, ()):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
-
-
-class SafeFileSystemReader(dcp.FileSystemReader):
-    """FileSystemReader whose .metadata unpickling admits only DCP's own records (tensors load as usual)."""
-
-    def read_metadata(self, *args, **kwargs):
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = dcp.metadata.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
 
 
 # --- finding checkpoints ------------------------------------------------------------------------------------
@@ -255,11 +202,20 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             optimizer.state[p] = state
 
 
-def rng_key(rank: int) -> str:
-    return f"rng.rank{rank}.cpu"
+def rng_states(kinds: tuple[str, ...] = ("cpu", "cuda")) -> dict[str, torch.Tensor]:
+    """This process's RNG states by device kind (CUDA only once CUDA is in use)."""
+    states = {"cpu": torch.get_rng_state()} if "cpu" in kinds else {}
+    if "cuda" in kinds and torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
 
 
-def build_state(pm, optimizer: torch.optim.Optimizer | None, rank: int, with_rng: bool):
+def set_rng_states(states: dict[str, torch.Tensor]) -> None:
+    for kind, state in states.items():
+        (torch.set_rng_state if kind == "cpu" else torch.cuda.set_rng_state)(state)
+
+
+def build_state(pm, optimizer: torch.optim.Optimizer | None, rank: int, rng: dict[str, torch.Tensor]):
     """The flat DCP state dict of this rank and the write-backs a load needs afterwards."""
     state: dict[str, torch.Tensor] = {}
     write_backs: list[Callable[[], None]] = []
@@ -278,8 +234,8 @@ def build_state(pm, optimizer: torch.optim.Optimizer | None, rank: int, with_rng
             for p in group["params"]:
                 for key, value in optimizer.state[p].items():
                     add(f"optim.{name_of[id(p)]}.{key}", name_of[id(p)], value)
-    if with_rng:
-        state[rng_key(rank)] = torch.get_rng_state()
+    for kind, value in rng.items():  # per rank: each rank has its own streams
+        state[f"rng.rank{rank}.{kind}"] = value
     return state, write_backs
 
 
@@ -341,7 +297,8 @@ def save(
         remove_stale(root)
         tmp.mkdir()
     _barrier()
-    state, _ = build_state(pm, optimizer, rank, with_rng=True)
+    rng = rng_states()
+    state, _ = build_state(pm, optimizer, rank, rng)
     try:
         writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
         with single_process_quiet():
@@ -350,7 +307,7 @@ def save(
             fault("save")
         _barrier()
         if rank == 0:
-            _seal(tmp, final, root, {**meta, "step": step, "optimizer": optimizer is not None})
+            _seal(tmp, final, root, {**meta, "step": step, "optimizer": optimizer is not None, "rng": sorted(rng)})
             for _, old in complete_checkpoints(root)[:-keep]:
                 remove_checkpoint(old)
     except BaseException:
@@ -391,8 +348,9 @@ def load(pm, optimizer, path: Path, field: str, *, weights_only: bool = False) -
     if with_optim:
         init_optimizer_state(optimizer)
     # RNG streams belong to ranks: restored only when the world size is the one saved.
-    with_rng = not weights_only and meta.get("world_size") == world
-    state, write_backs = build_state(pm, optimizer if with_optim else None, rank, with_rng)
+    same_world = not weights_only and meta.get("world_size") == world
+    rng = rng_states(tuple(meta.get("rng", ()))) if same_world else {}
+    state, write_backs = build_state(pm, optimizer if with_optim else None, rank, rng)
     try:
         with single_process_quiet():
             dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=not dist.is_initialized())
@@ -403,8 +361,7 @@ def load(pm, optimizer, path: Path, field: str, *, weights_only: bool = False) -
         ) from None
     for back in write_backs:
         back()
-    if with_rng:
-        torch.set_rng_state(state[rng_key(rank)])
+    set_rng_states({kind: state[f"rng.rank{rank}.{kind}"] for kind in rng})
     return meta
 
 

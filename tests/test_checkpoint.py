@@ -6,6 +6,7 @@ Run: .venv/bin/pytest -q tests/test_checkpoint.py
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pickle
@@ -148,7 +149,6 @@ def test_load_restores_parameters_biases_optimizer_and_rng(trained: Trainer, tmp
     path = ckpt.save(trained.pm, trained.optimizer, 99, tmp_path / "ck", 1, trained.checkpointer.meta())
     after_save = torch.rand(4)
     fresh = Trainer(compose([*TINY, f"run.dir={tmp_path / 'fresh'}"]))
-    fresh.guard.close()
     torch.manual_seed(7)
     assert ckpt.load(fresh.pm, fresh.optimizer, path, "train.resume")["step"] == 99
     assert torch.equal(torch.rand(4), after_save)  # the RNG continues where the saved rank left it
@@ -159,3 +159,23 @@ def test_load_restores_parameters_biases_optimizer_and_rng(trained: Trainer, tmp
     for lid, moe in trained.pm.moe_layers().items():
         assert moe.router.expert_bias.abs().sum() > 0
         assert torch.equal(moe.router.expert_bias, fresh.pm.moe_layers()[lid].router.expert_bias)
+
+
+def test_every_torch_load_is_weights_only() -> None:
+    """Safety: no code path of ours unpickles arbitrary objects (DCP metadata goes through the allow-list)."""
+    repo = Path(__file__).resolve().parents[1]
+    offenders = []
+    for package in ("moe", "parallel", "launch", "profiling", "tests", "benchmarks"):
+        for path in (repo / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                    continue
+                owner = getattr(node.func.value, "id", "")
+                weights_only = any(
+                    k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in node.keywords
+                )
+                if (owner, node.func.attr) == ("torch", "load") and not weights_only:
+                    offenders.append(f"{path.relative_to(repo)}:{node.lineno}")
+                if owner == "pickle" and node.func.attr in ("load", "loads"):
+                    offenders.append(f"{path.relative_to(repo)}:{node.lineno}")
+    assert not offenders

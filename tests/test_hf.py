@@ -16,7 +16,8 @@ from launch.cli import main
 from launch.config import compose
 from launch.trainer import Trainer
 from parallel.state import full_state_dict
-from tests.test_resume import TINY
+from tests.golden_worker import run_layout
+from tests.test_resume import TINY, free_port
 
 HF_TINY = [*TINY, "moe.bias_update_rate=0", "train.steps=2", "checkpoint.enabled=true"]
 
@@ -71,7 +72,6 @@ def test_export_loads_in_transformers_with_equal_logits(exported) -> None:
 def test_init_from_hf_dir_reads_the_same_weights(exported, tmp_path: Path) -> None:
     trainer, out = exported
     imported = Trainer(compose([*HF_TINY, f"run.dir={tmp_path}", f"train.init_from={out}"]))
-    imported.guard.close()
     assert imported.step == 0
     ours, back = full_state_dict(trainer.pm), full_state_dict(imported.pm)
     assert ours.keys() == back.keys()
@@ -110,3 +110,24 @@ def test_non_mixtral_configs_are_refused(tmp_path: Path, capsys: pytest.CaptureF
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "moe.router=sigmoid_topk" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(180)
+def test_init_from_hf_dir_under_expert_parallel_fsdp(exported, tmp_path: Path) -> None:
+    """Every rank cuts its own shards (experts over ep, the rest over FSDP) from the safetensors."""
+    trainer, out = exported
+    x, y = trainer.data.batch(0, trainer.cfg.train.batch_size)
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(trainer.pm.parts[0](x).flatten(0, 1), y.flatten()).item()
+    overrides = [
+        *HF_TINY,
+        "train.steps=1",
+        "checkpoint.enabled=false",
+        "parallel.ep=2",
+        "parallel.dp_mode=fsdp",
+        f"train.init_from={out}",
+        f"run.dir={tmp_path}",
+    ]
+    result = run_layout(overrides, 2, str(tmp_path / "result.pt"), free_port())
+    assert result["history"][0]["loss"] == pytest.approx(expected, rel=1e-5)
