@@ -98,7 +98,9 @@ def launch(cfg: JobConfig, config_path: Path) -> int:
         train(cfg)
         return 0
     if lc.name in ("local", "torchrun"):
-        return launch_torchrun(cfg, env)
+        # A restarted worker group cannot rejoin an agent-shared rendezvous store (pytorch#135712): give each
+        # round its own store so launcher.max_restarts works.
+        return launch_torchrun(cfg, {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **env})
     if lc.name == "mpi":
         return launch_mpi(cfg, env)
     raise ConfigError(f"launcher.name={lc.name} must be one of local, torchrun, slurm, mpi")

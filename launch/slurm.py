@@ -78,6 +78,7 @@ def render_sbatch(cfg: JobConfig, config_path: Path, workdir: Path) -> str:
         "set -eo pipefail",
         *lc.setup,
         f"export MOEYARD_CONFIG={shlex.quote(str(config_path))}",
+        "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # torchrun restarts get a fresh rendezvous store",
         "# The first node's address (its name may not resolve) and a port free there.",
         f'eval "$({python} -m launch.slurm master)"',
         step_command(cfg, python),

@@ -45,7 +45,7 @@ def torchrun(nproc: int) -> list[str]:
 def moeyard(run: Path, args: list[str], fault: str = "", timeout: float = 180) -> subprocess.CompletedProcess:
     # torchrun shares its rendezvous store with the workers by default, and a restarted group then reads the
     # previous attempt's addresses (pytorch/pytorch#135712); a separate store per attempt avoids that.
-    env = {**os.environ, "MOEYARD_FAULT": fault, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MOEYARD_FAULT": fault, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [str(MOEYARD), "train", *TINY, *args, f"run.dir={run}"],
         env=env,

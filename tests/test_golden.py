@@ -108,10 +108,10 @@ def test_layout_trains_like_one_process(world, layout, variant, tmp_path, tmp_pa
     assert len(got["history"]) == 5
     # Parameters: 1e-5 absolute is 0.3% of one Adam step (lr 3e-3); Adam divides each element by its own
     # gradient scale, so an element whose gradient is at rounding level moves by rounding-sized amounts that
-    # the update then magnifies. Expert-choice also ranks tokens by probability inside each expert, so
-    # rounding can swap near-equal tokens at a capacity edge (see DROPPING): its parameters are held to 1e-3,
-    # its losses to the same 1e-5 as every layout.
-    assert_same_training(ref, got, param_atol=1e-3 if "moe=expert_choice" in variant else 1e-5)
+    # the update then magnifies. Expert-choice ranks tokens by probability inside each expert, so rounding
+    # swaps near-equal tokens at a capacity edge (see DROPPING) and the swapped tokens' weights move by up to
+    # one Adam step per step: its losses are held to the same 1e-5, its parameters to five steps (2e-2).
+    assert_same_training(ref, got, param_atol=2e-2 if "moe=expert_choice" in variant else 1e-5)
 
 
 def test_capacity_variant_really_drops(tmp_path_factory):
