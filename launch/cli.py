@@ -102,8 +102,11 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: moeyard {" + ",".join(COMMANDS) + "} [args]\n  moeyard train [hydra overrides]  e.g. "
-              "model=debug train.steps=5 run.dir=runs/x", file=sys.stderr)
+        print(
+            "usage: moeyard {" + ",".join(COMMANDS) + "} [args]\n  moeyard train [hydra overrides]  e.g. "
+            "model=debug train.steps=5 run.dir=runs/x",
+            file=sys.stderr,
+        )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])
