@@ -9,6 +9,7 @@ from launch.config import JobConfig
 from launch.data import load_token_dir
 from moe.experts import HAS_GROUPED_MM
 from parallel.dims import ParallelDims
+from profiling.trace import check_trace_ranks
 
 
 class ConfigError(ValueError):
@@ -148,6 +149,10 @@ def validate(cfg: JobConfig, world_size: int) -> ParallelDims:
     except ValueError as err:
         raise ConfigError(f"{err} ({launcher_request(cfg)})") from None
     _check_layout(cfg, dims)
+    try:
+        check_trace_ranks(cfg.profiling, world_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _check_checkpointing(cfg)
     return dims
 

@@ -9,6 +9,7 @@ writes one HTML file with plotly.js and all data inlined.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from http import HTTPStatus
@@ -109,10 +110,8 @@ class DashboardHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def handle(self) -> None:
-        try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the browser closed the tab mid-response
             super().handle()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the browser closed the tab mid-response
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the page polls every two seconds."""
