@@ -240,35 +240,32 @@ class Trainer:
             vec = vec.cpu() / self.dims.dp
         return dict(zip(names, vec.tolist(), strict=True))
 
+    def _eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """This rank's mean LM loss over one held-out batch (zero on ranks without the last stage)."""
+        m = self.cfg.train.micro_batches
+        with loss_context(self.dims.tp), self._autocast():
+            if self.pm.schedule is None:
+                model = self.pm.parts[0]
+                losses = [lm_loss(model(xm), ym) for xm, ym in zip(x.chunk(m), y.chunk(m), strict=True)]
+            else:
+                losses = []
+                first, last = self.pm.has_first_stage, self.pm.has_last_stage
+                self.pm.schedule.eval(*((x,) if first else ()), target=y if last else None, losses=losses)
+        if not losses:
+            return torch.zeros((), dtype=torch.float64)
+        return torch.stack([_plain(v) for v in losses]).double().mean().cpu()
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean LM loss over train.eval_batches fixed held-out batches."""
         self.pm.train(False)
-        total = torch.zeros((), dtype=torch.float64)
         t = self.cfg.train
+        total = torch.zeros((), dtype=torch.float64)
         for i in range(t.eval_batches):
             x, y = (self.local_rows(v) for v in self.data.eval_batch(i, t.batch_size))
-            with loss_context(self.dims.tp), self._autocast():
-                if self.pm.schedule is not None:
-                    losses: list[torch.Tensor] = []
-                    self.pm.schedule.eval(
-                        *((x,) if self.pm.has_first_stage else ()),
-                        target=y if self.pm.has_last_stage else None,
-                        losses=losses,
-                    )
-                    value = (
-                        torch.stack([_plain(v) for v in losses]).double().mean()
-                        if losses
-                        else torch.zeros((), dtype=torch.float64)
-                    )
-                else:
-                    value = torch.stack(
-                        [
-                            _plain(lm_loss(self.pm.parts[0](xm), ym)).double()
-                            for xm, ym in zip(x.chunk(t.micro_batches), y.chunk(t.micro_batches), strict=True)
-                        ]
-                    ).mean()
-            total += value.cpu() if self.tp_rank == 0 else 0.0
+            loss = self._eval_loss(x, y)
+            if self.tp_rank == 0:
+                total += loss
         for moe in self.pm.moe_layers().values():
             moe.drain_stats()
         self.pm.train(True)
