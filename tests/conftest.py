@@ -1,4 +1,4 @@
-"""Shared test fixtures: run the installed `moeyard` console script as a user would."""
+"""Shared test fixtures: one torch thread per test module, and the installed `moeyard` console script."""
 
 from __future__ import annotations
 
@@ -8,8 +8,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 MOEYARD = Path(sys.executable).with_name("moeyard")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from more, and spinning threads stall a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -22,15 +22,6 @@ from parallel import checkpoint as ckpt
 from tests.test_resume import TINY
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and spinning threads stall a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def fake_checkpoint(root: Path, name: str, seq: int | None, complete: bool) -> Path:
     path = root / name
     path.mkdir(parents=True)

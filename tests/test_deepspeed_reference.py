@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch.multiprocessing as mp
 from moe.config import MoEConfig
 from moe.experts import GroupedExperts
 from moe.layer import MoELayer, SwiGLU
+from tests.launch_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 D, F, E, B, S = 32, 48, 8, 2, 16
@@ -158,18 +158,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world: int, out_dir: Path) -> list[dict]:
     """Runs `_worker` on `world` gloo ranks, killing them all if they outlive SPAWN_TIMEOUT_S."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     os.environ.setdefault("DS_BUILD_OPS", "0")
     ctx = mp.start_processes(
-        _worker, args=(world, _free_port(), str(out_dir)), nprocs=world, start_method="spawn", join=False
+        _worker, args=(world, free_port(), str(out_dir)), nprocs=world, start_method="spawn", join=False
     )
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from launch.config import compose
 from launch.trainer import Trainer
 from profiling.expert_load import ExpertLoadTracker, derive
 from tests.golden_worker import run_layout
+from tests.launch_helpers import free_port
 
 BASE = [
     "model=debug",
@@ -35,12 +35,6 @@ BASE = [
     "moe.capacity_factor=1.0",
     "moe.bias_update_rate=0.01",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_jsonl(path: Path) -> list[dict]:

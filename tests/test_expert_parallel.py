@@ -10,7 +10,6 @@ so rank 1 receives nothing yet must take part in both all-to-alls and return zer
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from moe.config import MoEConfig
 from moe.experts import GroupedExperts
 from moe.layer import MoELayer
 from parallel.expert import AllToAllDispatcher
+from tests.launch_helpers import free_port
 
 E, D, F, EP = 8, 16, 8, 2
 
@@ -66,12 +66,6 @@ def _worker(rank: int, port: int, cfg: MoEConfig, starve_rank1: bool, out: str) 
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiproc
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
@@ -91,7 +85,7 @@ def test_all_to_all_matches_local(capacity_factor, starve_rank1, tmp_path):
         z_loss_coef=0.0,
     )
     out = str(tmp_path / "r")
-    mp.start_processes(_worker, args=(_free_port(), cfg, starve_rank1, out), nprocs=EP, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), cfg, starve_rank1, out), nprocs=EP, start_method="spawn")
     results = [torch.load(f"{out}.{r}", weights_only=True) for r in range(EP)]
     for r in results:
         assert r["out"] < 1e-5 and r["x_grad"] < 1e-5, r

@@ -29,15 +29,6 @@ MOEYARD = Path(sys.executable).with_name("moeyard")
 CKPT = ["checkpoint.enabled=true", "checkpoint.every=2", "train.resume=auto"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and spinning threads stall a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def torchrun(nproc: int) -> list[str]:
     return ["launcher=torchrun", f"launcher.nproc_per_node={nproc}", f"launcher.rdzv_endpoint=127.0.0.1:{free_port()}"]
 

@@ -10,12 +10,11 @@ aux-free bias at the end (fp32 tolerance). The reference runs once per config va
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
 from tests.golden_worker import run_layout
+from tests.launch_helpers import free_port
 
 BASE = [
     "model=debug",
@@ -68,12 +67,6 @@ LAYOUTS = [
 ]
 
 _references: dict[tuple[str, ...], dict] = {}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reference(variant: list[str], tmp_path_factory) -> dict:

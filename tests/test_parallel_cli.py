@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 
 from launch.config import compose
 from launch.validate import ConfigError, validate
+from tests.launch_helpers import free_port
 
 MOEYARD = [sys.executable, "-m", "launch.cli"]
 
@@ -98,12 +98,6 @@ def test_cli_rejects_layout_before_spawning(tmp_path):
     assert not run_dir.exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -126,7 +120,7 @@ def test_torchrun_tp2_pp2_ep2_matches_one_process(tmp_path):
             "parallel.tp=2",
             "parallel.pp=2",
             "parallel.ep=2",
-            f"launcher.rdzv_endpoint=127.0.0.1:{_free_port()}",
+            f"launcher.rdzv_endpoint=127.0.0.1:{free_port()}",
             f"run.dir={multi}",
         ],
         check=True,

@@ -7,7 +7,6 @@ Run: .venv/bin/pytest -q tests/test_resume.py
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from launch.config import compose
 from launch.trainer import Trainer
 from parallel.state import full_state_dict
 from tests.golden_worker import run_layout
+from tests.launch_helpers import free_port
 
 TINY = [
     "model=debug",
@@ -28,21 +28,6 @@ TINY = [
     "train.eval_every=0",
     "moe.bias_update_rate=0.01",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and spinning threads stall a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def losses(history: list[dict]) -> list[float]:
