@@ -6,7 +6,6 @@ Started by tests/test_golden.py through torch.multiprocessing; usable by hand:
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
@@ -16,17 +15,11 @@ import torch.multiprocessing as mp
 from launch.config import compose
 from launch.trainer import Trainer
 from parallel.state import full_state_dict
+from tests.launch_helpers import local_rank_env
 
 
 def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    local_rank_env(rank, world, port)
     cfg = compose(overrides)
     trainer = Trainer(cfg)
     history = trainer.fit()

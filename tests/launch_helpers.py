@@ -15,9 +15,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BASE = ["model=debug", "train.steps=5", "profiling.progress=false"]
 REPO = Path(__file__).resolve().parent.parent
+
+
+def local_rank_env(rank: int, world: int, port: int) -> None:
+    """Environment of one gloo rank of a `world`-process group on this machine, one torch thread each."""
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
 
 
 def free_port() -> int:

@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 from moe.config import MoEConfig
 from moe.experts import GroupedExperts
 from moe.layer import MoELayer, SwiGLU
-from tests.launch_helpers import free_port
+from tests.launch_helpers import free_port, local_rank_env
 
 REPO = Path(__file__).resolve().parents[1]
 D, F, E, B, S = 32, 48, 8, 2, 16
@@ -120,14 +120,7 @@ def ours_ep_layer(ours: MoELayer, rank: int, world: int) -> MoELayer:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    local_rank_env(rank, world, port)
     import deepspeed
     import torch.distributed as dist
 
