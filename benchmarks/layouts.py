@@ -1,6 +1,6 @@
 """Training throughput (tokens/s) of each parallel layout against one process, on this machine.
 
-Every layout trains the same tiny model on the same batches with the real trainer (launch/trainer.py), its
+Every layout trains the same tiny model on the same batches with the real trainer (train/trainer.py), its
 ranks started with torch.multiprocessing on gloo; rank 0's median step time after warmup gives tokens/s.
 Every rank runs one torch thread, the baseline "single" too, so an n-rank row uses n cores (a 4-rank layout
 on 2 cores shares them); "single mt" adds one process with all cores as threads. One thread per process
@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from launch.config import compose
-from launch.trainer import Trainer
+from train.trainer import Trainer
 
 LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "single": (1, []),

@@ -6,14 +6,19 @@ import argparse
 import sys
 from pathlib import Path
 
+from hydra.errors import HydraException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
 from launch.config import compose, write_resolved
+from launch.launchers import launch
 from launch.validate import ConfigError, launcher_world_size, validate
+from profiling.dashboard import cmd_dashboard
+from train.data import prepare
+from train.hf import export, overrides_from_hf, read_hf_config
 
 
 def compose_error_line(err: Exception, overrides: list[str]) -> str:
     """One line naming the key, the value and the rule, from a Hydra/OmegaConf composition error."""
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
     # Hydra wraps the OmegaConf error that knows the key ("Error merging override model.dim=abc").
     cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
     key = getattr(cause, "full_key", None)
@@ -28,9 +33,6 @@ def compose_error_line(err: Exception, overrides: list[str]) -> str:
 
 def cmd_train(overrides: list[str]) -> int:
     """Composes and validates the config once, writes it resolved, then starts the configured launcher."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         cfg = compose(overrides)
         validate(cfg, launcher_world_size(cfg))
@@ -45,14 +47,10 @@ def cmd_train(overrides: list[str]) -> int:
     except OSError as err:
         print(f"moeyard: run.dir={cfg.run.dir}: {err.strerror} (rule: must be a writable directory)", file=sys.stderr)
         return 2
-    from launch.launchers import launch
-
     return launch(cfg, config_path)
 
 
 def cmd_prepare(argv: list[str]) -> int:
-    from launch.data import prepare
-
     parser = argparse.ArgumentParser(prog="moeyard prepare", description="Tokenize text files into token files.")
     parser.add_argument("inputs", nargs="+", type=Path, help="text files or directories")
     parser.add_argument("--out", type=Path, required=True, help="output directory (tokens.bin, meta.json)")
@@ -72,22 +70,33 @@ def cmd_prepare(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    from launch.hf import cmd_export as run  # Hugging Face interop lives in launch/hf.py
-
-    return run(argv)
+    """`moeyard export RUN_DIR|CKPT --out DIR`."""
+    parser = argparse.ArgumentParser(
+        prog="moeyard export",
+        description="Write a checkpoint as Hugging Face Mixtral safetensors with a config.json.",
+    )
+    parser.add_argument("source", type=Path, help="a run directory (its latest checkpoint) or a step_N directory")
+    parser.add_argument("--out", type=Path, required=True, help="new or empty output directory")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    args = parser.parse_args(argv)
+    path = export(args.source, args.out, args.dtype)
+    print(f"exported {path} to {args.out} (MixtralForCausalLM: safetensors + config.json)")
+    return 0
 
 
 def cmd_import(argv: list[str]) -> int:
-    from launch.hf import cmd_import as run
-
-    return run(argv)
-
-
-def cmd_dashboard(argv: list[str]) -> int:
-    """`moeyard dashboard RUN_DIR [--port P] [--host H] [--export FILE]` (profiling/dashboard.py)."""
-    from profiling.dashboard import cmd_dashboard as dashboard
-
-    return dashboard(argv)
+    """`moeyard import HF_DIR [overrides]`: trains from Mixtral weights, shaped by their config.json."""
+    parser = argparse.ArgumentParser(
+        prog="moeyard import",
+        description="Start training from Hugging Face "
+        "Mixtral weights (sets model.*, moe.* and train.init_from=HF_DIR).",
+    )
+    parser.add_argument("hf_dir", type=Path, help="directory with config.json and safetensors")
+    parser.add_argument("overrides", nargs="*", help="further Hydra overrides, e.g. train.steps=100")
+    args = parser.parse_args(argv)
+    hf = read_hf_config(args.hf_dir, "import")
+    derived = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides_from_hf(hf).items()]
+    return cmd_train([*derived, f"train.init_from={args.hf_dir.resolve()}", *args.overrides])
 
 
 COMMANDS = {

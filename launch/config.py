@@ -1,4 +1,4 @@
-"""The job configuration: structured-config schema, composition from `conf/`, validation, the resolved file.
+"""The job configuration: the launcher schema, composition from `conf/`, the resolved file.
 
 The dataclasses below are the Hydra schema, so a mistyped key or a value of the wrong type is an error at
 composition time. `compose()` runs once, in the launching process; every rank reads the resolved
@@ -18,78 +18,8 @@ from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from moe.config import ModelConfig, MoEConfig, choice
-from parallel.config import ParallelConfig
-
-
-@dataclass(kw_only=True)
-class OptimConfig:
-    """AdamW with linear warmup then cosine decay."""
-
-    lr: float = 3e-3
-    """Peak learning rate."""
-    min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of the peak."""
-    warmup_steps: int = 10
-    """Linear warmup steps."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay (not applied to norms, biases or router bias)."""
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 = off)."""
-    fused: str = choice("auto", "on", "off")
-    """Fused AdamW kernel (auto: on CUDA only; the foreach kernel elsewhere)."""
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    """The training loop."""
-
-    steps: int = 200
-    """Optimizer steps."""
-    batch_size: int = 8
-    """Global batch, in sequences per step (over all data-parallel ranks and micro-batches)."""
-    seq_len: int = 64
-    """Tokens per sequence."""
-    micro_batches: int = 2
-    """Micro-batches per step (gradient accumulation; pipeline micro-batches); must divide batch_size.
-    The batch-level aux loss is defined per micro-batch, so compare runs at equal micro_batches."""
-    seed: int = 1234
-    """Seeds weights (per tensor name), data order and dropout-free RNG state."""
-    dtype: str = choice("fp32", "bf16")
-    """Compute dtype: bf16 autocast on CUDA, fp32 master weights always."""
-    device: str = choice("auto", "cpu", "cuda")
-    """auto: CUDA when available, else CPU."""
-    eval_every: int = 50
-    """Held-out eval every N steps and at the end (0 = never)."""
-    eval_batches: int = 4
-    """Global batches averaged for the eval loss."""
-    log_every: int = 1
-    """Write a metrics.jsonl line every N steps."""
-    deterministic: bool = True
-    """Deterministic algorithms (bitwise-repeatable on CPU)."""
-    resume: str = "none"
-    """none; auto: the latest complete save in run.dir/checkpoints (else start fresh); or a path."""
-    init_from: str | None = None
-    """Start from these weights at step 0 (fresh optimizer): a checkpoint, a run dir or a Hugging Face dir."""
-    nonfinite: str = choice("halt", "skip")
-    """A step with NaN/Inf loss or gradients: stop with an error, or skip its update (logged in metrics)."""
-
-
-@dataclass(kw_only=True)
-class DataConfig:
-    """Where tokens come from."""
-
-    source: str = choice("stdlib", "tokens")
-    """stdlib: the Python standard library's source files (on every machine); tokens: `moeyard prepare` output."""
-    path: str | None = None
-    """Directory of prepared token files (source=tokens)."""
-    val_fraction: float = 0.05
-    """Tail fraction of the token stream held out for eval."""
-    max_files: int = 400
-    """stdlib: how many source files to read (sorted by path, so the corpus is the same everywhere)."""
+from moe.config import choice
+from train.config import TrainerConfig
 
 
 @dataclass(kw_only=True)
@@ -141,78 +71,10 @@ class LauncherConfig:
 
 
 @dataclass(kw_only=True)
-class ProfilingConfig:
-    """Throughput/MFU metering, step breakdown, traces and the expert-load tracker."""
+class JobConfig(TrainerConfig):
+    """Everything one training job needs: what each rank reads, plus how the ranks start."""
 
-    breakdown_every: int = 10
-    """Time the step phases every N steps (sampling avoids a host sync per step on GPU); 0 = never."""
-    collectives: bool = True
-    """On sampled steps of multi-rank runs, also sum time inside collectives from torch.profiler events."""
-    nvtx: bool = True
-    """NVTX ranges per step and phase on CUDA, for Nsight Systems."""
-    torch_trace: bool = False
-    """Record torch.profiler Chrome traces into RUN_DIR/traces/."""
-    trace_wait: int = 1
-    """Trace schedule: idle steps before each window."""
-    trace_warmup: int = 1
-    """Trace schedule: warm-up steps (profiled, discarded)."""
-    trace_active: int = 2
-    """Trace schedule: recorded steps per window."""
-    trace_repeat: int = 1
-    """Trace schedule: windows (0 = until the run ends)."""
-    trace_ranks: list[int] = field(default_factory=lambda: [0])
-    """Ranks that record traces (and the memory snapshot)."""
-    memory_snapshot: bool = False
-    """CUDA memory snapshot pickle at the end, on trace_ranks (GPU only)."""
-    expert_load: bool = True
-    """Write expert_load.jsonl."""
-    tensorboard: bool = False
-    """Also write TensorBoard scalars and load heatmaps (needs the tensorboard package)."""
-    progress: bool = True
-    """Rich progress bar on rank 0."""
-    dead_expert_steps: int = 20
-    """Warn when an expert receives no tokens for this many logged steps."""
-    imbalance_warn: float = 4.0
-    """Warn when max/mean expert load passes this."""
-    peak_tflops: float | None = None
-    """Override the per-device peak used for MFU."""
-
-
-@dataclass(kw_only=True)
-class CheckpointConfig:
-    """Distributed checkpoints."""
-
-    enabled: bool = False
-    """Write checkpoints: every N steps, at the end, and on SIGTERM (then exit 143)."""
-    every: int = 0
-    """Save every N steps (0 = only at the end and on SIGTERM); needs enabled=true."""
-    keep: int = 2
-    """Keep the newest K complete checkpoints (older ones are deleted after a save)."""
-
-
-@dataclass(kw_only=True)
-class RunConfig:
-    """The run directory."""
-
-    dir: str | None = None
-    """Where config.yaml, metrics and checkpoints go (default runs/<time>-<model>)."""
-    name: str | None = None
-
-
-@dataclass(kw_only=True)
-class JobConfig:
-    """Everything one training job needs; composed once, then read by every rank."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    run: RunConfig = field(default_factory=RunConfig)
 
 
 ConfigStore.instance().store(name="moeyard_schema", node=JobConfig)

@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 
 from launch.config import JobConfig
+from launch.mpi import mpi_command
+from launch.slurm import launch_slurm
 from launch.validate import ConfigError
+from train.trainer import train
 
 FAILED_RANK = re.compile(r"^moeyard rank \d+ failed: ")  # the line launch.rank prints when a rank fails
 RDZV_TIMEOUT = "RendezvousTimeoutError"
@@ -75,8 +78,6 @@ def launch_torchrun(cfg: JobConfig, env: dict[str, str]) -> int:
 
 
 def launch_mpi(cfg: JobConfig, env: dict[str, str]) -> int:
-    from launch.mpi import mpi_command
-
     status, notable = run_streaming(mpi_command(cfg), env)
     if status:
         print(f"moeyard: {failure_line(cfg, cfg.launcher.mpirun, status, notable)}", file=sys.stderr)
@@ -88,14 +89,10 @@ def launch(cfg: JobConfig, config_path: Path) -> int:
     lc = cfg.launcher
     config_path = config_path.resolve()
     if lc.name == "slurm":
-        from launch.slurm import launch_slurm
-
         return launch_slurm(cfg, config_path)
     env = {**os.environ, "MOEYARD_CONFIG": str(config_path)}
     if lc.name == "local" and lc.nproc_per_node == 1:
-        from launch.trainer import train
-
-        train(cfg)
+        train(cfg, lc.timeout_s)
         return 0
     if lc.name in ("local", "torchrun"):
         # A restarted worker group cannot rejoin an agent-shared rendezvous store (pytorch#135712): give each

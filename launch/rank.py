@@ -15,18 +15,17 @@ from pathlib import Path
 from typing import TextIO
 
 from launch.config import JobConfig, load_resolved
+from launch.mpi import rank_env_from_mpi
+from launch.slurm import rank_env_from_slurm
+from train.trainer import init_distributed, pick_device, train
 
 
 def rank_env(cfg: JobConfig) -> dict[str, str]:
     """The torch.distributed variables this process lacks, from the launcher that started it."""
     lc = cfg.launcher
     if lc.name == "slurm" and lc.mode == "srun":
-        from launch.slurm import rank_env_from_slurm
-
         return rank_env_from_slurm(os.environ)
     if lc.name == "mpi":
-        from launch.mpi import rank_env_from_mpi
-
         return rank_env_from_mpi()
     return {}  # started by torchrun (launcher local, torchrun, or slurm mode=torchrun)
 
@@ -48,11 +47,9 @@ def redirect_output(path: Path) -> None:
 
 def join_process_group(cfg: JobConfig) -> None:
     """Rendezvous with the other ranks; any failure here is reported as the rendezvous failing."""
-    from launch.trainer import init_distributed, pick_device
-
-    device = pick_device(cfg)
+    device = pick_device(cfg.train.device)
     try:
-        init_distributed(cfg, device)
+        init_distributed(device, cfg.launcher.timeout_s)
     except Exception as err:
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         first = (str(err).strip().splitlines() or [""])[0]
@@ -64,13 +61,11 @@ def join_process_group(cfg: JobConfig) -> None:
 
 def run(cfg: JobConfig, console: TextIO) -> int:
     """Trains this rank; a failing rank prints one line to the console (and its traceback to its log)."""
-    from launch.trainer import train
-
     rank = int(os.environ.get("RANK", "0"))
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             join_process_group(cfg)
-        train(cfg)
+        train(cfg, cfg.launcher.timeout_s)
         return 0
     except Exception as err:
         traceback.print_exc()

@@ -6,10 +6,11 @@ import dataclasses
 import difflib
 
 from launch.config import JobConfig
-from launch.data import load_token_dir
 from moe.experts import HAS_GROUPED_MM
 from parallel.dims import ParallelDims
 from profiling.trace import check_trace_ranks
+from train.checkpointing import preflight
+from train.data import load_token_dir
 
 
 class ConfigError(ValueError):
@@ -287,9 +288,7 @@ def _check_checkpointing(cfg: JobConfig) -> None:
     _check(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")
     _check(c.every == 0 or c.enabled, "checkpoint.every", c.every, "needs checkpoint.enabled=true")
     _check(bool(t.resume), "train.resume", t.resume, "must be none, auto or a checkpoint path")
-    from launch.checkpointing import preflight  # reads checkpoint files only when asked to
-
     try:
-        preflight(cfg)
+        preflight(t.resume, t.init_from, cfg.run.dir, cfg.model, cfg.moe)
     except ValueError as err:
         raise ConfigError(str(err)) from None

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -59,36 +60,60 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(save sequence number, path) of every complete checkpoint under `root`, oldest save first."""
-    if not root.is_dir():
-        return []
+    """(save sequence number, path) of every complete checkpoint under `root` whose meta.json names its
+    sequence number, oldest save first (an unreadable one is listed by `unreadable_checkpoints`)."""
     found = []
-    for path in root.iterdir():
-        if _STEP_DIR.match(path.name) and (path / "COMPLETE").is_file():
-            try:
-                found.append((int(json.loads((path / "meta.json").read_text())["seq"]), path))
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # unreadable meta: not a checkpoint auto-resume may pick; read_meta says why
+    for path in _sealed_dirs(root):
+        try:
+            found.append((int(json.loads((path / "meta.json").read_text())["seq"]), path))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
     return sorted(found)
 
 
-def resolve(spec: str | None, run_dir: str | Path, field: str) -> Path | None:
-    """The checkpoint directory `spec` names: none, auto (the latest save in the run, if any) or a path.
+def _sealed_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "COMPLETE").is_file()]
+
+
+def latest_usable(root: Path, field: str, on_skip: Callable[[str], None]) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint under `root` that reads back, with its meta.json; every sealed
+    checkpoint passed over (unreadable meta.json, missing or truncated files) is reported to `on_skip`."""
+    ordered = [path for _, path in complete_checkpoints(root)]
+    for path in sorted(set(_sealed_dirs(root)) - set(ordered)):
+        on_skip(f"{field}=auto skipped {path}: meta.json is missing or corrupt (its save order is unknown)")
+    for path in reversed(ordered):
+        try:
+            return path, read_meta(path, field)
+        except CheckpointError as err:
+            on_skip(f"{field}=auto skipped {path}: {err}")
+    return None
+
+
+def _stderr(line: str) -> None:
+    print(f"moeyard: {line}", file=sys.stderr, flush=True)
+
+
+def resolve(
+    spec: str | None, run_dir: str | Path, field: str, on_skip: Callable[[str], None] = _stderr
+) -> tuple[Path, dict] | None:
+    """The checkpoint `spec` names and its meta.json (read once): none, auto (the newest usable save in the
+    run, if any, saying which newer ones it skipped and why) or a path.
 
     A path may be a step_N directory, a run directory or its checkpoints/ directory (then its latest save).
     """
     if spec in (None, "", "none"):
         return None
     if spec == "auto":
-        found = complete_checkpoints(checkpoint_root(run_dir))
-        return found[-1][1] if found else None
+        return latest_usable(checkpoint_root(run_dir), field, on_skip)
     path = Path(spec)
     if (path / "COMPLETE").is_file() and not path.name.endswith(".tmp"):  # .tmp: a save never sealed
-        return path
+        return path, read_meta(path, field)
     for root in (checkpoint_root(path), path):
         found = complete_checkpoints(root)
         if found:
-            return found[-1][1]
+            return found[-1][1], read_meta(found[-1][1], field)
     if (path / "meta.json").exists() or (path / ".metadata").exists() or path.name.endswith(".tmp"):
         raise CheckpointError(
             f"{field}={spec} is an incomplete checkpoint: it has no COMPLETE marker "
@@ -284,11 +309,19 @@ def remove_stale(root: Path) -> None:
 
 
 def save(
-    pm, optimizer, step: int, root: Path, keep: int, meta: dict, fault: Callable[[str], None] | None = None
+    pm,
+    optimizer,
+    step: int,
+    root: Path,
+    keep: int,
+    meta: dict,
+    on_written: Callable[[Path], None] | None = None,
+    before_seal: Callable[[Path], None] | None = None,
 ) -> Path:
     """Writes step_N atomically on every rank (a collective), then keeps the newest `keep` saves.
 
-    `meta` (JSON) is stored beside the tensors; `fault` is the test hook called between phases.
+    `meta` (JSON) is stored beside the tensors. `on_written(tmp)` runs on every rank once its files are
+    in the unsealed directory; `before_seal(tmp)` on rank 0 once every rank's are, before meta.json.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
@@ -303,10 +336,12 @@ def save(
         writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
         with single_process_quiet():
             dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
-        if fault is not None:
-            fault("save")
+        if on_written is not None:
+            on_written(tmp)
         _barrier()
         if rank == 0:
+            if before_seal is not None:
+                before_seal(tmp)
             _seal(tmp, final, root, {**meta, "step": step, "optimizer": optimizer is not None, "rng": sorted(rng)})
             for _, old in complete_checkpoints(root)[:-keep]:
                 remove_checkpoint(old)
@@ -336,12 +371,12 @@ def _seal(tmp: Path, final: Path, root: Path, meta: dict) -> None:
     _fsync_dir(root)
 
 
-def load(pm, optimizer, path: Path, field: str, *, weights_only: bool = False) -> dict:
-    """Loads a checkpoint saved under any layout into this rank's shards (a collective); returns meta.json.
+def load(pm, optimizer, path: Path, meta: dict, field: str, *, weights_only: bool = False) -> None:
+    """Loads a checkpoint saved under any layout into this rank's shards (a collective).
 
-    weights_only: parameters and expert biases only (the optimizer and RNG start fresh).
+    `meta` is the checkpoint's meta.json as `resolve` read it. weights_only: parameters and expert biases
+    only (the optimizer and RNG start fresh).
     """
-    meta = read_meta(path, field)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     with_optim = optimizer is not None and not weights_only and meta.get("optimizer", False)
@@ -362,7 +397,6 @@ def load(pm, optimizer, path: Path, field: str, *, weights_only: bool = False) -
     for back in write_backs:
         back()
     set_rng_states({kind: state[f"rng.rank{rank}.{kind}"] for kind in rng})
-    return meta
 
 
 def first_error_line(err: BaseException) -> str:

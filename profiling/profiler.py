@@ -14,9 +14,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launch.config import JobConfig
+from moe.config import ModelConfig, MoEConfig
 from parallel.dims import Axis
 from parallel.parallelize import ParallelModel
+from profiling.config import ProfilingConfig
 from profiling.expert_load import ExpertLoadTracker, Stats
 from profiling.flops import device_peak_tflops, peak_memory_gb, train_flops_per_token
 from profiling.sinks import MetricsLog
@@ -40,21 +41,30 @@ def _axis_rank(pm: ParallelModel, axis: Axis, size: int) -> int:
 class StepProfiler:
     """Owns the step timer, trace profiler, expert-load tracker and metric sinks of one rank."""
 
-    def __init__(self, cfg: JobConfig, pm: ParallelModel, device: torch.device, run_dir: Path, log: MetricsLog) -> None:
-        p = cfg.profiling
+    def __init__(
+        self,
+        p: ProfilingConfig,
+        model: ModelConfig,
+        moe: MoEConfig,
+        seq_len: int,
+        pm: ParallelModel,
+        device: torch.device,
+        run_dir: Path,
+        log: MetricsLog,
+    ) -> None:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         check_trace_ranks(p, self.world)
         self.pm, self.device, self.sink = pm, device, log
-        self.flops_per_token = train_flops_per_token(cfg.model, cfg.moe, cfg.train.seq_len)
+        self.flops_per_token = train_flops_per_token(model, moe, seq_len)
         self.peak_tflops = device_peak_tflops(device, p.peak_tflops)
         self.timer = StepTimer(device, p.breakdown_every, nvtx=p.nvtx, collectives=p.collectives and self.world > 1)
         self.trace = TraceProfiler(p, self.rank, device, run_dir)
         self.tracker = None
         if p.expert_load:
             self.tracker = ExpertLoadTracker(
-                cfg.model,
-                cfg.moe,
+                model,
+                moe,
                 device,
                 ep=pm.dims.ep,
                 ep_rank=_axis_rank(pm, Axis.EP, pm.dims.ep),

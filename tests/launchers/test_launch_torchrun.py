@@ -1,0 +1,126 @@
+"""launcher=torchrun (and local): two torchrun agents on this machine act as two nodes, like one process.
+
+Checks: 2 agents x 2 ranks (parallel.ep=2) give the single-process losses; rank 0 alone writes metrics.jsonl
+and the console while ranks 1-3 write logs/rank_N.log; a missing agent is a one-line rendezvous timeout; a
+failing rank is named in one line with its log; layout/launcher mismatches are one-line errors before anything
+spawns. Run: .venv/bin/pytest -q tests/launchers/test_launch_torchrun.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.cli import main as cli_main
+from launch.config import compose, write_resolved
+from launch.launchers import launch
+from tests.helpers import (
+    BASE,
+    REPO,
+    assert_same_losses,
+    free_port,
+    moeyard_cmd,
+    reference_losses,
+    run_losses,
+)
+
+
+def start_agent(args: list[str], out: Path) -> subprocess.Popen:
+    """One `moeyard train` (a torchrun agent); its stdout and stderr go to out.{stdout,stderr}."""
+    with out.with_suffix(".stdout").open("w") as stdout, out.with_suffix(".stderr").open("w") as stderr:
+        return subprocess.Popen(moeyard_cmd(*args), cwd=REPO, stdout=stdout, stderr=stderr)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_two_agents_as_two_nodes_match_single_process(tmp_path, tmp_path_factory):
+    want = reference_losses(tmp_path_factory)
+    run_dir, port = tmp_path / "run", free_port()
+    args = [
+        *BASE,
+        "launcher=torchrun",
+        "launcher.nnodes=2",
+        "launcher.nproc_per_node=2",
+        "parallel.ep=2",
+        f"launcher.rdzv_endpoint=127.0.0.1:{port}",
+        "launcher.timeout_s=120",
+        f"run.dir={run_dir}",
+    ]
+    # "Node 1" starts first and waits for node 0, which hosts the rendezvous store; same command, same run dir.
+    agents = [start_agent([*args, "launcher.node_rank=1"], tmp_path / "node1")]
+    try:
+        time.sleep(1)
+        agents.append(start_agent(args, tmp_path / "node0"))
+        statuses = [agent.wait(timeout=240) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    errs = {f.name: f.read_text()[-2000:] for f in tmp_path.glob("node*.stderr")}
+    assert statuses == [0, 0], errs
+    assert_same_losses(run_losses(run_dir), want)
+    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["rank_1.log", "rank_2.log", "rank_3.log"]
+    consoles = [f.read_text() for f in tmp_path.glob("node*.stdout")]
+    assert sum("[5/5]" in out for out in consoles) == 1  # exactly one agent runs rank 0, the console
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_missing_agent_is_a_one_line_rendezvous_timeout(tmp_path):
+    port = free_port()
+    args = [
+        *BASE,
+        "launcher=torchrun",
+        "launcher.nnodes=2",
+        "launcher.nproc_per_node=1",
+        "launcher.timeout_s=2",
+        f"launcher.rdzv_endpoint=127.0.0.1:{port}",
+        f"run.dir={tmp_path / 'run'}",
+    ]
+    out = subprocess.run(moeyard_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"moeyard: torchrun rendezvous at 127.0.0.1:{port} timed out after launcher.timeout_s=2: "
+        "not all launcher.nnodes=2 agents joined (start one per node with the same run.dir)"
+    )
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(180)
+def test_failing_ranks_are_named_with_their_logs(tmp_path, capsys):
+    """Ranks read the run dir's config.yaml; one edited to an impossible layout fails on every rank."""
+    run_dir = tmp_path / "run"
+    cfg = compose([*BASE, "launcher.nproc_per_node=2", "parallel.ep=2", f"run.dir={run_dir}"])
+    path = write_resolved(cfg, run_dir)
+    path.write_text(path.read_text().replace("ep: 2", "ep: 3"))
+    assert launch(cfg, path) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("moeyard: torchrun exited with status 1: moeyard rank ")
+    assert "ConfigError: parallel.ep=3 must divide the data-parallel degree dp=2" in last
+    assert "ConfigError" in (run_dir / "logs" / "rank_1.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["launcher.nnodes=2", "launcher.nproc_per_node=1", "parallel.dp=4"],
+            "parallel.pp*dp*tp=1*4*1 must equal the world size 2 (launcher.nnodes=2 x launcher.nproc_per_node=1)",
+        ),
+        (
+            ["launcher.nnodes=2", "launcher.nproc_per_node=2", "parallel.tp=4"],
+            "parallel.tp=4 must divide launcher.nproc_per_node=2 (a tensor-parallel group stays inside one node)",
+        ),
+        (["launcher.nnodes=2", "launcher.node_rank=2"], "launcher.node_rank=2 must be in [0, 2)"),
+        (["launcher.rdzv_endpoint=localhost"], "launcher.rdzv_endpoint=localhost must be host:port"),
+        (["launcher.timeout_s=0"], "launcher.timeout_s=0 must be >= 1"),
+    ],
+)
+def test_bad_requests_fail_before_spawning(tmp_path, capsys, overrides, message):
+    run_dir = tmp_path / "run"
+    assert cli_main(["train", *BASE, "launcher=torchrun", *overrides, f"run.dir={run_dir}"]) == 2
+    assert capsys.readouterr().err == f"moeyard: config error: {message}\n"
+    assert not run_dir.exists()  # nothing written, nothing started

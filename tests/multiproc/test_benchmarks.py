@@ -1,0 +1,69 @@
+"""Smoke test of the benchmark scripts: each runs in its tiny `--quick` mode and prints its ratio table.
+
+Timings are not checked (the machine is shared); what is checked is that every row of the table is printed
+with a positive time and ratio, and that each baseline row has ratio 1.00, so the scripts keep working as
+the code under them changes.
+
+Run: .venv/bin/pytest -q tests/multiproc/test_benchmarks.py
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+NUMBER = r"\d+(?:\.\d+)?"
+
+
+def run_quick(script: str, timeout: float) -> str:
+    """Runs `python benchmarks/SCRIPT --quick` from the repo root; returns its stdout."""
+    env = {
+        **os.environ,
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--quick"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{script} --quick failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def ratio_rows(stdout: str, names: list[str]) -> dict[str, tuple[float, float]]:
+    """(time or rate, ratio) of each named row: the last two numbers on the first line holding the name."""
+    rows = {}
+    for name in names:
+        line = next((ln for ln in stdout.splitlines() if re.search(rf"(^|  ){re.escape(name)}  ", ln)), None)
+        assert line, f"row {name!r} missing from:\n{stdout}"
+        *_, value, ratio = re.findall(NUMBER, line.split(name, 1)[1])
+        rows[name] = (float(value), float(ratio))
+    return rows
+
+
+@pytest.mark.timeout(300)
+def test_moe_layer_benchmark_prints_ratios_to_the_floor() -> None:
+    out = run_quick("moe_layer.py", timeout=280)
+    assert "x floor" in out and "deepspeed MoE skipped" not in out
+    rows = ratio_rows(out, ["floor (grouped_mm)", "ours grouped_mm", "ours looped", "deepspeed MoE"])
+    assert rows["floor (grouped_mm)"][1] == 1.0
+    assert all(ms > 0 and ratio > 0 for ms, ratio in rows.values())
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_layouts_benchmark_prints_ratios_to_one_process() -> None:
+    out = run_quick("layouts.py", timeout=280)
+    assert "tokens/s" in out and "x single" in out
+    rows = ratio_rows(out, ["single", "ep2"])
+    assert rows["single"][1] == 1.0
+    assert all(tps > 0 and ratio > 0 for tps, ratio in rows.values())

@@ -1,0 +1,187 @@
+"""Every preset in conf/ composes, validates and builds; bad configs fail with one line, before any spawn.
+
+Small models are built for real and run a forward pass; the Mixtral-8x7B and DeepSeek-V3 shapes are built
+on the meta device and their parameter counts checked against a formula. The bad-config cases run the
+installed `moeyard` console script. Run: `.venv/bin/pytest -q tests/unit/test_config.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
+from launch.config import compose, conf_dir, load_resolved, to_yaml, write_resolved
+from launch.validate import ConfigError, launcher_world_size, validate
+from moe.config import ModelConfig, MoEConfig
+from moe.model import Transformer, init_weights
+from train.data import prepare
+
+GROUPS = ("model", "moe", "optim", "data", "parallel", "launcher", "profiling", "experiment")
+PRESETS = [(g, p.stem) for g in GROUPS for p in sorted((conf_dir() / g).glob("*.yaml"))]
+BIG = 100e6  # parameters; above this a model is built on the meta device only
+
+
+def expected_params(m: ModelConfig, e: MoEConfig) -> int:
+    """Parameter count from the config: embeddings, attention, norms, dense or MoE FFN per block."""
+    attn = m.dim * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)
+    dense = 3 * m.dim * m.ffn_hidden
+    moe = m.dim * e.num_experts + 3 * m.dim * e.expert_hidden * (e.num_experts + e.num_shared_experts)
+    blocks = sum(attn + 2 * m.dim + (moe if m.is_moe_layer(i) else dense) for i in range(m.n_layers))
+    return m.vocab_size * m.dim * (1 if m.tie_embeddings else 2) + blocks + m.dim
+
+
+def leaves(node: dict, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def assert_preset_applied(cfg, group: str, preset: str) -> None:
+    """Every value the preset file sets is in the composed config (experiments win over model presets)."""
+    path = conf_dir() / group / f"{preset}.yaml"
+    values = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    values.pop("defaults", None)
+    if "@package _global_" not in path.read_text():
+        values = {group: values}
+    composed = OmegaConf.structured(cfg)
+    for key, value in leaves(values):
+        if value != "???":
+            assert OmegaConf.select(composed, key) == value, key
+
+
+@pytest.fixture(scope="module")
+def token_dir(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("text") / "a.txt"
+    src.write_text("def f(x):\n    return x + 1\n" * 200)
+    out = tmp_path_factory.mktemp("tokens")
+    prepare([src], out)
+    return out
+
+
+def test_every_group_has_presets():
+    found = {g for g, _ in PRESETS}
+    assert found == set(GROUPS)
+    assert {"debug", "demo", "mixtral_8x7b", "deepseek_v3"} <= {p for g, p in PRESETS if g == "model"}
+
+
+@pytest.mark.parametrize("group, preset", PRESETS)
+def test_preset_composes_validates_and_builds(group, preset, token_dir):
+    overrides = [f"{group}={preset}", "run.dir=unused"]
+    if (group, preset) == ("data", "tokens"):
+        overrides.append(f"data.path={token_dir}")
+    cfg = compose(overrides)
+    assert_preset_applied(cfg, group, preset)
+    validate(cfg, launcher_world_size(cfg))
+    count = expected_params(cfg.model, cfg.moe)
+    if count > BIG:
+        with torch.device("meta"):
+            model = Transformer(cfg.model, cfg.moe)
+        assert sum(p.numel() for p in model.parameters()) == count
+        return
+    model = Transformer(cfg.model, cfg.moe)
+    init_weights(model, seed=0)
+    assert sum(p.numel() for p in model.parameters()) == count
+    logits = model(torch.randint(0, cfg.model.vocab_size, (2, 8)))
+    assert logits.shape == (2, 8, cfg.model.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_mixtral_shape_has_46_7_billion_parameters():
+    cfg = compose(["model=mixtral_8x7b"])
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.moe)
+    total = sum(p.numel() for p in model.parameters())
+    # 2 * 32000 * 4096 embeddings + 32 * (attention 41.9 M + 8 experts * 3 * 4096 * 14336 + router + norms).
+    assert total == 46_702_792_704
+    # Active per token: 2 of the 8 experts.
+    expert = 3 * 4096 * 14336
+    assert (total - 32 * 6 * expert) / 1e9 == pytest.approx(12.9, abs=0.05)
+
+
+def test_deepseek_v3_shape():
+    cfg = compose(["model=deepseek_v3"])
+    m, e = cfg.model, cfg.moe
+    assert (m.n_layers, m.first_dense_layers, e.num_experts, e.top_k, e.n_groups, e.topk_groups) == (
+        61,
+        3,
+        256,
+        8,
+        8,
+        4,
+    )
+    with torch.device("meta"):
+        model = Transformer(m, e)
+    assert sorted(int(i) for i in model.moe_layers()) == list(range(3, 61))
+    assert sum(p.numel() for p in model.parameters()) == expected_params(m, e)
+    validate(cfg, 1)
+
+
+def test_experiment_overrides_model_and_train():
+    cfg = compose(["experiment=cpu_demo"])
+    assert cfg.model.name == "demo" and cfg.train.steps == 300 and cfg.train.seq_len == 128
+    cfg = compose(["experiment=mixtral_8x7b_h100"])
+    assert cfg.launcher.name == "slurm" and launcher_world_size(cfg) == 32
+    dims = validate(cfg, 32)
+    assert (dims.tp, dims.pp, dims.ep, dims.dp) == (2, 2, 8, 8)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = compose(["model=demo", "moe=gshard", "train.steps=7", f"run.dir={tmp_path}"])
+    path = write_resolved(cfg, tmp_path)
+    back = load_resolved(path)
+    assert back == cfg and to_yaml(back) == path.read_text()
+    assert back.moe.capacity_factor == 2.0 and back.moe.drop_policy == "position"
+
+
+@pytest.mark.parametrize("override", ["model.dimm=3", "model.dim=abc", "moe.capacity_factor=big", "nosuch.x=1"])
+def test_mistyped_key_or_wrong_type_is_a_composition_error(override):
+    with pytest.raises(HydraException):
+        compose([override])
+
+
+def test_appended_unknown_key_fails_validation():
+    cfg = compose(["+model.dimm=3"])  # Hydra lets `+` add keys; validation rejects what the schema lacks
+    with pytest.raises(ConfigError, match=r"^model\.dimm=3 is not a field of ModelConfig .*did you mean model\.dim"):
+        validate(cfg, 1)
+
+
+BAD_CLI = [
+    (["moe.top_k=9"], "moe.top_k=9", "must be in [1, moe.num_experts=8]"),
+    (["moe.router=topk"], "moe.router=topk", "must be one of softmax_topk, sigmoid_topk, expert_choice"),
+    (["moe.drop_policy=random"], "moe.drop_policy=random", "must be one of probability, position"),
+    (["launcher=torchrun", "parallel.ep=3"], "parallel.ep=3", "must divide the data-parallel degree dp=2"),
+    (["launcher=torchrun", "parallel.tp=4"], "parallel.pp*tp=4", "must divide the world size 2"),
+    (["parallel.dp=2"], "parallel.pp*dp*tp=1*2*1", "must equal the world size 1"),
+    (["model.dimm=3"], "model.dimm=3", "is not a config field"),
+    (["model.dim=abc"], "model.dim=abc", "could not be converted to Integer"),
+    (["+moe.topk=2"], "moe.topk=2", "did you mean moe.top_k"),
+    (["moe.grouped_mm=on", "moe.expert_hidden=12"], "moe.grouped_mm=on", "moe.expert_hidden=12 divisible by 8"),
+    (["data=tokens", "data.path=missing_dir"], "data.path=missing_dir", "run `moeyard prepare` first"),
+]
+
+
+@pytest.mark.parametrize("overrides, names, rule", BAD_CLI, ids=[" ".join(c[0]) for c in BAD_CLI])
+def test_bad_config_exits_with_one_line_before_spawning(moeyard, tmp_path, overrides, names, rule):
+    run_dir = tmp_path / "run"
+    proc = moeyard("train", *overrides, f"run.dir={run_dir}", timeout=60)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("moeyard: config error: ") and names in lines[0] and rule in lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not run_dir.exists()  # nothing written, nothing launched
+
+
+def test_unwritable_run_dir_is_one_line(moeyard, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = moeyard("train", f"run.dir={blocker}/run", timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"moeyard: run.dir={blocker}/run: Not a directory (rule: must be a writable directory)"
+    ]

@@ -1,0 +1,130 @@
+"""The trainer's checkpoint policy: where a run starts (train.resume, train.init_from) and when it saves.
+
+The mechanism (atomic DCP saves, layout-free names, resharding) is in `parallel/checkpoint.py`. The step is
+the whole data position (batches are a pure function of seed and step) and the LR schedule is a function of
+the step, so model, optimizer, expert biases, step and RNG states are everything a resumed run needs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from moe.config import ModelConfig, MoEConfig
+from parallel import checkpoint as ckpt
+from train.callbacks import Callback
+from train.hf import check_hf_dir, load_hf_weights
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Distributed checkpoints."""
+
+    enabled: bool = False
+    """Write checkpoints: every N steps, at the end, and on SIGTERM (then exit 143)."""
+    every: int = 0
+    """Save every N steps (0 = only at the end and on SIGTERM); needs enabled=true."""
+    keep: int = 2
+    """Keep the newest K complete checkpoints (older ones are deleted after a save)."""
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A Hugging Face model directory (config.json beside safetensors), not a moeyard checkpoint."""
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / "meta.json").is_file()
+
+
+def preflight(resume: str, init_from: str | None, run_dir: str, model: ModelConfig, moe: MoEConfig) -> None:
+    """Checks train.resume and train.init_from before any rank starts; raises CheckpointError (one line).
+
+    Checkpoints that resume=auto passes over are reported by the ranks, which make the same choice."""
+    found = ckpt.resolve(resume, run_dir, "train.resume", on_skip=lambda line: None)
+    if found is not None:
+        ckpt.check_compatible(found[1], model, moe, "train.resume", found[0])
+    if init_from:
+        if is_hf_dir(init_from):
+            check_hf_dir(Path(init_from), model, moe, "train.init_from")
+            return
+        path, meta = ckpt.resolve(init_from, run_dir, "train.init_from")
+        ckpt.check_compatible(meta, model, moe, "train.init_from", path)
+
+
+class Checkpointer:
+    """Loads what the run starts from and saves every checkpoint.every steps, at the end and on SIGTERM."""
+
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        run_dir: str,
+        pm,
+        optimizer: torch.optim.Optimizer,
+        rank: int,
+        callbacks: Callback,
+        meta: Callable[[], dict],
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.pm, self.optimizer, self.rank = pm, optimizer, rank
+        self.callbacks = callbacks
+        self.meta = meta  # what meta.json records besides the step
+        self.root = ckpt.checkpoint_root(run_dir)
+        self.saved_step: int | None = None
+
+    def _note(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"moeyard: {text}", flush=True)
+
+    def restore(self, resume: str, init_from: str | None, model: ModelConfig, moe: MoEConfig) -> int:
+        """Loads train.resume (everything) or train.init_from (weights); returns the step to continue from.
+
+        The launcher checked both before spawning; here each is read once (its meta.json included).
+        """
+        if resume == "none" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            resume = "auto"  # a restarted worker group continues its job; it never starts it over
+        skipped = lambda line: self._note(line)
+        found = ckpt.resolve(resume, self.run_dir, "train.resume", on_skip=skipped)
+        if found is not None:
+            path, meta = found
+            ckpt.check_compatible(meta, model, moe, "train.resume", path)
+            ckpt.load(self.pm, self.optimizer, path, meta, "train.resume")
+            self.saved_step = meta["step"]
+            layout = " ".join(f"{k}={v}" for k, v in meta["layout"].items())
+            self._note(f"resumed at step {meta['step']} from {path} (saved on {meta['world_size']} ranks: {layout})")
+            return meta["step"]
+        if init_from:
+            if is_hf_dir(init_from):
+                load_hf_weights(self.pm, Path(init_from), model, moe)
+            else:
+                path, meta = ckpt.resolve(init_from, self.run_dir, "train.init_from")
+                ckpt.check_compatible(meta, model, moe, "train.init_from", path)
+                ckpt.load(self.pm, None, path, meta, "train.init_from", weights_only=True)
+            self._note(f"initialised weights from {init_from}")
+        return 0
+
+    def after_step(self, trainer, step: int, final: bool) -> None:
+        """Saves if checkpointing is on and this step is due (or the run ends or was asked to stop)."""
+        c = self.cfg
+        due = final or (c.every > 0 and step % c.every == 0)
+        if not c.enabled or not due or step == self.saved_step:
+            return
+        ckpt.save(
+            self.pm,
+            self.optimizer,
+            step,
+            self.root,
+            c.keep,
+            self.meta(),
+            on_written=lambda tmp: self.callbacks.on_checkpoint_written(trainer, step, tmp),
+            before_seal=lambda tmp: self.callbacks.before_seal(trainer, step, tmp),
+        )
+        self.saved_step = step
+        self._note(f"saved checkpoint {self.root / f'step_{step}'}")
+
+
+def checkpoint_meta(world_size: int, layout: dict, model: ModelConfig, moe: MoEConfig, seed: int) -> dict:
+    """What meta.json records besides the step: the shape checked on load and the layout saved under."""
+    return {"world_size": world_size, "layout": layout, "model": asdict(model), "moe": asdict(moe), "seed": seed}

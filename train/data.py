@@ -1,0 +1,157 @@
+"""Token data: the embedded standard-library corpus, prepared memory-mapped token files, batch sampling.
+
+Tokenizer: bytes (vocabulary 256, document separator 0, which never occurs in text files). It needs no
+training or download and is identical on every machine.
+
+Batches are a pure function of (seed, step): every rank draws the same global batch and takes its own rows.
+So the data position is the step number, a resumed run sees exactly the batches it would have seen, and
+every parallel layout sees the same tokens as one process.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe.config import choice
+
+EOS = 0
+TOKENIZER = "bytes"
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where tokens come from."""
+
+    source: str = choice("stdlib", "tokens")
+    """stdlib: the Python standard library's source files (on every machine); tokens: `moeyard prepare` output."""
+    path: str | None = None
+    """Directory of prepared token files (source=tokens)."""
+    val_fraction: float = 0.05
+    """Tail fraction of the token stream held out for eval."""
+    max_files: int = 400
+    """stdlib: how many source files to read (sorted by path, so the corpus is the same everywhere)."""
+
+
+def encode(text: str) -> np.ndarray:
+    """Byte-level tokens of `text` (uint8 values as int64-compatible array)."""
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+
+def decode(tokens: Iterable[int]) -> str:
+    return bytes(int(t) for t in tokens if t != EOS).decode("utf-8", errors="replace")
+
+
+def stdlib_files(max_files: int) -> list[Path]:
+    """The first `max_files` .py files of this Python's standard library, sorted by path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = ("site-packages", "test", "idlelib", "lib2to3")
+    files = sorted(p for p in root.rglob("*.py") if not any(part in skip for part in p.relative_to(root).parts))
+    return files[:max_files]
+
+
+def tokenize_files(paths: Iterable[Path]) -> np.ndarray:
+    """Concatenated byte tokens of text files, each followed by the separator."""
+    chunks = []
+    for path in paths:
+        chunks.append(encode(path.read_text(encoding="utf-8", errors="replace")))
+        chunks.append(np.array([EOS], dtype=np.uint8))
+    return np.concatenate(chunks).astype(np.uint16) if chunks else np.zeros(0, dtype=np.uint16)
+
+
+def _visible_files(root: Path) -> list[Path]:
+    """Files under `root`, sorted, skipping hidden files and directories (.git, .venv, editor state)."""
+    return sorted(f for f in root.rglob("*") if not any(part.startswith(".") for part in f.relative_to(root).parts))
+
+
+def prepare(paths: list[Path], out_dir: Path, vocab_size: int = 256) -> dict:
+    """Tokenizes text files into OUT/tokens.bin (uint16) and OUT/meta.json; writes atomically."""
+    files = [f for p in paths for f in (_visible_files(p) if p.is_dir() else [p]) if f.is_file()]
+    if not files:
+        raise ValueError(f"prepare: no files under {[str(p) for p in paths]} (rule: give text files or dirs)")
+    tokens = tokenize_files(files)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "dtype": "uint16",
+        "num_tokens": int(tokens.size),
+        "vocab_size": vocab_size,
+        "tokenizer": TOKENIZER,
+        "files": len(files),
+    }
+    tmp = out_dir / "tokens.bin.tmp"
+    tokens.tofile(tmp)
+    tmp.replace(out_dir / "tokens.bin")
+    (out_dir / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
+    (out_dir / "meta.json.tmp").replace(out_dir / "meta.json")
+    return meta
+
+
+def load_token_dir(path: str | Path, vocab_size: int) -> np.ndarray:
+    """Memory-maps a prepared token directory, checking its metadata against the model."""
+    path = Path(path)
+    meta_path, bin_path = path / "meta.json", path / "tokens.bin"
+    if not meta_path.is_file() or not bin_path.is_file():
+        raise ValueError(f"data.path={path} lacks meta.json or tokens.bin (rule: run `moeyard prepare` first)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        dtype, num_tokens = np.dtype(meta["dtype"]), int(meta["num_tokens"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"data.path={path}: meta.json is corrupt ({err}) (rule: rerun `moeyard prepare`)") from None
+    if dtype not in (np.uint16, np.uint32):
+        raise ValueError(f"data.path={path}: dtype={dtype} (rule: token files are uint16 or uint32)")
+    if bin_path.stat().st_size != num_tokens * dtype.itemsize:
+        raise ValueError(
+            f"data.path={path}: tokens.bin has {bin_path.stat().st_size} bytes, meta.json promises "
+            f"{num_tokens} x {dtype.itemsize} (rule: the file must be complete)"
+        )
+    if int(meta.get("vocab_size", 0)) > vocab_size:
+        raise ValueError(
+            f"data.path={path}: vocab_size={meta['vocab_size']} exceeds model.vocab_size={vocab_size} "
+            "(rule: token ids must fit the embedding)"
+        )
+    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(num_tokens,))
+
+
+@dataclass
+class TokenData:
+    """A token stream split into train and held-out parts, sampled by (seed, step)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    seq_len: int
+    seed: int
+
+    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global training batch of `step`: inputs and next-token targets, int64 [batch, seq_len]."""
+        return self._sample(self.train, np.random.default_rng([self.seed, step]), batch_size)
+
+    def eval_batch(self, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held-out batch number `index` (fixed for the whole run)."""
+        return self._sample(self.val, np.random.default_rng([self.seed, 1 << 30, index]), batch_size)
+
+    def _sample(self, stream: np.ndarray, rng: np.random.Generator, batch_size: int):
+        starts = rng.integers(0, len(stream) - self.seq_len - 1, size=batch_size)
+        rows = np.stack([np.asarray(stream[s : s + self.seq_len + 1], dtype=np.int64) for s in starts])
+        rows_t = torch.from_numpy(rows)
+        return rows_t[:, :-1].contiguous(), rows_t[:, 1:].contiguous()
+
+
+def build_data(cfg: DataConfig, seq_len: int, seed: int, vocab_size: int) -> TokenData:
+    """Loads the configured token stream and splits off the held-out tail."""
+    if cfg.source == "stdlib":
+        tokens = tokenize_files(stdlib_files(cfg.max_files))
+    else:
+        tokens = load_token_dir(cfg.path, vocab_size)
+    n_val = max(int(len(tokens) * cfg.val_fraction), seq_len + 2)
+    if len(tokens) - n_val < seq_len + 2:
+        raise ValueError(
+            f"data: {len(tokens)} tokens cannot hold train.seq_len={seq_len} plus a held-out split "
+            f"(rule: need at least {2 * (seq_len + 2)} tokens)"
+        )
+    return TokenData(train=tokens[:-n_val], val=tokens[-n_val:], seq_len=seq_len, seed=seed)

@@ -1,0 +1,317 @@
+"""The per-rank training loop: one code path for every layout, one process included.
+
+A step of global batch B sequences is cut into M micro-batches; micro-batch j's rows are split over the dp
+ranks. Non-pipelined layouts run forward/backward per micro-batch and scale gradients by 1/M; pipelined ones
+hand the same rows to the schedule (which also scales by 1/M). So the gradient is the mean over the
+step's tokens in every layout, and the MoE balancing losses are counted once per layer and micro-batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from parallel.data_parallel import finish_grads
+from parallel.dims import Axis, ParallelDims
+from parallel.grads import clip_grads, scale_grads
+from parallel.parallelize import attach_schedule, build_parallel_model
+from parallel.tensor import loss_context
+from profiling.profiler import StepProfiler
+from profiling.sinks import MetricsLog
+from train.callbacks import Callback, Callbacks
+from train.checkpointing import Checkpointer, checkpoint_meta
+from train.collectives import CollectiveLog, apply_timeouts, recording
+from train.config import TrainerConfig
+from train.data import TokenData, build_data
+from train.guard import NonFiniteError, StepGuard
+from train.optim import build_optimizer, lr_at
+
+DEFAULT_TIMEOUT_S = 1800
+
+
+def pick_device(want: str) -> torch.device:
+    """train.device: cuda, cpu, or auto (CUDA when available)."""
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device, timeout_s: int) -> int:
+    """Joins the process group set up by the launcher's environment; returns the world size."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return world
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32 (logits may be vocab-sharded DTensors under loss_parallel)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A detached plain tensor (loss_parallel returns replicated DTensor losses)."""
+    t = t.detach()
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class Trainer:
+    """Owns this rank's model parts, optimizer, data and metrics for one run."""
+
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        dims: ParallelDims | None = None,
+        *,
+        callbacks: Sequence[Callback] = (),
+        collectives: CollectiveLog | None = None,
+        timeout_s: int = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        """`cfg` was validated by the launcher; `dims` defaults to the degrees it implies for this world.
+
+        `callbacks` run after those named in train.callbacks; `collectives` is the run's collective log
+        (named after the mesh axes here); `timeout_s` bounds rendezvous and collectives.
+        """
+        self.cfg = cfg
+        self.device = pick_device(cfg.train.device)
+        world = init_distributed(self.device, timeout_s)
+        self.dims = dims or ParallelDims.from_config(cfg.parallel, world)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.run_dir = Path(cfg.run.dir)
+        self.callbacks = Callbacks([*Callbacks.from_config(cfg.train.callbacks).callbacks, *callbacks])
+        torch.manual_seed(cfg.train.seed)
+        if cfg.train.deterministic and self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True)
+        self.mesh = self.dims.build_mesh(self.device.type) if self.dims.is_distributed else None
+        t = cfg.train
+        self.micro_rows = t.batch_size // t.micro_batches // self.dims.dp
+        self.pm = build_parallel_model(
+            cfg.model, cfg.moe, cfg.parallel, self.dims, self.mesh, self.device, t.seed, bf16=self.bf16
+        )
+        attach_schedule(self.pm, cfg.parallel, self.device, t.micro_batches, lm_loss)
+        self.optimizer = build_optimizer(self.pm.named_parameters(), cfg.optim, self.device)
+        self.data: TokenData = build_data(cfg.data, t.seq_len, t.seed, cfg.model.vocab_size)
+        self.dp_rank = self.mesh[Axis.DP.value].get_local_rank() if self.dims.dp > 1 else 0
+        self.tp_rank = self.mesh[Axis.TP.value].get_local_rank() if self.dims.tp > 1 else 0
+        p = cfg.profiling
+        self.log = MetricsLog(
+            self.run_dir, is_writer=self.rank == 0, progress=p.progress, total_steps=t.steps, tensorboard=p.tensorboard
+        )
+        self.prof = StepProfiler(p, cfg.model, cfg.moe, t.seq_len, self.pm, self.device, self.run_dir, self.log)
+        self.step = 0
+        self.collectives = collectives or CollectiveLog()
+        groups = vars(self.pm.groups)
+        self.collectives.name_groups(groups)
+        self.collectives.step = lambda: self.step + 1
+        if dist.is_initialized():
+            apply_timeouts(groups, timeout_s)
+        self.guard = StepGuard(t.nonfinite, self.rank, self.log, self.collectives, lambda: self.step + 1)
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint, cfg.run.dir, self.pm, self.optimizer, self.rank, self.callbacks, self._checkpoint_meta
+        )
+        self.step = self.checkpointer.restore(t.resume, t.init_from, cfg.model, cfg.moe)
+
+    def _checkpoint_meta(self) -> dict:
+        d, cfg = self.dims, self.cfg
+        layout = {"pp": d.pp, "dp": d.dp, "tp": d.tp, "ep": d.ep, "dp_mode": cfg.parallel.dp_mode}
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return checkpoint_meta(world, layout, cfg.model, cfg.moe, cfg.train.seed)
+
+    @property
+    def bf16(self) -> bool:
+        return self.cfg.train.dtype == "bf16" and self.device.type == "cuda"
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16)
+
+    def local_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """This dp rank's rows of a global batch, micro-batch after micro-batch [M * micro_rows, S]."""
+        m, r = self.cfg.train.micro_batches, self.micro_rows
+        per_micro = x.view(m, self.dims.dp, r, -1)[:, self.dp_rank]
+        return per_micro.reshape(m * r, -1).to(self.device)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """Accumulates the gradient of the step's mean loss; returns the per-micro-batch LM losses."""
+        m = self.cfg.train.micro_batches
+        losses: list[torch.Tensor] = []
+        with loss_context(self.dims.tp), self._autocast():
+            if self.pm.schedule is not None:
+                args = (x,) if self.pm.has_first_stage else ()
+                target = y if self.pm.has_last_stage else None
+                with self.prof.phase("forward_backward"):  # [profiling] a schedule interleaves the two
+                    self.pm.schedule.step(*args, target=target, losses=losses)
+                return [_plain(loss) for loss in losses]
+            model = self.pm.parts[0]
+            for xm, ym in zip(x.chunk(m), y.chunk(m), strict=True):
+                with self.prof.phase("forward"):  # [profiling]
+                    loss = lm_loss(model(xm), ym)
+                with self.prof.phase("backward"):  # [profiling]
+                    loss.backward()
+                losses.append(_plain(loss))
+        scale_grads([p for _, p in self.pm.named_parameters()], 1.0 / m)
+        return losses
+
+    def train_step(self) -> dict[str, float]:
+        cfg, step = self.cfg, self.step
+        self.prof.step_begin(step)  # [profiling] breakdown on sampled steps, NVTX ranges on CUDA
+        t0 = time.perf_counter()
+        with self.prof.phase("data"):  # [profiling]
+            x, y = self.data.batch(step, cfg.train.batch_size)
+            x, y = self.local_rows(x), self.local_rows(y)
+        lr = lr_at(step, cfg.optim, cfg.train.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        losses = self.forward_backward(x, y)
+        g = self.pm.groups
+        with self.prof.phase("grad_sync"):  # [profiling]
+            finish_grads(self.pm.parts, cfg.parallel.dp_mode, g.dp, g.edp, self.dims.dp, self.dims.ep)
+        with self.prof.phase("optimizer"):  # [profiling]
+            grad_norm = clip_grads(self.pm.named_parameters(), cfg.optim.grad_clip, g.ep, g.pp)
+            skip = self.guard.skip_step(losses, grad_norm)  # [guard] NaN/Inf: skip or halt; agree on SIGTERM
+            if not skip:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        # The last M forwards are the step's micro-batches; a pipeline stage's first step also runs a
+        # metadata-inference forward (on placeholder data) whose statistics are dropped here.
+        m = cfg.train.micro_batches
+        layer_stats = {lid: moe.drain_stats()[-m:] for lid, moe in self.pm.moe_layers().items()}
+        if not skip:
+            self._update_bias(layer_stats)
+        metrics = self._reduce_losses(losses, layer_stats)
+        metrics.update(self.guard.metrics())  # [guard] marks a non-finite step
+        elapsed = time.perf_counter() - t0
+        metrics.update(
+            step=step + 1,
+            lr=lr,
+            grad_norm=float(grad_norm),
+            step_time_s=elapsed,
+            tokens_per_s=cfg.train.batch_size * cfg.train.seq_len / elapsed,
+        )
+        self.prof.step_end(metrics, layer_stats)  # [profiling] breakdown, throughput, MFU; keeps the load
+        self.step += 1
+        return metrics
+
+    def _update_bias(self, layer_stats: dict[str, list[dict[str, torch.Tensor]]]) -> None:
+        """Aux-loss-free balancing: the step's routed counts, summed over data ranks, steer each bias."""
+        if self.cfg.moe.bias_update_rate <= 0:
+            return
+        for lid, moe in self.pm.moe_layers().items():
+            load_E = torch.stack([s["routed"] for s in layer_stats[lid]]).sum(0)
+            if self.pm.groups.dp is not None:
+                dist.all_reduce(load_E, group=self.pm.groups.dp)
+            moe.router.update_bias(load_E)
+
+    def _reduce_losses(self, losses: list[torch.Tensor], layer_stats: dict) -> dict[str, float]:
+        """Step means over micro-batches and dp ranks; aux terms summed over layers (and stages); and
+        `dropped_frac`, the fraction of the step's routed assignments that capacity dropped. Built on the
+        device the values live on, in one collective."""
+        names = ("loss", "aux_loss", "seq_aux_loss", "z_loss")
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        vec = torch.zeros(len(names) + 2, dtype=torch.float64, device=self.device)
+        if self.tp_rank == 0:  # tp ranks hold the same values: count them once
+            stats = [s for per_layer in layer_stats.values() for s in per_layer]
+            vec = torch.stack(
+                [
+                    torch.stack(losses).double().mean() if losses else zero,
+                    *(self._layer_mean(layer_stats, name, zero) for name in names[1:]),
+                    sum((s["routed"].sum().double() for s in stats), zero),
+                    sum((s["kept"].sum().double() for s in stats), zero),
+                ]
+            ).to(self.device)
+        if dist.is_initialized():
+            dist.all_reduce(vec)
+        *values, routed, kept = vec.tolist()
+        metrics = {name: v / self.dims.dp for name, v in zip(names, values, strict=True)}
+        metrics["dropped_frac"] = 1.0 - kept / routed if routed else 0.0
+        return metrics
+
+    @staticmethod
+    def _layer_mean(layer_stats: dict, name: str, zero: torch.Tensor) -> torch.Tensor:
+        """`name` averaged over each layer's micro-batches, summed over layers."""
+        means = (torch.stack([s[name] for s in per_layer]).double().mean() for per_layer in layer_stats.values())
+        return sum(means, zero)
+
+    def _eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """This rank's mean LM loss over one held-out batch (zero on ranks without the last stage)."""
+        m = self.cfg.train.micro_batches
+        with loss_context(self.dims.tp), self._autocast():
+            if self.pm.schedule is None:
+                model = self.pm.parts[0]
+                losses = [lm_loss(model(xm), ym) for xm, ym in zip(x.chunk(m), y.chunk(m), strict=True)]
+            else:
+                losses = []
+                first, last = self.pm.has_first_stage, self.pm.has_last_stage
+                self.pm.schedule.eval(*((x,) if first else ()), target=y if last else None, losses=losses)
+        if not losses:
+            return torch.zeros((), dtype=torch.float64)
+        return torch.stack([_plain(v) for v in losses]).double().mean().cpu()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean LM loss over train.eval_batches fixed held-out batches."""
+        self.pm.train(False)
+        t = self.cfg.train
+        total = torch.zeros((), dtype=torch.float64)
+        for i in range(t.eval_batches):
+            x, y = (self.local_rows(v) for v in self.data.eval_batch(i, t.batch_size))
+            loss = self._eval_loss(x, y)
+            if self.tp_rank == 0:
+                total += loss
+        for moe in self.pm.moe_layers().values():
+            moe.drain_stats()
+        self.pm.train(True)
+        if dist.is_initialized():
+            total = total.to(self.device)
+            dist.all_reduce(total)
+            total = total.cpu() / self.dims.dp
+        return float(total) / t.eval_batches
+
+    def fit(self) -> list[dict[str, float]]:
+        """Trains cfg.train.steps steps; returns the logged metrics."""
+        t = self.cfg.train
+        history = []
+        while self.step < t.steps:
+            metrics = self.train_step()
+            last = self.step == t.steps
+            if t.eval_every and (self.step % t.eval_every == 0 or last):
+                metrics["eval_loss"] = self.evaluate()
+            if self.step % t.log_every == 0 or last:
+                self.prof.log(metrics)  # [profiling] every rank: peak memory, expert load, then the sinks
+            history.append(metrics)
+            self.checkpointer.after_step(self, self.step, last or self.guard.stop_requested)  # [checkpoint]
+            self.callbacks.on_step_end(self, self.step, metrics)
+            if self.guard.stop_requested:  # [guard] SIGTERM: this step is saved, stop here
+                break
+        self.prof.close()  # [profiling] traces, expert_load.jsonl, sinks
+        self.guard.close()
+        return history
+
+
+def train(cfg: TrainerConfig, timeout_s: int = DEFAULT_TIMEOUT_S) -> list[dict[str, float]]:
+    """Entry point on every rank: trains, then leaves the process group (exit 143 after a SIGTERM stop)."""
+    collectives = CollectiveLog()  # this run's; on an error every rank prints it (no barrier: peers may be gone)
+    trainer = None
+    with recording(collectives, quiet=(NonFiniteError, ValueError)):
+        try:
+            trainer = Trainer(cfg, collectives=collectives, timeout_s=timeout_s)
+            history = trainer.fit()
+        except BaseException as err:
+            if trainer is not None and not isinstance(err, SystemExit):
+                trainer.callbacks.on_error(trainer, err)
+            raise
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    trainer.guard.exit_if_stopped()  # [guard] after a SIGTERM (checkpoint saved): exit 143
+    return history
