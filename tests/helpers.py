@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from launch.config import compose
-from parallel.state import full_state_dict
+from parallel.state import full_optimizer_state, full_state_dict
 from train.trainer import Trainer
 
 TINY = [
@@ -99,23 +99,73 @@ def assert_same_losses(got: list[float], want: list[float]) -> None:
         assert math.isclose(g, w, rel_tol=1e-5), f"step {step}: loss {g} != single-process {w}"
 
 
+def layout_facts(trainer: Trainer) -> dict:
+    """What this rank's model parts really are, for the golden tests to assert the layout was applied.
+
+    params: name -> (kind, placements, local shape); kind is "dtensor" or "plain". ac: the block ids wrapped
+    for activation checkpointing. fsdp: module names that FSDP2 manages. compiled: block ids compiled.
+    stages: pipeline stage ids held; blocks: block ids held. numel: local parameter elements.
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from parallel.data_parallel import clean_fqn
+
+    params, ac, fsdp, compiled, blocks = {}, [], [], [], []
+    for part in trainer.pm.parts:
+        for fqn, p in part.named_parameters():
+            is_dt = isinstance(p, DTensor)
+            local = p.to_local() if is_dt else p
+            placements = tuple(str(x) for x in p.placements) if is_dt else ()
+            mesh = tuple(p.device_mesh.mesh_dim_names or ()) if is_dt else ()
+            params[clean_fqn(fqn)] = ("dtensor" if is_dt else "plain", placements, mesh, tuple(local.shape))
+        for name, module in part.named_modules():
+            if isinstance(module, FSDPModule):
+                fsdp.append(clean_fqn(name) or "<root>")
+        for lid, block in part.layers.items():
+            blocks.append(int(lid))
+            if hasattr(block, "_checkpoint_wrapped_module"):
+                ac.append(int(lid))
+            if getattr(block, "_compiled_call_impl", None) is not None:
+                compiled.append(int(lid))
+    numel = sum(v[3] and torch.Size(v[3]).numel() for v in params.values())
+    return {
+        "params": params,
+        "ac": sorted(ac),
+        "fsdp": sorted(fsdp),
+        "compiled": sorted(compiled),
+        "stages": list(trainer.pm.stage_ids),
+        "blocks": sorted(blocks),
+        "numel": numel,
+    }
+
+
 def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
     local_rank_env(rank, world, port)
     cfg = compose(overrides)
     trainer = Trainer(cfg)
+    initial = full_state_dict(trainer.pm)
     history = trainer.fit()
     state = full_state_dict(trainer.pm)
+    optim = full_optimizer_state(trainer.pm, trainer.optimizer)
+    facts = [layout_facts(trainer)]
+    if dist.is_initialized():
+        facts = [None] * world
+        dist.all_gather_object(facts, layout_facts(trainer))
     if rank == 0:
-        torch.save({"history": history, "state": state}, out)
+        result = {"history": history, "state": state, "initial": initial, "optim": optim, "layout": facts}
+        torch.save(result, out)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
 def run_layout(overrides: list[str], world: int, out: str, port: int) -> dict:
-    """Trains `overrides` on `world` gloo ranks; returns {"history", "state"} from rank 0."""
+    """Trains `overrides` on `world` gloo ranks; returns from rank 0: history (metrics per step), state and
+    initial (gathered parameters after and before training), optim (gathered AdamW state) and layout (one
+    `layout_facts` per rank)."""
     mp.start_processes(_rank, args=(world, port, overrides, out), nprocs=world, start_method="spawn")
-    return torch.load(out, weights_only=True)
+    return torch.load(out, weights_only=False)
 
 
 if __name__ == "__main__":
