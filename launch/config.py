@@ -34,7 +34,10 @@ class LauncherConfig:
     node_rank: int = 0
     """torchrun: this agent's node; node 0 hosts the c10d rendezvous store at rdzv_endpoint."""
     rdzv_endpoint: str = "127.0.0.1:29500"
-    """torchrun: c10d rendezvous host:port."""
+    """torchrun: c10d rendezvous host:port; with nnodes > 1, an address of node 0 that every node reaches."""
+    single_host: bool = False
+    """torchrun with nnodes > 1: every agent runs on this host (a rehearsal of a multi-node job), so a
+    loopback rdzv_endpoint is allowed."""
     rdzv_id: str = "moeyard"
     """torchrun: the rendezvous (job) id every agent of one job shares."""
     max_restarts: int = 0
@@ -50,6 +53,9 @@ class LauncherConfig:
     time: str = "00:30:00"
     constraint: str | None = None
     exclusive: bool = False
+    signal_s: int = 120
+    """slurm: Slurm sends SIGTERM this many seconds before the time limit, so the ranks save a checkpoint
+    and exit in time (0 = no early signal)."""
     setup: list[str] = field(default_factory=list)
     """slurm: lines run before the job (module loads, venv activation)."""
     mode: str = choice("srun", "torchrun")
@@ -90,7 +96,9 @@ def compose(overrides: list[str], config_name: str = "config") -> JobConfig:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         raw = hydra_compose(config_name=config_name, overrides=overrides)
     cfg: JobConfig = OmegaConf.to_object(raw)
-    if cfg.run.dir is None:
+    lc = cfg.launcher
+    # Agents on several nodes would each make their own timestamped directory: validation asks for run.dir.
+    if cfg.run.dir is None and not (lc.name == "torchrun" and lc.nnodes > 1):
         cfg.run.dir = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.name}"
     return cfg
 

@@ -46,6 +46,8 @@ def sbatch_header(lc: LauncherConfig, name: str, workdir: Path, output: Path) ->
     ]
     if lc.exclusive:
         opts.append("--exclusive")
+    if lc.signal_s:  # SIGTERM to every rank that long before the time limit: the ranks save, then exit
+        opts.append(f"--signal=TERM@{lc.signal_s}")
     opts += [f"--chdir={workdir}", f"--output={output}"]
     return [f"#SBATCH {opt}" for opt in opts]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
+import socket
 
 from launch.config import JobConfig
 from moe.experts import HAS_GROUPED_MM
@@ -194,6 +196,8 @@ def _check_launcher(cfg: JobConfig) -> None:
         _check(lc.max_restarts >= 0, "launcher.max_restarts", lc.max_restarts, "must be >= 0")
         host, _, port = lc.rdzv_endpoint.rpartition(":")
         _check(bool(host) and port.isdigit(), "launcher.rdzv_endpoint", lc.rdzv_endpoint, "must be host:port")
+        if lc.nnodes > 1:
+            _check_multinode_torchrun(cfg, host)
     if lc.name == "slurm":
         _check(lc.gpus_per_node >= 0, "launcher.gpus_per_node", lc.gpus_per_node, "must be >= 0")
         _check(
@@ -202,6 +206,33 @@ def _check_launcher(cfg: JobConfig) -> None:
             lc.tasks_per_node,
             f"must be <= launcher.gpus_per_node={lc.gpus_per_node} (one GPU per rank)",
         )
+
+
+def _check_multinode_torchrun(cfg: JobConfig, host: str) -> None:
+    """Agents on several nodes must meet at an address they all reach and write into one shared run.dir."""
+    lc = cfg.launcher
+    _check(
+        cfg.run.dir is not None,
+        "run.dir",
+        None,
+        f"must be given for launcher.nnodes={lc.nnodes} (rule: every node writes into one directory on a "
+        "shared filesystem; a default would differ per node)",
+    )
+    if not lc.single_host and _is_loopback(host):
+        raise ConfigError(
+            f"launcher.rdzv_endpoint={lc.rdzv_endpoint} is a loopback address, which other nodes cannot reach "
+            f"(rule: with launcher.nnodes={lc.nnodes} give node 0's address; launcher.single_host=true if "
+            "every agent runs on this host)"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `host` is or resolves to a loopback address (a name that does not resolve here is not)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None)
+    except OSError:
+        return False
+    return any(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
 def _check_token_dir(path: str, vocab_size: int) -> None:

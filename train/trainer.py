@@ -51,7 +51,10 @@ def init_distributed(device: torch.device, timeout_s: int) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        # device_id binds the NCCL communicator to this GPU at once, so each mesh axis's group is split
+        # from it (ncclCommSplit) rather than bootstrapped again.
+        device_id = device if device.type == "cuda" else None
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), device_id=device_id)
     return world
 
 

@@ -68,6 +68,7 @@ def test_dry_run_prints_the_sbatch_script(tmp_path, capsys):
         "#SBATCH --time=02:00:00",
         "#SBATCH --constraint=h100",
         "#SBATCH --exclusive",
+        "#SBATCH --signal=TERM@120",
         f"#SBATCH --chdir={os.getcwd()}",
         f"#SBATCH --output={run_dir}/logs/slurm-%j.out",
         "module load cuda",

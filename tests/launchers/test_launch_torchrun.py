@@ -46,6 +46,7 @@ def test_two_agents_as_two_nodes_match_single_process(tmp_path, tmp_path_factory
         "launcher.nproc_per_node=2",
         "parallel.ep=2",
         f"launcher.rdzv_endpoint=127.0.0.1:{port}",
+        "launcher.single_host=true",  # both "nodes" are this machine: loopback is reachable
         "launcher.timeout_s=120",
         f"run.dir={run_dir}",
     ]
@@ -77,6 +78,7 @@ def test_missing_agent_is_a_one_line_rendezvous_timeout(tmp_path):
         "launcher.nproc_per_node=1",
         "launcher.timeout_s=2",
         f"launcher.rdzv_endpoint=127.0.0.1:{port}",
+        "launcher.single_host=true",
         f"run.dir={tmp_path / 'run'}",
     ]
     out = subprocess.run(moeyard_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=100)
@@ -107,15 +109,21 @@ def test_failing_ranks_are_named_with_their_logs(tmp_path, capsys):
     ("overrides", "message"),
     [
         (
-            ["launcher.nnodes=2", "launcher.nproc_per_node=1", "parallel.dp=4"],
+            ["launcher.nnodes=2", "launcher.single_host=true", "launcher.nproc_per_node=1", "parallel.dp=4"],
             "parallel.pp*dp*tp=1*4*1 must equal the world size 2 (launcher.nnodes=2 x launcher.nproc_per_node=1)",
         ),
         (
-            ["launcher.nnodes=2", "launcher.nproc_per_node=2", "parallel.tp=4"],
+            ["launcher.nnodes=2", "launcher.single_host=true", "launcher.nproc_per_node=2", "parallel.tp=4"],
             "parallel.tp=4 must divide launcher.nproc_per_node=2 (a tensor-parallel group stays inside one node)",
         ),
         (["launcher.nnodes=2", "launcher.node_rank=2"], "launcher.node_rank=2 must be in [0, 2)"),
         (["launcher.rdzv_endpoint=localhost"], "launcher.rdzv_endpoint=localhost must be host:port"),
+        (
+            ["launcher.nnodes=2", "launcher.rdzv_endpoint=localhost:29500"],
+            "launcher.rdzv_endpoint=localhost:29500 is a loopback address, which other nodes cannot reach (rule: "
+            "with launcher.nnodes=2 give node 0's address; launcher.single_host=true if every agent runs on this "
+            "host)",
+        ),
         (["launcher.timeout_s=0"], "launcher.timeout_s=0 must be >= 1"),
     ],
 )
@@ -124,3 +132,10 @@ def test_bad_requests_fail_before_spawning(tmp_path, capsys, overrides, message)
     assert cli_main(["train", *BASE, "launcher=torchrun", *overrides, f"run.dir={run_dir}"]) == 2
     assert capsys.readouterr().err == f"moeyard: config error: {message}\n"
     assert not run_dir.exists()  # nothing written, nothing started
+
+
+def test_multinode_torchrun_needs_an_explicit_run_dir(capsys):
+    args = ["train", *BASE, "launcher=torchrun", "launcher.nnodes=2", "launcher.single_host=true"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moeyard: config error: run.dir=None must be given for launcher.nnodes=2 (rule: ")
