@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from moe.router import Routing
+from moe.router import Routing, SequenceSplit
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class Dispatcher(Protocol):
     """Moves tokens to local experts and back."""
 
     num_local_experts: int
+    sequence_split: SequenceSplit | None
+    """Set when this rank's tokens are one slice of each sequence (tensor-parallel ranks sharing the work)."""
 
     def reduce_load(self, counts_E: torch.Tensor) -> torch.Tensor:
         """Sum per-expert routing counts over every rank whose tokens form this batch."""
@@ -64,6 +66,7 @@ class LocalDispatcher:
 
     def __init__(self, num_experts: int) -> None:
         self.num_local_experts = num_experts
+        self.sequence_split: SequenceSplit | None = None
 
     def reduce_load(self, counts_E: torch.Tensor) -> torch.Tensor:
         return counts_E

@@ -16,6 +16,16 @@ HAS_GROUPED_MM = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
 
 def _grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    if x_ND.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return _eager_grouped_mm(fn, x_ND, w_EDF, offsets_E)
+    return fn(x_ND, w_EDF, offs=offsets_E)
+
+
+@torch.compiler.disable
+def _eager_grouped_mm(fn, x_ND: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """grouped_mm outside the compiled graph: torch.compile traces it with a meta kernel that accepts only
+    bf16, while the eager kernel also takes fp32 (CPU runs); a graph break keeps compiled fp32 runs working
+    and computing exactly what eager ones do."""
     return fn(x_ND, w_EDF, offs=offsets_E)
 
 

@@ -67,7 +67,8 @@ class MoELayer(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
-        routing = self.router(x_BSD, reduce_load=self.dispatcher.reduce_load)
+        split = self.dispatcher.sequence_split  # set when tensor-parallel ranks each hold a slice of S
+        routing = self.router(x_BSD, reduce_load=self.dispatcher.reduce_load, split=split)
         x_TD = x_BSD.reshape(B * S, D)
         x_ND, counts_E, meta = self.dispatcher.dispatch(x_TD, routing)
         y_ND = self.experts(x_ND, counts_E)
@@ -79,6 +80,10 @@ class MoELayer(nn.Module):
             + self.cfg.seq_aux_loss_coef * routing.seq_aux_loss
             + self.cfg.z_loss_coef * routing.z_loss
         )
+        if split is not None:
+            # Each slice's terms estimate the whole sequence's, and the ranks' router gradients are summed:
+            # weighting by 1/parts makes that sum the gradient of their mean.
+            weighted_aux = weighted_aux / split.parts
         if torch.is_grad_enabled() and weighted_aux.requires_grad:
             out_TD = _AttachAuxLoss.apply(out_TD, weighted_aux)
         if not _recomputing():

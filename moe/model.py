@@ -10,14 +10,13 @@ output may be None on a pipeline stage that does not own them.
 
 from __future__ import annotations
 
-import math
-import zlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moe.config import ModelConfig, MoEConfig
+from moe.init import init_full_tensor as init_full_tensor  # re-exported: the full tensor, for tests
+from moe.init import init_slice_
 from moe.layer import MoELayer, SwiGLU
 
 try:  # flash-attn is a GPU-only extra; SDPA serves everywhere else.
@@ -118,29 +117,11 @@ class Transformer(nn.Module):
         self.rope = rope_table(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta).to(device)
 
 
-def init_full_tensor(fqn: str, shape: torch.Size | tuple[int, ...], cfg: ModelConfig, seed: int) -> torch.Tensor:
-    """The initial value of parameter or buffer `fqn` at its full (unsharded) shape.
-
-    Each tensor draws from its own generator seeded by (seed, name), so every parallel layout, which shards
-    the same named tensors differently, starts from exactly the same weights as one process.
-    """
-    leaf = fqn.rsplit(".", 1)[-1]
-    if "norm" in fqn and len(shape) == 1:
-        return torch.ones(shape)
-    if leaf == "expert_bias":
-        return torch.zeros(shape)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(fqn.encode()))
-    std = cfg.init_std
-    if any(f".{name}." in f".{fqn}." for name in ("wo", "w2")):
-        std = std / math.sqrt(2 * cfg.n_layers)  # GPT-2 scaling of residual-branch outputs
-    return torch.randn(shape, generator=gen) * std
-
-
 @torch.no_grad()
 def init_weights(model: Transformer, seed: int) -> None:
-    """Initialises an unsharded model in place (one process; `parallel/` shards the same full tensors)."""
+    """Initialises an unsharded model in place (one process; `parallel/` fills each shard from the same values)."""
     for fqn, param in model.named_parameters():
-        param.copy_(init_full_tensor(fqn, param.shape, model.cfg, seed))
+        init_slice_(param, fqn, param.shape, [0] * param.ndim, model.cfg, seed)
     for moe in model.moe_layers().values():
         moe.router.expert_bias.zero_()
     model.reset_buffers(next(model.parameters()).device)

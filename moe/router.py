@@ -5,6 +5,10 @@ K experts per token, A kept (token, expert) assignments.
 
 Capacity is counted per sequence (GShard's "group"), so which assignments are dropped never depends on how
 a batch is split over data-parallel ranks or micro-batches: a sharded run drops exactly what one process does.
+When tensor-parallel ranks share an MoE layer's work, each routes a slice of every sequence; a
+`SequenceSplit` (supplied by `parallel/`) lets the router make the capacity decision on whole sequences from
+the slices' small top-k decisions, so it still drops exactly what one process does. Its balancing terms are
+then local estimates whose mean over the slices is the whole sequence's value.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +25,21 @@ from torch import nn
 from moe.config import MoEConfig
 
 LoadReducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class SequenceSplit(Protocol):
+    """Every sequence is split into `parts` equal slices along S, one per rank; this rank holds `index`."""
+
+    parts: int
+    index: int
+
+    def gather(self, t_GS: torch.Tensor) -> torch.Tensor:
+        """Concatenates every rank's slice along dim 1, in order (no gradient): [G, S/parts, ...] -> [G, S, ...]."""
+        ...
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sums `t` over the ranks holding the slices (no gradient)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -93,10 +113,14 @@ def switch_aux_loss(probs_TE: torch.Tensor, routed_E: torch.Tensor) -> torch.Ten
     return E * (f_E * probs_TE.mean(0)).sum()
 
 
-def sequence_aux_loss(probs_GSE: torch.Tensor, topk_idx_GSK: torch.Tensor) -> torch.Tensor:
+def sequence_aux_loss(
+    probs_GSE: torch.Tensor, topk_idx_GSK: torch.Tensor, split: SequenceSplit | None = None
+) -> torch.Tensor:
     """DeepSeek-V3 sequence-wise balancing loss, averaged over sequences.
 
     Per sequence: sum_e f_e * P_e with f_e = E / (K*S) * (tokens choosing e), P_e = mean normalised score.
+    With `split`, f_e counts the whole sequence and P_e is this slice's mean, so the mean of the result over
+    the slices is the whole sequence's loss.
     """
     G, S, E = probs_GSE.shape
     K = topk_idx_GSK.shape[-1]
@@ -104,6 +128,8 @@ def sequence_aux_loss(probs_GSE: torch.Tensor, topk_idx_GSK: torch.Tensor) -> to
     counts_GE.scatter_add_(
         1, topk_idx_GSK.reshape(G, -1), torch.ones_like(topk_idx_GSK.reshape(G, -1), dtype=probs_GSE.dtype)
     )
+    if split is not None:
+        counts_GE, S = split.sum(counts_GE), S * split.parts
     f_GE = counts_GE * E / (K * S)
     p_GE = (probs_GSE / probs_GSE.sum(-1, keepdim=True)).mean(1)
     return (f_GE * p_GE).sum(-1).mean()
@@ -124,16 +150,19 @@ class Router(nn.Module):
         # Aux-loss-free balancing: a bias that only steers selection, never the combine weights.
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=True)
 
-    def forward(self, x_GSD: torch.Tensor, reduce_load: LoadReducer | None = None) -> Routing:
-        """Route every token of `x_GSD` [G, S, D]; `reduce_load` sums per-expert counts over data ranks."""
+    def forward(
+        self, x_GSD: torch.Tensor, reduce_load: LoadReducer | None = None, split: SequenceSplit | None = None
+    ) -> Routing:
+        """Route every token of `x_GSD` [G, S, D]; `reduce_load` sums per-expert counts over every rank holding
+        tokens of the batch; `split` says `x_GSD` holds one slice of each sequence (S is then the slice's)."""
         G, S, _ = x_GSD.shape
         # Router math in fp32: small logit differences decide discrete choices (ST-MoE, sec. 3). Autocast
         # would run the linear in bf16 whatever its inputs' dtype, so it is switched off here.
         with torch.autocast(x_GSD.device.type, enabled=False):
             logits_TE = F.linear(x_GSD.reshape(G * S, -1).float(), self.gate.weight.float())
         if self.cfg.router == "expert_choice":
-            return self._expert_choice(logits_TE, G, S)
-        return self._token_choice(logits_TE, G, S, reduce_load)
+            return self._expert_choice(logits_TE, G, S, split)
+        return self._token_choice(logits_TE, G, S, reduce_load, split)
 
     def _scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
         if self.cfg.router == "sigmoid_topk":
@@ -155,7 +184,9 @@ class Router(nn.Module):
             choice_TE = grouped_TGe.masked_fill(~group_mask_TG[..., None], float("-inf")).view(T, E)
         return choice_TE.topk(cfg.top_k, dim=-1).indices
 
-    def _token_choice(self, logits_TE: torch.Tensor, G: int, S: int, reduce_load: LoadReducer | None) -> Routing:
+    def _token_choice(
+        self, logits_TE: torch.Tensor, G: int, S: int, reduce_load: LoadReducer | None, split: SequenceSplit | None
+    ) -> Routing:
         cfg = self.cfg
         E, K = cfg.num_experts, cfg.top_k
         scores_TE = self._scores(logits_TE)
@@ -168,7 +199,7 @@ class Router(nn.Module):
         routed_E = torch.bincount(topk_idx_TK.flatten(), minlength=E)
         keep_TK = torch.ones_like(topk_idx_TK, dtype=torch.bool)
         if cfg.capacity_factor is not None:
-            keep_TK = self._capacity_mask(topk_idx_TK, weight_TK, G, S)
+            keep_TK = self._capacity_mask(topk_idx_TK, weight_TK, G, S, split)
         global_routed_E = reduce_load(routed_E) if reduce_load is not None else routed_E
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True) if cfg.router == "sigmoid_topk" else scores_TE
 
@@ -183,41 +214,55 @@ class Router(nn.Module):
             mean_prob_E=probs_TE.detach().mean(0),
             entropy=_entropy(probs_TE),
             aux_loss=switch_aux_loss(probs_TE, global_routed_E),
-            seq_aux_loss=sequence_aux_loss(scores_TE.view(G, S, E), topk_idx_TK.view(G, S, K)),
+            seq_aux_loss=sequence_aux_loss(scores_TE.view(G, S, E), topk_idx_TK.view(G, S, K), split),
             z_loss=z_loss(logits_TE),
         )
 
-    def _capacity_mask(self, topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, G: int, S: int) -> torch.Tensor:
+    def _capacity_mask(
+        self, topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, G: int, S: int, split: SequenceSplit | None
+    ) -> torch.Tensor:
+        """Which of this rank's assignments fit their expert's per-sequence capacity, decided on whole
+        sequences (gathered from the slices when `split` is given)."""
         K = self.cfg.top_k
+        parts, index = (split.parts, split.index) if split is not None else (1, 0)
+        full_S = S * parts
+        expert_GSK = topk_idx_TK.view(G, S, K)
         if self.cfg.drop_policy == "probability":
-            priority = -weight_TK.detach()
+            priority_GSK = -weight_TK.detach().view(G, S, K)
         else:  # earlier tokens first; all first choices before any second choice (GShard)
-            slot_TK = torch.arange(K, device=topk_idx_TK.device).expand(G * S, K)
-            pos_TK = torch.arange(S, device=topk_idx_TK.device).repeat(G)[:, None].expand(-1, K)
-            priority = slot_TK * S + pos_TK
+            slot_K = torch.arange(K, device=topk_idx_TK.device)
+            pos_S = torch.arange(S, device=topk_idx_TK.device) + index * S
+            priority_GSK = (slot_K[None, :] * full_S + pos_S[:, None]).expand(G, S, K)
+        if split is not None:
+            expert_GSK, priority_GSK = split.gather(expert_GSK), split.gather(priority_GSK.contiguous())
         keep = capacity_keep_mask(
-            topk_idx_TK.reshape(G, S * K),
-            priority.reshape(G, S * K),
+            expert_GSK.reshape(G, full_S * K),
+            priority_GSK.reshape(G, full_S * K),
             self.cfg.num_experts,
-            capacity_per_sequence(self.cfg, S),
+            capacity_per_sequence(self.cfg, full_S),
         )
-        return keep.view(G * S, K)
+        return keep.view(G, full_S, K)[:, index * S : (index + 1) * S].reshape(G * S, K)
 
-    def _expert_choice(self, logits_TE: torch.Tensor, G: int, S: int) -> Routing:
-        """Each expert picks its top-C tokens of every sequence (Zhou et al., 2022)."""
+    def _expert_choice(self, logits_TE: torch.Tensor, G: int, S: int, split: SequenceSplit | None) -> Routing:
+        """Each expert picks its top-C tokens of every sequence (Zhou et al., 2022), from whole sequences."""
         E = self.cfg.num_experts
+        parts, index = (split.parts, split.index) if split is not None else (1, 0)
+        full_S = S * parts
         probs_GSE = torch.softmax(logits_TE, dim=-1).view(G, S, E)
-        capacity = min(S, capacity_per_sequence(self.cfg, S, factor=self.cfg.capacity_factor or 1.0))
-        weight_GEC, pos_GEC = probs_GSE.transpose(1, 2).topk(capacity, dim=-1)
-        token_GEC = pos_GEC + (torch.arange(G, device=logits_TE.device) * S)[:, None, None]
-        expert_GEC = torch.arange(E, device=logits_TE.device)[None, :, None].expand_as(token_GEC)
-        count_E = torch.full((E,), G * capacity, dtype=torch.long, device=logits_TE.device)
+        full_GSE = split.gather(probs_GSE.detach()) if split is not None else probs_GSE.detach()
+        capacity = min(full_S, capacity_per_sequence(self.cfg, full_S, factor=self.cfg.capacity_factor or 1.0))
+        pos_GEC = full_GSE.transpose(1, 2).topk(capacity, dim=-1).indices - index * S
+        mine_GEC = (pos_GEC >= 0) & (pos_GEC < S)  # the picked tokens in this rank's slice
+        g_GEC = torch.arange(G, device=logits_TE.device)[:, None, None].expand_as(pos_GEC)
+        e_GEC = torch.arange(E, device=logits_TE.device)[None, :, None].expand_as(pos_GEC)
+        g_A, e_A, pos_A = g_GEC[mine_GEC], e_GEC[mine_GEC], pos_GEC[mine_GEC]
+        count_E = torch.bincount(e_A, minlength=E)
         zero = logits_TE.new_zeros(())
         probs_TE = probs_GSE.view(G * S, E)
         return Routing(
-            token_idx_A=token_GEC.flatten(),
-            expert_idx_A=expert_GEC.flatten(),
-            weight_A=weight_GEC.flatten() * self.cfg.route_scale,
+            token_idx_A=g_A * S + pos_A,
+            expert_idx_A=e_A,
+            weight_A=probs_GSE[g_A, pos_A, e_A] * self.cfg.route_scale,
             routed_E=count_E,
             kept_E=count_E,
             mean_prob_E=probs_TE.detach().mean(0),

@@ -7,30 +7,38 @@ step_N.tmp; rank 0 writes meta.json and COMPLETE only after every rank's files a
 directory. A crash mid-save leaves a .tmp directory (or one without COMPLETE) that is never taken for a
 checkpoint, and the next save removes it.
 
+A save may also run in the background (`start_save(background=True)`, DCP's async_save): the sealing
+then waits in `finish_save` until every rank's write has finished.
+
 Names do not depend on the layout: entries are keyed by full-model FQNs ("model.layers.3.moe.experts.w1",
 "optim.layers.3.moe.experts.w1.exp_avg"), and every sharded tensor is a DTensor that knows its global shape
 and offset. TP and FSDP parameters are DTensors already; expert weights under EP are plain local
-[E/ep, ...] slices, which are wrapped as DTensors sharded over the mesh's "ep" axis. DCP then reads whichever
-slices another layout needs.
+[E/ep, ...] slices (or FSDP's edp shards of them), which are described as DTensors over the expert mesh
+without moving data (`layout_free`). Every rank writes and reads only its own shards: no tensor is gathered,
+and DCP reads whichever saved chunks another layout needs.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from moe.config import ModelConfig, MoEConfig
 from parallel.data_parallel import is_expert_param
@@ -39,6 +47,8 @@ from parallel.safe_metadata import SafeFileSystemReader
 
 CHECKPOINTS = "checkpoints"
 FORMAT = 1
+DCP_METADATA = "dcp_metadata"
+"""Key of `read_meta`'s result holding the parsed DCP .metadata (in memory only, never in meta.json)."""
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Fields that decide tensor shapes: a checkpoint loads only into a model that agrees on all of them.
 _MODEL_SHAPE = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "tie_embeddings")
@@ -126,7 +136,8 @@ def resolve(
 
 
 def read_meta(path: Path, field: str) -> dict:
-    """meta.json of a complete checkpoint, after checking every file it lists has the recorded size."""
+    """meta.json of a complete checkpoint, after checking every file it lists has the recorded size, with
+    DCP's parsed .metadata under DCP_METADATA (so that a load does not read it again)."""
     try:
         meta = json.loads((path / "meta.json").read_text())
         files, step = dict(meta["files"]), int(meta["step"])
@@ -145,7 +156,7 @@ def read_meta(path: Path, field: str) -> dict:
                 "(rule: checkpoint files must be complete and unaltered)"
             )
     try:
-        SafeFileSystemReader(path).read_metadata()
+        meta[DCP_METADATA] = SafeFileSystemReader(path).read_metadata()
     except Exception as err:
         raise CheckpointError(
             f"{field}={path}: .metadata is unreadable ({first_error_line(err)}) "
@@ -171,21 +182,50 @@ def check_compatible(meta: dict, model: ModelConfig, moe: MoEConfig, field: str,
 # --- the layout-free state dict --------------------------------------------------------------------------
 
 
-def _layout_free(name: str, t: torch.Tensor, pm) -> tuple[torch.Tensor, Callable[[], None] | None]:
-    """`t` as DCP should see it (global shape and offset), and what to copy back after a load, if anything."""
+def fsdp_expert_placements(ep: int) -> list[Placement]:
+    """Placements on the expert mesh (edp, ep) of the full [E, ...] expert tensor when FSDP shards each ep
+    rank's [E/ep, ...] block again over edp: dim 0 split by ep first (right to left), then by edp."""
+    return [_StridedShard(0, split_factor=ep), Shard(0)]
+
+
+def layout_free(name: str, t: torch.Tensor, pm) -> torch.Tensor:
+    """`t` as DCP should see it: a tensor or DTensor whose global shape and offset are those of the full
+    (one-process) model, sharing `t`'s storage, so that a save writes and a load fills only this rank's shard.
+
+    Expert weights under EP are the rank's [E/ep, ...] block (ep rank r holds block r), either plain (a
+    DTensor over the expert mesh's ep axis) or sharded again over edp by FSDP (torch.chunk rows, possibly
+    uneven; a DTensor over (edp, ep) with `fsdp_expert_placements`, the `_StridedShard` form FSDP2 itself
+    uses for a dim sharded twice). Nothing is gathered or copied.
+    """
     t = t.detach()
     if t.ndim == 0 or not (is_expert_param(name) and pm.dims.ep > 1):
-        return t, None
-    ep_mesh = pm.mesh[Axis.EP.value]
+        return t
+    mesh, ep = pm.expert_mesh, pm.dims.ep
     if not isinstance(t, DTensor):  # from_local shares storage: DCP loads straight into the parameter
-        return DTensor.from_local(t, ep_mesh, [Shard(0)], run_check=False), None
-    # FSDP shards this rank's [E/ep] experts again over edp: gather them, and re-shard after a load.
-    local = t.full_tensor()
+        return DTensor.from_local(t, mesh[Axis.EP.value], [Shard(0)], run_check=False)
+    assert t.device_mesh.mesh_dim_names == (Axis.EDP.value,) and tuple(t.placements) == (Shard(0),), (name, t)
+    shape = torch.Size((t.shape[0] * ep, *t.shape[1:]))
+    return DTensor.from_local(
+        t.to_local(),
+        mesh[(Axis.EDP.value, Axis.EP.value)],
+        fsdp_expert_placements(ep),
+        run_check=False,
+        shape=shape,
+        stride=tuple(math.prod(shape[i + 1 :]) for i in range(len(shape))),  # contiguous
+    )
 
-    def write_back() -> None:
-        t.to_local().copy_(distribute_tensor(local, t.device_mesh, t.placements, src_data_rank=None).to_local())
 
-    return DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False), write_back
+def shard_extent(name: str, t: torch.Tensor, pm) -> tuple[torch.Size, tuple[int, ...], torch.Tensor]:
+    """The full (one-process) shape of `name`, the offset of this rank's shard in it, and the shard itself
+    (a view of `t`'s storage: writing it fills `t`). Every layout's shard is one box of the full tensor
+    (nested splits of a dim are nested blocks), which the shape and offset describe."""
+    t = layout_free(name, t, pm)
+    if not isinstance(t, DTensor):
+        return t.shape, (0,) * t.ndim, t
+    local = t.to_local()
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    assert tuple(shape) == tuple(local.shape), (name, shape, local.shape)
+    return t.shape, tuple(offset), local
 
 
 def model_tensors(pm) -> list[tuple[str, torch.Tensor]]:
@@ -193,20 +233,6 @@ def model_tensors(pm) -> list[tuple[str, torch.Tensor]]:
     named = list(pm.named_parameters())
     named += [(f"layers.{lid}.moe.router.expert_bias", moe.router.expert_bias) for lid, moe in pm.moe_layers().items()]
     return named
-
-
-@torch.no_grad()
-def copy_full(pm, name: str, t: torch.Tensor, full: torch.Tensor, expert: bool) -> None:
-    """Copies this rank's part of the full tensor `full` into `t` (a parameter or buffer of any layout)."""
-    t = t.detach()
-    if expert and pm.dims.ep > 1:
-        full = full.chunk(pm.dims.ep)[pm.mesh[Axis.EP.value].get_local_rank()]
-    if isinstance(t, DTensor):
-        full = distribute_tensor(full.to(t.device), t.device_mesh, t.placements, src_data_rank=None).to_local()
-        t = t.to_local()
-    if tuple(full.shape) != tuple(t.shape):
-        raise ValueError(f"{name}: shape {tuple(full.shape)} does not fit {tuple(t.shape)} (rule: same model shape)")
-    t.copy_(full)
 
 
 def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -240,28 +266,21 @@ def set_rng_states(states: dict[str, torch.Tensor]) -> None:
         (torch.set_rng_state if kind == "cpu" else torch.cuda.set_rng_state)(state)
 
 
-def build_state(pm, optimizer: torch.optim.Optimizer | None, rank: int, rng: dict[str, torch.Tensor]):
-    """The flat DCP state dict of this rank and the write-backs a load needs afterwards."""
-    state: dict[str, torch.Tensor] = {}
-    write_backs: list[Callable[[], None]] = []
-
-    def add(key: str, name: str, t: torch.Tensor) -> None:
-        state[key], back = _layout_free(name, t, pm)
-        if back is not None:
-            write_backs.append(back)
-
+def build_state(
+    pm, optimizer: torch.optim.Optimizer | None, rank: int, rng: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The flat DCP state dict of this rank: views of its shards, so a load fills them in place."""
     named = model_tensors(pm)
-    for name, t in named:
-        add(f"model.{name}", name, t)
+    state = {f"model.{name}": layout_free(name, t, pm) for name, t in named}
     if optimizer is not None:
         name_of = {id(p): name for name, p in named}
         for group in optimizer.param_groups:
             for p in group["params"]:
                 for key, value in optimizer.state[p].items():
-                    add(f"optim.{name_of[id(p)]}.{key}", name_of[id(p)], value)
+                    state[f"optim.{name_of[id(p)]}.{key}"] = layout_free(name_of[id(p)], value, pm)
     for kind, value in rng.items():  # per rank: each rank has its own streams
         state[f"rng.rank{rank}.{kind}"] = value
-    return state, write_backs
+    return state
 
 
 # --- save and load ------------------------------------------------------------------------------------------
@@ -308,6 +327,99 @@ def remove_stale(root: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+@dataclass
+class PendingSave:
+    """A save whose tensors are being written into `tmp` (in a background thread for an async save);
+    `finish_save` seals it once every rank's write has finished."""
+
+    step: int
+    tmp: Path
+    final: Path
+    meta: dict
+    """What meta.json records (the caller's meta, the step, whether optimizer state and which RNGs are in)."""
+    written: Future
+    """Resolves (to DCP's Metadata) once this rank's files are on disk; raises if the write failed."""
+
+
+def start_save(
+    pm,
+    optimizer,
+    step: int,
+    root: Path,
+    meta: dict,
+    *,
+    background: bool = False,
+    process_group: dist.ProcessGroup | None = None,
+) -> PendingSave:
+    """Starts writing step_N into step_N.tmp on every rank (a collective); `finish_save` seals it.
+
+    background: `dcp.async_save`, which first copies this rank's shards to CPU memory (so training may go on
+    changing them) and then writes from a thread, returning at once. That thread runs DCP's own collectives,
+    so `process_group` should be one that nothing else uses meanwhile (a gloo group of all ranks).
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale(root)
+        tmp.mkdir()
+    _barrier()
+    rng = rng_states()
+    state = build_state(pm, optimizer, rank, rng)
+    meta = {**meta, "step": step, "optimizer": optimizer is not None, "rng": sorted(rng)}
+    writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
+    no_dist = not dist.is_initialized()
+    if background and no_dist:
+        # DCP's writer thread warns after single_process_quiet has returned; in one process it always would.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    try:
+        with single_process_quiet():
+            if background:
+                written = dcp.async_save(state, storage_writer=writer, process_group=process_group, no_dist=no_dist)
+            else:
+                written = Future()
+                written.set_result(dcp.save(state, storage_writer=writer, no_dist=no_dist))
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    assert isinstance(written, Future), type(written)  # FileSystemWriter stages synchronously
+    return PendingSave(step=step, tmp=tmp, final=final, meta=meta, written=written)
+
+
+def finish_save(
+    pending: PendingSave,
+    keep: int,
+    on_written: Callable[[Path], None] | None = None,
+    before_seal: Callable[[Path], None] | None = None,
+) -> Path:
+    """Waits for this rank's write, then (once every rank's has finished) rank 0 seals the save and keeps
+    the newest `keep` saves (a collective). Returns the sealed step_N.
+
+    `on_written(tmp)` runs on every rank once its files are in the unsealed directory; `before_seal(tmp)` on
+    rank 0 once every rank's are, before meta.json.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tmp, root = pending.tmp, pending.tmp.parent
+    try:
+        pending.written.result()
+        if on_written is not None:
+            on_written(tmp)
+        _barrier()
+        if rank == 0:
+            if before_seal is not None:
+                before_seal(tmp)
+            _seal(tmp, pending.final, root, pending.meta)
+            for _, old in complete_checkpoints(root)[:-keep]:
+                remove_checkpoint(old)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier()
+    return pending.final
+
+
 def save(
     pm,
     optimizer,
@@ -320,37 +432,9 @@ def save(
 ) -> Path:
     """Writes step_N atomically on every rank (a collective), then keeps the newest `keep` saves.
 
-    `meta` (JSON) is stored beside the tensors. `on_written(tmp)` runs on every rank once its files are
-    in the unsealed directory; `before_seal(tmp)` on rank 0 once every rank's are, before meta.json.
+    `meta` (JSON) is stored beside the tensors; `on_written` and `before_seal` as in `finish_save`.
     """
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        remove_stale(root)
-        tmp.mkdir()
-    _barrier()
-    rng = rng_states()
-    state, _ = build_state(pm, optimizer, rank, rng)
-    try:
-        writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
-        with single_process_quiet():
-            dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
-        if on_written is not None:
-            on_written(tmp)
-        _barrier()
-        if rank == 0:
-            if before_seal is not None:
-                before_seal(tmp)
-            _seal(tmp, final, root, {**meta, "step": step, "optimizer": optimizer is not None, "rng": sorted(rng)})
-            for _, old in complete_checkpoints(root)[:-keep]:
-                remove_checkpoint(old)
-    except BaseException:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _barrier()
-    return final
+    return finish_save(start_save(pm, optimizer, step, root, meta), keep, on_written, before_seal)
 
 
 def _seal(tmp: Path, final: Path, root: Path, meta: dict) -> None:
@@ -374,7 +458,8 @@ def _seal(tmp: Path, final: Path, root: Path, meta: dict) -> None:
 def load(pm, optimizer, path: Path, meta: dict, field: str, *, weights_only: bool = False) -> None:
     """Loads a checkpoint saved under any layout into this rank's shards (a collective).
 
-    `meta` is the checkpoint's meta.json as `resolve` read it. weights_only: parameters and expert biases
+    `meta` is the checkpoint's meta.json as `resolve` read it (with its parsed .metadata, not read again).
+    Each rank reads only the saved chunks that overlap its own shards. weights_only: parameters and expert biases
     only (the optimizer and RNG start fresh).
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -385,17 +470,16 @@ def load(pm, optimizer, path: Path, meta: dict, field: str, *, weights_only: boo
     # RNG streams belong to ranks: restored only when the world size is the one saved.
     same_world = not weights_only and meta.get("world_size") == world
     rng = rng_states(tuple(meta.get("rng", ()))) if same_world else {}
-    state, write_backs = build_state(pm, optimizer if with_optim else None, rank, rng)
+    state = build_state(pm, optimizer if with_optim else None, rank, rng)
+    reader = SafeFileSystemReader(path, metadata=meta.get(DCP_METADATA))
     try:
         with single_process_quiet():
-            dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=not dist.is_initialized())
+            dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
     except Exception as err:
         raise CheckpointError(
             f"{field}={path} could not be read: {first_error_line(err)} "
             "(rule: the checkpoint must be complete and match the model)"
         ) from None
-    for back in write_backs:
-        back()
     set_rng_states({kind: state[f"rng.rank{rank}.{kind}"] for kind in rng})
 
 

@@ -47,28 +47,56 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "_checkpoint_wrapped_module", module)
 
 
+BUCKET_BYTES = 25 * 2**20
+"""Most gradient bytes flattened into one all-reduce (DDP's default bucket_cap_mb=25)."""
+
+
+def _buckets(grads: list[torch.Tensor], cap: int) -> list[list[torch.Tensor]]:
+    """Consecutive runs of `grads` of at most `cap` bytes each (a larger tensor forms a bucket of its own)."""
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        if not buckets or size + nbytes > cap or g.dtype != buckets[-1][0].dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(g)
+        size += nbytes
+    return buckets
+
+
+def _allreduce_mean(grads: list[torch.Tensor], group: dist.ProcessGroup, dp: int) -> None:
+    """Sums `grads` over `group` in place, one bucket per collective, and divides by dp."""
+    for bucket in _buckets(grads, BUCKET_BYTES):
+        alone = len(bucket) == 1 and bucket[0].is_contiguous()
+        flat = bucket[0] if alone else torch.cat([g.flatten() for g in bucket])
+        dist.all_reduce(flat, group=group)
+        flat.div_(dp)
+        if not alone:
+            for g, chunk in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+                g.copy_(chunk.view_as(g))
+
+
 @torch.no_grad()
 def allreduce_grads(
     model: torch.nn.Module, dp_group: dist.ProcessGroup | None, edp_group: dist.ProcessGroup | None, dp: int
 ) -> None:
-    """Averages replicated gradients: experts over edp, the rest over dp; one flat buffer per group.
+    """Averages replicated gradients: experts over edp, the rest over dp, in buckets of at most BUCKET_BYTES.
 
     Hand-written rather than DDP because DDP reduces all parameters over one group and does not take DTensor
-    (tensor-parallel) parameters; flattening keeps it to two collectives per step.
+    (tensor-parallel) parameters. Bucketing (as DDP does) bounds the extra memory and keeps collectives few.
+    An axis of size 1 (group None, never the default group) has nothing to reduce: its gradients are only
+    divided by dp, in place (no copy).
     """
     dense, expert = [], []
     for fqn, param in model.named_parameters():
         if param.grad is not None:
             (expert if is_expert_param(fqn) else dense).append(_local(param.grad))
     for grads, group in ((dense, dp_group), (expert, edp_group)):
-        if not grads:
-            continue
-        flat = torch.cat([g.flatten() for g in grads])
-        if group is not None:  # None: a size-1 axis (never the default group)
-            dist.all_reduce(flat, group=group)
-        flat.div_(dp)
-        for g, chunk in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-            g.copy_(chunk.view_as(g))
+        if group is not None:
+            _allreduce_mean(grads, group, dp)
+        elif grads and dp > 1:
+            torch._foreach_div_(grads, dp)
 
 
 @torch.no_grad()
@@ -78,22 +106,21 @@ def finish_grads(
     dp_group: dist.ProcessGroup | None,
     edp_group: dist.ProcessGroup | None,
     dp: int,
-    ep: int,
+    edp: int,
 ) -> None:
-    """Completes the data-parallel gradient mean after backward.
+    """Completes the data-parallel gradient mean after backward (`mode` is fsdp only where FSDP was applied).
 
-    FSDP2 has already averaged over each unit's mesh: dp for dense weights, edp = dp/ep for experts, so expert
-    gradients still need 1/ep. (FSDP2's own divide factor uses PREMUL_SUM, which gloo lacks.)
+    The step's gradient is the mean over the dp ranks' losses. An expert's gradient already sums what every
+    rank of its ep group sent it, so its edp replicas are summed and divided by dp. FSDP2 has already averaged
+    over each unit's mesh (dp for dense weights, edp for experts), so expert gradients still need edp/dp.
+    (FSDP2's own divide factor uses PREMUL_SUM, which gloo lacks.)
     """
-    if dp == 1:
-        return
     for part in parts:
         if mode == "replicate":
             allreduce_grads(part, dp_group, edp_group, dp)
-        elif ep > 1:
-            for fqn, param in part.named_parameters():
-                if param.grad is not None and is_expert_param(fqn):
-                    param.grad.div_(ep)
+        elif edp != dp:
+            grads = [p.grad for fqn, p in part.named_parameters() if p.grad is not None and is_expert_param(fqn)]
+            torch._foreach_mul_(grads, edp / dp)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

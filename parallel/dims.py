@@ -1,9 +1,11 @@
-"""ParallelDims: the one place that validates parallel degrees and builds the named DeviceMesh.
+"""ParallelDims: the one place that validates parallel degrees and builds the named DeviceMeshes.
 
-Mesh layout (outermost first): pp, edp, ep, tp. Dense layers see data parallelism over the flattened
-(edp, ep) axis "dp"; MoE experts are sharded over "ep" and replicated over "edp" (Megatron's "parallel
-folding", torchtitan's EP-within-DP). tp is innermost so tensor-parallel ranks share a node; ep sits next
-so the all-to-all stays as local as the layout allows.
+Two meshes over the same ranks, both row-major (Megatron-Core's "parallel folding"):
+- dense layers: pp, dp, tp (outermost first), plus "batch", the flattened (dp, tp) ranks that share one
+  micro-batch's tokens. tp is innermost so tensor-parallel ranks share a node.
+- experts: pp, edp, ep with edp * ep = dp * tp. ep takes consecutive ranks, so an expert-parallel group
+  spans the tp ranks first (their MoE work is split, not repeated) and then neighbouring dp ranks, keeping
+  the all-to-all as local as the layout allows; edp ranks hold replicas of the same experts.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ class Axis(str, Enum):
 
     PP = "pp"
     DP = "dp"
+    TP = "tp"
+    BATCH = "batch"
     EDP = "edp"
     EP = "ep"
-    TP = "tp"
 
 
 def _rule(field: str, value: object, rule: str) -> ValueError:
@@ -32,7 +35,7 @@ def _rule(field: str, value: object, rule: str) -> ValueError:
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Validated degrees; `world_size = pp * dp * tp` and `dp = edp * ep`."""
+    """Validated degrees; `world_size = pp * dp * tp` and `dp * tp = edp * ep`."""
 
     pp: int
     dp: int
@@ -42,7 +45,8 @@ class ParallelDims:
 
     @property
     def edp(self) -> int:
-        return self.dp // self.ep
+        """Replicas of each expert: the dp x tp ranks sharing a micro-batch, over ep."""
+        return self.dp * self.tp // self.ep
 
     @property
     def is_distributed(self) -> bool:
@@ -61,16 +65,24 @@ class ParallelDims:
         dp = world_size // (p.pp * p.tp) if p.dp == -1 else p.dp
         if p.pp * dp * p.tp != world_size:
             raise _rule("parallel.pp*dp*tp", f"{p.pp}*{dp}*{p.tp}", f"must equal the world size {world_size}")
-        if dp % p.ep:
-            raise _rule("parallel.ep", p.ep, f"must divide the data-parallel degree dp={dp} (experts fold into dp)")
+        if (dp * p.tp) % p.ep:
+            raise _rule(
+                "parallel.ep",
+                p.ep,
+                f"must divide dp x tp = {dp}x{p.tp} (experts fold into the data- and tensor-parallel ranks)",
+            )
         return cls(pp=p.pp, dp=dp, tp=p.tp, ep=p.ep, world_size=world_size)
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The world mesh with axes pp, edp, ep, tp and the flattened dp = (edp, ep)."""
+        """The dense mesh: axes pp, dp, tp and the flattened batch = (dp, tp)."""
         mesh = init_device_mesh(
-            device_type,
-            (self.pp, self.edp, self.ep, self.tp),
-            mesh_dim_names=(Axis.PP.value, Axis.EDP.value, Axis.EP.value, Axis.TP.value),
+            device_type, (self.pp, self.dp, self.tp), mesh_dim_names=(Axis.PP.value, Axis.DP.value, Axis.TP.value)
         )
-        mesh[(Axis.EDP.value, Axis.EP.value)]._flatten(Axis.DP.value)
+        mesh[(Axis.DP.value, Axis.TP.value)]._flatten(Axis.BATCH.value)
         return mesh
+
+    def build_expert_mesh(self, device_type: str) -> DeviceMesh:
+        """The experts' mesh over the same ranks: axes pp, edp, ep."""
+        return init_device_mesh(
+            device_type, (self.pp, self.edp, self.ep), mesh_dim_names=(Axis.PP.value, Axis.EDP.value, Axis.EP.value)
+        )

@@ -1,5 +1,10 @@
 """Expert parallelism: experts sharded over the "ep" mesh axis, tokens moved by all-to-all.
 
+Under tensor parallelism the tp ranks do not repeat each other's MoE work ("parallel folding", as in
+Megatron-Core): each routes and sends its slice of every sequence (the sequence-parallel split), and the
+expert-parallel group may span the tp axis. Balancing counts are summed over every rank holding tokens of the
+micro-batch (dp x tp), and capacity is decided on whole sequences from the slices' top-k decisions.
+
 Shape legend: T tokens, A kept assignments, D model dim, E experts, El = E / ep local experts,
 R rows received by this rank.
 
@@ -28,29 +33,58 @@ def _sum_over(group: dist.ProcessGroup | None, counts_E: torch.Tensor) -> torch.
     return total
 
 
-class DataParallelDispatcher(LocalDispatcher):
-    """All experts local; balancing counts are still summed over the data-parallel group."""
+class TensorParallelSplit:
+    """This tp rank's slice of every sequence (a `moe.router.SequenceSplit` over the tp group)."""
 
-    def __init__(self, num_experts: int, dp_group: dist.ProcessGroup | None) -> None:
+    def __init__(self, tp_group: dist.ProcessGroup) -> None:
+        self.group = tp_group
+        self.parts = dist.get_world_size(tp_group)
+        self.index = dist.get_rank(tp_group)
+
+    @torch.no_grad()
+    def gather(self, t_GS: torch.Tensor) -> torch.Tensor:
+        pieces = [torch.empty_like(t_GS) for _ in range(self.parts)]
+        dist.all_gather(pieces, t_GS.contiguous(), group=self.group)
+        return torch.cat(pieces, dim=1)
+
+    @torch.no_grad()
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return _sum_over(self.group, t)
+
+
+class DataParallelDispatcher(LocalDispatcher):
+    """All experts local; balancing counts are still summed over every rank holding tokens of the batch."""
+
+    def __init__(
+        self, num_experts: int, token_group: dist.ProcessGroup | None, split: TensorParallelSplit | None = None
+    ) -> None:
         super().__init__(num_experts)
-        self.dp_group = dp_group
+        self.token_group = token_group
+        self.sequence_split = split
 
     def reduce_load(self, counts_E: torch.Tensor) -> torch.Tensor:
-        return _sum_over(self.dp_group, counts_E)
+        return _sum_over(self.token_group, counts_E)
 
 
 class AllToAllDispatcher:
     """Sends each assignment to the ep rank owning its expert and brings the outputs back."""
 
-    def __init__(self, num_experts: int, ep_group: dist.ProcessGroup, dp_group: dist.ProcessGroup | None) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        ep_group: dist.ProcessGroup,
+        token_group: dist.ProcessGroup | None,
+        split: TensorParallelSplit | None = None,
+    ) -> None:
         self.ep_size = dist.get_world_size(ep_group)
         self.ep_group = ep_group
-        self.dp_group = dp_group
+        self.token_group = token_group
+        self.sequence_split = split
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.ep_size
 
     def reduce_load(self, counts_E: torch.Tensor) -> torch.Tensor:
-        return _sum_over(self.dp_group, counts_E)
+        return _sum_over(self.token_group, counts_E)
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchMeta]:
         # 1. local: sort assignments by global expert; experts of ep rank r are the r-th block of El.
@@ -86,15 +120,25 @@ class AllToAllDispatcher:
         return funcol.wait_tensor(out)
 
 
-def apply_ep(model: Transformer, ep_group: dist.ProcessGroup | None, dp_group: dist.ProcessGroup | None) -> None:
-    """Shrinks every MoE layer to its local experts and installs the matching dispatcher (meta device)."""
+def apply_ep(
+    model: Transformer,
+    ep_group: dist.ProcessGroup | None,
+    token_group: dist.ProcessGroup | None,
+    tp_group: dist.ProcessGroup | None = None,
+) -> None:
+    """Shrinks every MoE layer to its local experts and installs the matching dispatcher (meta device).
+
+    `token_group`: every rank holding tokens of the micro-batch (dp x tp); `tp_group`: set when tp ranks
+    each route a slice of every sequence.
+    """
     ep = dist.get_world_size(ep_group) if ep_group is not None else 1
+    split = TensorParallelSplit(tp_group) if tp_group is not None else None
     for moe in model.moe_layers().values():
         cfg = moe.cfg
         if ep == 1:
-            moe.dispatcher = DataParallelDispatcher(cfg.num_experts, dp_group)
+            moe.dispatcher = DataParallelDispatcher(cfg.num_experts, token_group, split)
             continue
         old = moe.experts
         with torch.device(old.w1.device):
             moe.experts = GroupedExperts(cfg.num_experts // ep, old.w1.shape[1], old.w1.shape[2], cfg.grouped_mm)
-        moe.dispatcher = AllToAllDispatcher(cfg.num_experts, ep_group, dp_group)
+        moe.dispatcher = AllToAllDispatcher(cfg.num_experts, ep_group, token_group, split)

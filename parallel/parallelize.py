@@ -1,5 +1,6 @@
 """Builds this rank's part of the model: split into pipeline stages, then TP -> EP -> AC -> compile ->
-materialise -> DP, one small `apply_*` step each (as torchtitan orders them).
+DP, one small `apply_*` step each (as torchtitan orders them), all on the meta device; only then are this
+rank's local shards allocated and filled (or left for a checkpoint to fill).
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining.schedules import _PipelineSchedule
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from moe.config import ModelConfig, MoEConfig
+from moe.init import init_slice_
 from moe.layer import MoELayer
-from moe.model import Transformer, init_full_tensor
+from moe.model import Transformer
 from parallel.config import ParallelConfig
 from parallel.data_parallel import apply_fsdp, clean_fqn, is_expert_param
 from parallel.dims import Axis, ParallelDims
 from parallel.expert import apply_ep
-from parallel.pipeline import build_schedule, local_stage_ids, split_model, stage_layer_ranges
+from parallel.pipeline import StageShapes, build_schedule, local_stage_ids, split_model, stage_layer_ranges
 from parallel.tensor import apply_tp
 
 
@@ -33,18 +36,21 @@ class Groups:
     ep: dist.ProcessGroup | None = None
     pp: dist.ProcessGroup | None = None
     tp: dist.ProcessGroup | None = None
+    batch: dist.ProcessGroup | None = None
+    """The dp x tp ranks holding tokens of one micro-batch (MoE balancing counts are summed over them)."""
 
     @classmethod
-    def from_mesh(cls, mesh: DeviceMesh | None, dims: ParallelDims) -> Groups:
-        if mesh is None:
+    def from_mesh(cls, mesh: DeviceMesh | None, expert_mesh: DeviceMesh | None, dims: ParallelDims) -> Groups:
+        if mesh is None or expert_mesh is None:
             return cls()
-        pick = lambda axis, size: mesh[axis.value].get_group() if size > 1 else None
+        pick = lambda m, axis, size: m[axis.value].get_group() if size > 1 else None
         return cls(
-            dp=pick(Axis.DP, dims.dp),
-            edp=pick(Axis.EDP, dims.edp),
-            ep=pick(Axis.EP, dims.ep),
-            pp=pick(Axis.PP, dims.pp),
-            tp=pick(Axis.TP, dims.tp),
+            dp=pick(mesh, Axis.DP, dims.dp),
+            edp=pick(expert_mesh, Axis.EDP, dims.edp),
+            ep=pick(expert_mesh, Axis.EP, dims.ep),
+            pp=pick(mesh, Axis.PP, dims.pp),
+            tp=pick(mesh, Axis.TP, dims.tp),
+            batch=pick(mesh, Axis.BATCH, dims.dp * dims.tp),
         )
 
 
@@ -57,6 +63,9 @@ class ParallelModel:
     n_stages: int
     dims: ParallelDims
     mesh: DeviceMesh | None
+    """Dense layers' mesh (pp, dp, tp); None in one process."""
+    expert_mesh: DeviceMesh | None
+    """Experts' mesh (pp, edp, ep) over the same ranks; None in one process."""
     groups: Groups
     schedule: _PipelineSchedule | None = None
 
@@ -83,24 +92,33 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _shard_extent(name: str, param: torch.Tensor, ep_rank: int, ep: int) -> tuple[list[int], list[int]]:
+    """The full (one-process) shape of parameter `name` and the offset of this rank's local shard in it.
+
+    DTensors (TP, FSDP, both) know their global shape and offset; under EP an expert tensor's shape is the
+    rank's [E/ep, ...] block, which starts at expert ep_rank * E/ep.
+    """
+    if isinstance(param, DTensor):
+        local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        assert tuple(local_shape) == tuple(param.to_local().shape), (name, local_shape, param.to_local().shape)
+    else:
+        offset = (0,) * param.ndim
+    shape, offset = list(param.shape), list(offset)
+    if is_expert_param(name) and ep > 1:
+        offset[0] += ep_rank * shape[0]
+        shape[0] *= ep
+    return shape, offset
+
+
 @torch.no_grad()
-def materialize(part: Transformer, cfg: ModelConfig, seed: int, device: torch.device, ep_rank: int, ep: int) -> None:
-    """Allocates `part` on `device` and fills each local shard from the full tensor one process would have."""
-    part.to_empty(device=device)
+def init_local_shards(part: Transformer, cfg: ModelConfig, seed: int, ep_rank: int, ep: int) -> None:
+    """Fills each allocated local shard with its slice of one process's initial weights (no full tensors)."""
     for fqn, param in part.named_parameters():
         name = clean_fqn(fqn)
-        shape = list(param.shape)
-        if is_expert_param(name):
-            shape[0] *= ep
-        full = init_full_tensor(name, shape, cfg, seed)
-        if is_expert_param(name):
-            full = full.chunk(ep)[ep_rank]
-        if isinstance(param, DTensor):
-            full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-        _local(param).copy_(full)
+        shape, offset = _shard_extent(name, param, ep_rank, ep)
+        init_slice_(_local(param), name, shape, offset, cfg, seed)
     for moe in part.moe_layers().values():
         moe.router.expert_bias.zero_()
-    part.reset_buffers(device)
 
 
 def apply_ac(part: Transformer, mode: str, every: int) -> None:
@@ -124,12 +142,17 @@ def build_parallel_model(
     pcfg: ParallelConfig,
     dims: ParallelDims,
     mesh: DeviceMesh | None,
+    expert_mesh: DeviceMesh | None,
     device: torch.device,
     seed: int,
     bf16: bool = False,
+    init: bool = True,
 ) -> ParallelModel:
-    """This rank's model parts, sharded and initialised identically to one process's model."""
-    groups = Groups.from_mesh(mesh, dims)
+    """This rank's model parts, sharded and initialised identically to one process's model.
+
+    init=False allocates the shards without filling them, for a checkpoint load to overwrite.
+    """
+    groups = Groups.from_mesh(mesh, expert_mesh, dims)
     with torch.device("meta"):
         whole = Transformer(model_cfg, moe_cfg)
     n_stages = dims.pp * pcfg.pp_stages_per_rank
@@ -140,25 +163,42 @@ def build_parallel_model(
         parts = [split_model(whole, sid, ranges) for sid in stage_ids]
     else:
         stage_ids, parts = [0], [whole]
-    ep_rank = mesh[Axis.EP.value].get_local_rank() if dims.ep > 1 else 0
+    ep_rank = expert_mesh[Axis.EP.value].get_local_rank() if dims.ep > 1 else 0
     for part in parts:
         if dims.tp > 1:
             apply_tp(part, mesh[Axis.TP.value], pcfg.sequence_parallel)
-        apply_ep(part, groups.ep, groups.dp)
+        apply_ep(part, groups.ep, groups.batch, groups.tp)
         apply_ac(part, pcfg.activation_checkpoint, pcfg.ac_every)
         if pcfg.compile:
             apply_compile(part)
-        # Materialised before FSDP so every shard is cut from the same full tensor with plain placements.
-        materialize(part, model_cfg, seed, device, ep_rank, dims.ep)
         if pcfg.dp_mode == "fsdp" and dims.dp > 1:
-            apply_fsdp(part, mesh[Axis.DP.value], mesh[Axis.EDP.value], bf16)
-    return ParallelModel(parts=parts, stage_ids=stage_ids, n_stages=n_stages, dims=dims, mesh=mesh, groups=groups)
+            apply_fsdp(part, mesh[Axis.DP.value], expert_mesh[Axis.EDP.value], bf16)
+        part.to_empty(device=device)  # the first real allocation: local shards only
+        if model_cfg.tie_embeddings and part.output is not None and part.tok_embeddings is not None:
+            part.output.weight = part.tok_embeddings.weight  # to_empty gave each module its own new tensor
+        if init:
+            init_local_shards(part, model_cfg, seed, ep_rank, dims.ep)
+        part.reset_buffers(device)
+    return ParallelModel(
+        parts=parts,
+        stage_ids=stage_ids,
+        n_stages=n_stages,
+        dims=dims,
+        mesh=mesh,
+        expert_mesh=expert_mesh,
+        groups=groups,
+    )
 
 
 def attach_schedule(
-    pm: ParallelModel, pcfg: ParallelConfig, device: torch.device, n_microbatches: int, loss_fn
+    pm: ParallelModel,
+    pcfg: ParallelConfig,
+    device: torch.device,
+    n_microbatches: int,
+    loss_fn,
+    shapes: StageShapes,
 ) -> None:
-    """Adds the pipeline schedule (pp > 1)."""
+    """Adds the pipeline schedule (pp > 1), its stages built with the declared `shapes`."""
     if pm.dims.pp > 1:
         pm.schedule = build_schedule(
             pm.parts,
@@ -169,4 +209,5 @@ def attach_schedule(
             pcfg.pp_schedule,
             n_microbatches,
             loss_fn,
+            shapes,
         )

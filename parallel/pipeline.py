@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -19,6 +20,7 @@ from torch.distributed.pipelining.schedules import (
     ScheduleInterleaved1F1B,
     _PipelineSchedule,
 )
+from torch.distributed.tensor import DTensor, Shard
 
 from moe.model import Transformer
 
@@ -51,6 +53,56 @@ def split_model(model: Transformer, stage_id: int, ranges: list[tuple[int, int]]
     return stage
 
 
+@dataclass(frozen=True)
+class StageShapes:
+    """What crosses a stage boundary for one micro-batch, declared so that no stage has to run a forward on
+    placeholder data to find out (which would route every placeholder token to the same experts)."""
+
+    micro_rows: int
+    """Sequences per micro-batch on this rank."""
+    seq_len: int
+    dim: int
+    vocab_size: int
+    hidden_dtype: torch.dtype
+    """The residual stream's dtype between blocks (bf16 when FSDP casts parameters to bf16)."""
+    tp_mesh: DeviceMesh | None = None
+    """With tp > 1 the logits are vocab-sharded DTensors."""
+    sequence_parallel: bool = False
+    """With tp > 1 and sequence parallelism, blocks pass on a 1/tp slice of the sequence."""
+
+    def _meta(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        # Floating tensors carry gradients across the boundary: the schedule derives the backward's
+        # buffers from requires_grad.
+        return torch.empty(shape, dtype=dtype, device="meta", requires_grad=dtype.is_floating_point)
+
+    def inputs(self, stage_id: int) -> torch.Tensor:
+        if stage_id == 0:
+            return self._meta((self.micro_rows, self.seq_len), torch.long)
+        return self.hidden()
+
+    def outputs(self, stage_id: int, n_stages: int) -> torch.Tensor:
+        if stage_id < n_stages - 1:
+            return self.hidden()
+        if self.tp_mesh is None:
+            return self._meta((self.micro_rows, self.seq_len, self.vocab_size), torch.float32)
+        tp = self.tp_mesh.size()
+        local = self._meta((self.micro_rows, self.seq_len, self.vocab_size // tp), torch.float32)
+        return DTensor.from_local(local, self.tp_mesh, [Shard(-1)], run_check=False)
+
+    def input_grads(self, stage_id: int) -> tuple[torch.Tensor | None]:
+        """What backward sends to the previous stage (nothing from the first: token ids have no gradient)."""
+        return (None,) if stage_id == 0 else (self.hidden(),)
+
+    def output_grads(self, stage_id: int, n_stages: int) -> tuple[torch.Tensor]:
+        """What backward receives from the next stage (the last stage's comes from its loss)."""
+        return (self.outputs(stage_id, n_stages),)
+
+    def hidden(self) -> torch.Tensor:
+        tp = self.tp_mesh.size() if self.tp_mesh is not None else 1
+        seq = self.seq_len // tp if self.sequence_parallel else self.seq_len
+        return self._meta((self.micro_rows, seq, self.dim), self.hidden_dtype)
+
+
 def build_schedule(
     stages: list[torch.nn.Module],
     stage_ids: list[int],
@@ -60,10 +112,23 @@ def build_schedule(
     schedule: str,
     n_microbatches: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    shapes: StageShapes,
 ) -> _PipelineSchedule:
-    """Wraps each local stage module and builds the configured schedule (gradients scaled by 1/n_microbatches)."""
+    """Wraps each local stage module with its declared input and output shapes and builds the configured
+    schedule (gradients scaled by 1/n_microbatches)."""
     pipe_stages = [
-        PipelineStage(module, sid, n_stages, device, group=pp_mesh.get_group())
+        PipelineStage(
+            module,
+            sid,
+            n_stages,
+            device,
+            input_args=shapes.inputs(sid),
+            output_args=shapes.outputs(sid, n_stages),
+            # With DTensor logits (tp > 1) the schedule needs the gradients declared too to stay static.
+            input_grads=shapes.input_grads(sid),
+            output_grads=shapes.output_grads(sid, n_stages),
+            group=pp_mesh.get_group(),
+        )
         for module, sid in zip(stages, stage_ids, strict=True)
     ]
     cls = SCHEDULES[schedule]

@@ -5,16 +5,22 @@ embedding is vocab-parallel (row-wise over the table); the output projection is 
 vocabulary and its logits stay sharded for `loss_parallel` cross-entropy, so full logits never exist on one
 rank. With sequence parallelism, norms and residuals hold a 1/tp slice of the sequence between blocks.
 
-MoE layers are not split over tp: each tp rank routes the same (gathered) tokens and runs the same experts,
-which keeps per-sequence capacity exact; expert parallelism is what shards experts.
+MoE layers share their work over tp instead of repeating it ("parallel folding"): each tp rank routes and
+dispatches its slice of every sequence (the sequence-parallel split; without sequence parallelism the slice
+is cut locally and the output all-gathered), and `parallel/expert.py` keeps capacity exact per sequence.
+The router and shared experts then see 1/tp of the tokens on each tp rank: `reduce_tp_partial_grads` sums
+their gradients over tp.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 
+import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -59,12 +65,12 @@ def _block_plan(is_moe: bool, sequence_parallel: bool) -> dict:
         plan["attention_norm"] = SequenceParallel()
         plan["ffn_norm"] = SequenceParallel()
     if is_moe:
-        # Every tp rank needs the whole sequences to route them exactly as one process would.
+        # Each tp rank takes its slice of the sequence (a local cut when blocks pass replicated activations).
         plan["moe"] = PrepareModuleInputOutput(
             input_layouts=(between_blocks,),
-            desired_input_layouts=(Replicate(),),
+            desired_input_layouts=(Shard(1),),
             use_local_input=True,
-            output_layouts=(Replicate(),),
+            output_layouts=(Shard(1),),
             desired_output_layouts=(between_blocks,),
             use_local_output=True,
         )
@@ -74,6 +80,33 @@ def _block_plan(is_moe: bool, sequence_parallel: bool) -> dict:
         plan["feed_forward.w3"] = ColwiseParallel()
         plan["feed_forward.w2"] = RowwiseParallel(output_layouts=between_blocks)
     return plan
+
+
+_TP_PARTIAL = re.compile(r"\.moe\.(router|shared_experts)\.")
+
+
+def is_tp_partial(fqn: str) -> bool:
+    """Replicated over tp but fed 1/tp of the tokens on each tp rank: its gradient is a sum over tp."""
+    return bool(_TP_PARTIAL.search(fqn))
+
+
+@torch.no_grad()
+def reduce_tp_partial_grads(named_params: list[tuple[str, torch.nn.Parameter]], tp_group) -> None:
+    """Sums the MoE router and shared-expert gradients over tp (each tp rank saw its own slice of tokens);
+    one flat buffer, since these are small."""
+    if tp_group is None:
+        return
+    grads = [_local(p.grad) for name, p in named_params if p.grad is not None and is_tp_partial(name)]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=tp_group)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(part.view_as(g))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def loss_context(tp: int) -> contextlib.AbstractContextManager:

@@ -5,8 +5,8 @@ Shape legend: L MoE layers of the whole model, E experts, P expert-parallel rank
 The MoE layers already keep detached per-forward statistics; the trainer drains them every step and hands
 them here. Only logged steps pay: one pack of a few small tensors per layer, one all-reduce of an [L, 4E+P+2]
 float64 matrix over the world group, and one copy to the host. The world group (not the data-parallel one)
-because pipeline stages hold different layers and rank 0 writes them all; tensor-parallel ranks repeat the
-same routing, so only tp rank 0 contributes.
+because pipeline stages hold different layers and rank 0 writes them all; every rank contributes the tokens
+it routed (tensor-parallel ranks route different slices of the sequences).
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ class ExpertLoadTracker:
         device: torch.device,
         ep: int,
         ep_rank: int,
-        contributes: bool,
         run_dir: Path | None,
         dead_steps: int,
         imbalance_warn: float,
@@ -62,7 +61,6 @@ class ExpertLoadTracker:
         self.layer_ids = moe_layer_ids(model)
         self.E, self.P, self.ep_rank = moe.num_experts, ep, ep_rank
         self.device = device
-        self.contributes = contributes
         self.bias_used = moe.bias_update_rate > 0
         self.dead_steps, self.imbalance_warn = dead_steps, imbalance_warn
         self.dead_streak = torch.zeros(len(self.layer_ids), self.E, dtype=torch.long)
@@ -76,8 +74,6 @@ class ExpertLoadTracker:
         """This rank's rows [L, routed E | kept E | mean_prob E | bias E | received P | entropy | 1]."""
         E, P = self.E, self.P
         rows = torch.zeros(len(self.layer_ids), 4 * E + P + 2, dtype=torch.float64, device=self.device)
-        if not self.contributes:
-            return rows
         for i, lid in enumerate(self.layer_ids):
             stats = layer_stats.get(lid)
             if not stats:

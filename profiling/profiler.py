@@ -34,8 +34,8 @@ def throughput(tokens_per_s: float, world: int, flops_per_token: float, peak_tfl
     return out
 
 
-def _axis_rank(pm: ParallelModel, axis: Axis, size: int) -> int:
-    return pm.mesh[axis.value].get_local_rank() if size > 1 else 0
+def _ep_rank(pm: ParallelModel) -> int:
+    return pm.expert_mesh[Axis.EP.value].get_local_rank() if pm.dims.ep > 1 else 0
 
 
 class StepProfiler:
@@ -67,8 +67,7 @@ class StepProfiler:
                 moe,
                 device,
                 ep=pm.dims.ep,
-                ep_rank=_axis_rank(pm, Axis.EP, pm.dims.ep),
-                contributes=_axis_rank(pm, Axis.TP, pm.dims.tp) == 0,
+                ep_rank=_ep_rank(pm),
                 run_dir=run_dir if self.rank == 0 else None,
                 dead_steps=p.dead_expert_steps,
                 imbalance_warn=p.imbalance_warn,

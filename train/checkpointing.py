@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from moe.config import ModelConfig, MoEConfig
 from parallel import checkpoint as ckpt
@@ -30,6 +31,9 @@ class CheckpointConfig:
     """Save every N steps (0 = only at the end and on SIGTERM); needs enabled=true."""
     keep: int = 2
     """Keep the newest K complete checkpoints (older ones are deleted after a save)."""
+    async_save: bool = False
+    """Write each save in a background thread (DCP async_save, after a copy of the shards to CPU memory); it is
+    sealed at the next save or at the end of the run (SIGTERM included), once every rank's write has finished."""
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -53,6 +57,22 @@ def preflight(resume: str, init_from: str | None, run_dir: str, model: ModelConf
         ckpt.check_compatible(meta, model, moe, "train.init_from", path)
 
 
+def find_resume(resume: str, run_dir: str, rank: int, model: ModelConfig, moe: MoEConfig) -> tuple[Path, dict] | None:
+    """The checkpoint train.resume names, checked against the model (path and meta.json), or None.
+
+    Called on every rank before the model is built, so a resumed run can skip initialising weights that the
+    load overwrites. The launcher checked it before spawning; rank 0 reports checkpoints that resume=auto
+    passes over.
+    """
+    if resume == "none" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume = "auto"  # a restarted worker group continues its job; it never starts it over
+    skipped = lambda line: print(f"moeyard: {line}", flush=True) if rank == 0 else None
+    found = ckpt.resolve(resume, run_dir, "train.resume", on_skip=skipped)
+    if found is not None:
+        ckpt.check_compatible(found[1], model, moe, "train.resume", found[0])
+    return found
+
+
 class Checkpointer:
     """Loads what the run starts from and saves every checkpoint.every steps, at the end and on SIGTERM."""
 
@@ -73,23 +93,27 @@ class Checkpointer:
         self.meta = meta  # what meta.json records besides the step
         self.root = ckpt.checkpoint_root(run_dir)
         self.saved_step: int | None = None
+        self.pending: ckpt.PendingSave | None = None
+        """An async save still being written (or written but not yet sealed)."""
+        # The background write runs DCP's collectives from its own thread while training runs its own: a
+        # separate gloo group (every rank creates it here, in the same order) keeps the two apart.
+        background = cfg.enabled and cfg.async_save and dist.is_initialized()
+        self.save_group = dist.new_group(backend="gloo") if background else None
 
     def _note(self, text: str) -> None:
         if self.rank == 0:
             print(f"moeyard: {text}", flush=True)
 
-    def restore(self, resume: str, init_from: str | None, model: ModelConfig, moe: MoEConfig) -> int:
-        """Loads train.resume (everything) or train.init_from (weights); returns the step to continue from.
+    def restore(
+        self, found: tuple[Path, dict] | None, init_from: str | None, model: ModelConfig, moe: MoEConfig
+    ) -> int:
+        """Loads `found` (train.resume as `find_resume` resolved it: everything) or train.init_from (weights);
+        returns the step to continue from.
 
         The launcher checked both before spawning; here each is read once (its meta.json included).
         """
-        if resume == "none" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-            resume = "auto"  # a restarted worker group continues its job; it never starts it over
-        skipped = lambda line: self._note(line)
-        found = ckpt.resolve(resume, self.run_dir, "train.resume", on_skip=skipped)
         if found is not None:
             path, meta = found
-            ckpt.check_compatible(meta, model, moe, "train.resume", path)
             ckpt.load(self.pm, self.optimizer, path, meta, "train.resume")
             self.saved_step = meta["step"]
             layout = " ".join(f"{k}={v}" for k, v in meta["layout"].items())
@@ -97,7 +121,7 @@ class Checkpointer:
             return meta["step"]
         if init_from:
             if is_hf_dir(init_from):
-                load_hf_weights(self.pm, Path(init_from), model, moe)
+                load_hf_weights(self.pm, Path(init_from), model)
             else:
                 path, meta = ckpt.resolve(init_from, self.run_dir, "train.init_from")
                 ckpt.check_compatible(meta, model, moe, "train.init_from", path)
@@ -106,23 +130,42 @@ class Checkpointer:
         return 0
 
     def after_step(self, trainer, step: int, final: bool) -> None:
-        """Saves if checkpointing is on and this step is due (or the run ends or was asked to stop)."""
+        """Saves if checkpointing is on and this step is due (or the run ends or was asked to stop).
+
+        An async save is sealed before the next one starts and at the end: a run never exits, nor starts
+        another save, while one is being written.
+        """
         c = self.cfg
-        due = final or (c.every > 0 and step % c.every == 0)
-        if not c.enabled or not due or step == self.saved_step:
+        if not c.enabled:
             return
-        ckpt.save(
+        due = (final or (c.every > 0 and step % c.every == 0)) and step != self.saved_step
+        if self.pending is not None and (due or final):
+            self._seal_pending(trainer)
+        if not due:
+            return
+        self.pending = ckpt.start_save(
             self.pm,
             self.optimizer,
             step,
             self.root,
-            c.keep,
             self.meta(),
+            background=c.async_save,
+            process_group=self.save_group,
+        )
+        self.saved_step = step
+        if final or not c.async_save:
+            self._seal_pending(trainer)
+
+    def _seal_pending(self, trainer) -> None:
+        pending, self.pending = self.pending, None
+        step = pending.step
+        path = ckpt.finish_save(
+            pending,
+            self.cfg.keep,
             on_written=lambda tmp: self.callbacks.on_checkpoint_written(trainer, step, tmp),
             before_seal=lambda tmp: self.callbacks.before_seal(trainer, step, tmp),
         )
-        self.saved_step = step
-        self._note(f"saved checkpoint {self.root / f'step_{step}'}")
+        self._note(f"saved checkpoint {path}")
 
 
 def checkpoint_meta(world_size: int, layout: dict, model: ModelConfig, moe: MoEConfig, seed: int) -> dict:

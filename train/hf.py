@@ -13,6 +13,9 @@ Conventions that differ and how the export bridges them:
 - Our RoPE rotates interleaved channel pairs (2i, 2i+1); HF's rotate_half rotates (i, i + head_dim/2), with
   the same frequencies. Permuting each head's rows of q_proj and k_proj maps one onto the other (attention
   scores do not change when q and k channels share a permutation), as Meta's Llama weights are converted.
+
+Neither direction holds more than one tensor: export streams one checkpoint entry at a time into its
+safetensors file, and import reads, per rank, only the slices of the HF tensors that its shards hold.
 """
 
 from __future__ import annotations
@@ -20,21 +23,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+import struct
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
-from safetensors.torch import save_file
+from torch.distributed.checkpoint.metadata import Metadata
 
 from moe.config import ModelConfig, MoEConfig
 from moe.model import Transformer
 from parallel import checkpoint as ckpt
-from parallel.data_parallel import is_expert_param
 from parallel.safe_metadata import SafeFileSystemReader
 
 INDEX = "model.safetensors.index.json"
+_Read = Callable[[str, tuple[slice, ...], torch.Size], torch.Tensor]
 _LAYER = {
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",
@@ -44,6 +50,8 @@ _LAYER = {
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "moe.router.gate.weight": "block_sparse_moe.gate.weight",
 }
+_ROPE_ROWS = {"attention.wq.weight": "n_heads", "attention.wk.weight": "n_kv_heads"}
+"""Projections whose rows are permuted per head between our RoPE and HF's, and their head-count field."""
 _TOP = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
@@ -97,37 +105,52 @@ def _rope_rows_from_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, -1, w.shape[-1]).transpose(1, 2).reshape(w.shape)
 
 
-def to_hf(name: str, t: torch.Tensor, m: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF tensors for our full tensor `name`."""
+def to_hf(name: str, t: torch.Tensor, m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensors for our full tensor `name`, one at a time (an expert stack gives one per expert, as views)."""
     if name in _TOP:
-        return {_TOP[name]: t}
+        yield _TOP[name], t
+        return
     _, lid, rest = name.split(".", 2)
     prefix = f"model.layers.{lid}."
     if rest.startswith("moe.experts.w"):
         w = rest.rsplit(".", 1)[-1]
-        return {f"{prefix}block_sparse_moe.experts.{e}.{w}.weight": t[e].T.contiguous() for e in range(t.shape[0])}
-    if rest == "attention.wq.weight":
-        t = _rope_rows_to_hf(t, m.n_heads)
-    elif rest == "attention.wk.weight":
-        t = _rope_rows_to_hf(t, m.n_kv_heads)
-    return {prefix + _LAYER[rest]: t}
+        for e in range(t.shape[0]):
+            yield f"{prefix}block_sparse_moe.experts.{e}.{w}.weight", t[e].T
+        return
+    if rest in _ROPE_ROWS:
+        t = _rope_rows_to_hf(t, getattr(m, _ROPE_ROWS[rest]))
+    yield prefix + _LAYER[rest], t
 
 
-def from_hf(name: str, get: Callable[[str], torch.Tensor], m: ModelConfig, e: MoEConfig) -> torch.Tensor:
-    """Our full tensor `name` from HF tensors (`get` reads one by HF name)."""
+def read_hf_part(
+    name: str, full_shape: torch.Size, offset: tuple[int, ...], shape: torch.Size, read: _Read, m: ModelConfig
+) -> torch.Tensor:
+    """The box [offset, offset + shape) of our tensor `name` (full shape `full_shape`) from HF tensors;
+    `read(hf_name, box, hf_full_shape)` reads only the given box of one HF tensor.
+
+    Experts: only the box's experts, each HF [out, in] matrix read at the transposed box. q/k projections:
+    rows are permuted within each head, so the whole heads that the box's rows fall in are read (the local
+    shard's heads only), permuted, and cut to the box.
+    """
+    box = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
     if name in _TOP:
-        return get(_TOP[name])
+        return read(_TOP[name], box, full_shape)
     _, lid, rest = name.split(".", 2)
     prefix = f"model.layers.{lid}."
     if rest.startswith("moe.experts.w"):
         w = rest.rsplit(".", 1)[-1]
-        return torch.stack([get(f"{prefix}block_sparse_moe.experts.{i}.{w}.weight").T for i in range(e.num_experts)])
-    t = get(prefix + _LAYER[rest])
-    if rest == "attention.wq.weight":
-        return _rope_rows_from_hf(t, m.n_heads)
-    if rest == "attention.wk.weight":
-        return _rope_rows_from_hf(t, m.n_kv_heads)
-    return t
+        hf_shape = torch.Size((full_shape[2], full_shape[1]))
+        experts = range(box[0].start, box[0].stop)
+        parts = [read(f"{prefix}block_sparse_moe.experts.{e}.{w}.weight", (box[2], box[1]), hf_shape) for e in experts]
+        return torch.stack([part.T for part in parts])
+    hf_name = prefix + _LAYER[rest]
+    if rest not in _ROPE_ROWS:
+        return read(hf_name, box, full_shape)
+    hd = m.head_dim
+    first, last = box[0].start // hd, -(-box[0].stop // hd)  # the heads the rows fall in
+    rows = read(hf_name, (slice(first * hd, last * hd), box[1]), full_shape)
+    start = box[0].start - first * hd
+    return _rope_rows_from_hf(rows, last - first)[start : start + shape[0]]
 
 
 def hf_config(m: ModelConfig, e: MoEConfig, dtype: str) -> dict:
@@ -171,10 +194,56 @@ def _full_shapes(m: ModelConfig, e: MoEConfig) -> dict[str, torch.Size]:
     return {name: p.shape for name, p in model.named_parameters()}
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16"}
+
+
+def write_safetensors(
+    path: Path, layout: list[tuple[str, torch.Size]], dtype: torch.dtype, tensors: Iterator[tuple[str, torch.Tensor]]
+) -> int:
+    """Writes a safetensors file holding `layout`'s tensors (name, shape) as `dtype`, taking them one at a time
+    from `tensors` (the same names in the same order); returns the bytes of tensor data.
+
+    Hand-written because safetensors' own writer (save_file) takes every tensor of a file at once. The format
+    is simple: a little-endian u64 header length, a JSON header (name -> dtype, shape, byte range; padded
+    with spaces to 8 bytes, as safetensors pads it), then the tensors' bytes back to back. The header needs
+    only names and shapes, known before any tensor is read, so memory stays at one tensor.
+    """
+    assert sys.byteorder == "little", "safetensors stores little-endian bytes"
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    size = torch.empty((), dtype=dtype).element_size()
+    offset = 0
+    for name, shape in layout:
+        end = offset + shape.numel() * size
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for (name, shape), (got, t) in zip(layout, tensors, strict=True):
+            assert got == name and t.shape == shape, (name, shape, got, t.shape)
+            f.write(t.to(dtype).contiguous().view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+    return offset
+
+
+def _stream_hf(
+    path: Path, metadata: Metadata, names: list[str], shapes: dict[str, torch.Size], m: ModelConfig
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensors of our tensors `names`, loading one checkpoint entry at a time."""
+    for name in names:
+        state = {f"model.{name}": torch.empty(shapes[name])}
+        with ckpt.single_process_quiet():
+            dcp.load(state, storage_reader=SafeFileSystemReader(path, metadata), no_dist=True)
+        yield from to_hf(name, state[f"model.{name}"], m)
+
+
 def export(source: Path, out: Path, dtype: str = "float32") -> Path:
     """Writes the checkpoint `source` (a step_N dir or a run dir) to `out` as Mixtral safetensors.
 
-    One shard per block (plus one for embeddings and one for the head), so memory stays at one block.
+    One file per block (plus one for embeddings and one for the head), streamed: one checkpoint entry is
+    loaded, converted and written at a time, so memory stays at one tensor (see `write_safetensors`).
     Written into OUT.tmp and renamed, so an interrupted export leaves no half-written OUT.
     """
     path, meta = ckpt.resolve(str(source), source, "export")
@@ -191,18 +260,11 @@ def export(source: Path, out: Path, dtype: str = "float32") -> Path:
     tmp.mkdir(parents=True)
     weight_map, total = {}, 0
     for i, names in enumerate(groups):
-        state = {f"model.{n}": torch.empty(shapes[n]) for n in names}
-        with ckpt.single_process_quiet():
-            dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=True)
-        tensors = {
-            k: v.to(getattr(torch, dtype)).contiguous()
-            for n in names
-            for k, v in to_hf(n, state[f"model.{n}"], m).items()
-        }
+        layout = [(k, v.shape) for n in names for k, v in to_hf(n, torch.empty(shapes[n], device="meta"), m)]
         file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, file))
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        stream = _stream_hf(path, meta[ckpt.DCP_METADATA], names, shapes, m)
+        total += write_safetensors(tmp / file, layout, getattr(torch, dtype), stream)
+        weight_map.update(dict.fromkeys((k for k, _ in layout), file))
     (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (tmp / "config.json").write_text(json.dumps(hf_config(m, e, dtype), indent=1))
     if out.exists():
@@ -299,7 +361,8 @@ def check_hf_dir(hf_dir: Path, model: ModelConfig, moe: MoEConfig, field: str) -
 
 
 class _SafetensorsDir:
-    """Reads tensors by name from model.safetensors or an indexed set of shards, one at a time."""
+    """Reads boxes of tensors by name from model.safetensors or an indexed set of shards (files opened once,
+    memory-mapped: only the bytes of a requested box are read)."""
 
     def __init__(self, hf_dir: Path) -> None:
         self.dir = hf_dir
@@ -308,21 +371,40 @@ class _SafetensorsDir:
         else:
             with safe_open(str(hf_dir / "model.safetensors"), framework="pt") as f:
                 self.files = dict.fromkeys(f.keys(), "model.safetensors")
+        self.opened = ExitStack()
+        self.handles: dict[str, object] = {}
 
-    def get(self, name: str) -> torch.Tensor:
+    def read(self, name: str, box: tuple[slice, ...], shape: torch.Size) -> torch.Tensor:
+        """The `box` of HF tensor `name` as fp32, after checking its full shape is `shape`."""
         if name not in self.files:
             raise ValueError(f"train.init_from={self.dir} lacks tensor {name} (rule: complete Mixtral weights)")
-        with safe_open(str(self.dir / self.files[name]), framework="pt") as f:
-            return f.get_tensor(name).float()
+        file = self.files[name]
+        if file not in self.handles:
+            self.handles[file] = self.opened.enter_context(safe_open(str(self.dir / file), framework="pt"))
+        part = self.handles[file].get_slice(name)
+        if tuple(part.get_shape()) != tuple(shape):
+            raise ValueError(
+                f"train.init_from={self.dir}: {name} has shape {tuple(part.get_shape())}, the model needs "
+                f"{tuple(shape)} (rule: the weights must match the model shape)"
+            )
+        return part[box].float()
+
+    def close(self) -> None:
+        self.opened.close()
 
 
 @torch.no_grad()
-def load_hf_weights(pm, hf_dir: Path, model: ModelConfig, moe: MoEConfig) -> None:
-    """Fills this rank's shards of every parameter from Mixtral safetensors (any layout)."""
+def load_hf_weights(pm, hf_dir: Path, model: ModelConfig) -> None:
+    """Fills this rank's shards of every parameter from Mixtral safetensors (any layout), reading only the
+    slices of the HF tensors that those shards hold."""
     reader = _SafetensorsDir(hf_dir)
-    for name, t in ckpt.model_tensors(pm):
-        if name.endswith("expert_bias"):
-            t.zero_()
-            continue
-        full = from_hf(name, reader.get, model, moe)
-        ckpt.copy_full(pm, name, t, full, expert=is_expert_param(name))
+    try:
+        for name, t in ckpt.model_tensors(pm):
+            if name.endswith("expert_bias"):
+                t.zero_()
+                continue
+            full_shape, offset, local = ckpt.shard_extent(name, t, pm)
+            if local.numel():
+                local.copy_(read_hf_part(name, full_shape, offset, local.shape, reader.read, model))
+    finally:
+        reader.close()

@@ -23,11 +23,12 @@ from parallel.data_parallel import finish_grads
 from parallel.dims import Axis, ParallelDims
 from parallel.grads import clip_grads, scale_grads
 from parallel.parallelize import attach_schedule, build_parallel_model
-from parallel.tensor import loss_context
+from parallel.pipeline import StageShapes
+from parallel.tensor import loss_context, reduce_tp_partial_grads
 from profiling.profiler import StepProfiler
 from profiling.sinks import MetricsLog
 from train.callbacks import Callback, Callbacks
-from train.checkpointing import Checkpointer, checkpoint_meta
+from train.checkpointing import Checkpointer, checkpoint_meta, find_resume
 from train.collectives import CollectiveLog, apply_timeouts, recording
 from train.config import TrainerConfig
 from train.data import TokenData, build_data
@@ -96,13 +97,26 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
-        self.mesh = self.dims.build_mesh(self.device.type) if self.dims.is_distributed else None
+        distributed = self.dims.is_distributed
+        self.mesh = self.dims.build_mesh(self.device.type) if distributed else None
+        self.expert_mesh = self.dims.build_expert_mesh(self.device.type) if distributed else None
         t = cfg.train
         self.micro_rows = t.batch_size // t.micro_batches // self.dims.dp
+        # Resolved before the build: a resumed run allocates its shards and leaves them for the load to fill.
+        resume = find_resume(t.resume, cfg.run.dir, self.rank, cfg.model, cfg.moe)
         self.pm = build_parallel_model(
-            cfg.model, cfg.moe, cfg.parallel, self.dims, self.mesh, self.device, t.seed, bf16=self.bf16
+            cfg.model,
+            cfg.moe,
+            cfg.parallel,
+            self.dims,
+            self.mesh,
+            self.expert_mesh,
+            self.device,
+            t.seed,
+            self.bf16,
+            resume is None,
         )
-        attach_schedule(self.pm, cfg.parallel, self.device, t.micro_batches, lm_loss)
+        attach_schedule(self.pm, cfg.parallel, self.device, t.micro_batches, lm_loss, self._stage_shapes())
         self.optimizer = build_optimizer(self.pm.named_parameters(), cfg.optim, self.device)
         self.data: TokenData = build_data(cfg.data, t.seq_len, t.seed, cfg.model.vocab_size)
         self.dp_rank = self.mesh[Axis.DP.value].get_local_rank() if self.dims.dp > 1 else 0
@@ -123,7 +137,21 @@ class Trainer:
         self.checkpointer = Checkpointer(
             cfg.checkpoint, cfg.run.dir, self.pm, self.optimizer, self.rank, self.callbacks, self._checkpoint_meta
         )
-        self.step = self.checkpointer.restore(t.resume, t.init_from, cfg.model, cfg.moe)
+        self.step = self.checkpointer.restore(resume, t.init_from, cfg.model, cfg.moe)
+
+    def _stage_shapes(self) -> StageShapes:
+        """What crosses pipeline stage boundaries, from the config (no forward on placeholder data)."""
+        cfg = self.cfg
+        fsdp_bf16 = self.bf16 and cfg.parallel.dp_mode == "fsdp" and self.dims.dp > 1
+        return StageShapes(
+            micro_rows=self.micro_rows,
+            seq_len=cfg.train.seq_len,
+            dim=cfg.model.dim,
+            vocab_size=cfg.model.vocab_size,
+            hidden_dtype=torch.bfloat16 if fsdp_bf16 else torch.float32,
+            tp_mesh=self.mesh[Axis.TP.value] if self.dims.tp > 1 else None,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+        )
 
     def _checkpoint_meta(self) -> dict:
         d, cfg = self.dims, self.cfg
@@ -178,17 +206,19 @@ class Trainer:
         losses = self.forward_backward(x, y)
         g = self.pm.groups
         with self.prof.phase("grad_sync"):  # [profiling]
-            finish_grads(self.pm.parts, cfg.parallel.dp_mode, g.dp, g.edp, self.dims.dp, self.dims.ep)
+            dp_mode = cfg.parallel.dp_mode if self.dims.dp > 1 else "replicate"  # FSDP is applied when dp > 1
+            finish_grads(self.pm.parts, dp_mode, g.dp, g.edp, self.dims.dp, self.dims.edp)
+            reduce_tp_partial_grads(self.pm.named_parameters(), g.tp)  # MoE router, shared experts
         with self.prof.phase("optimizer"):  # [profiling]
             grad_norm = clip_grads(self.pm.named_parameters(), cfg.optim.grad_clip, g.ep, g.pp)
             skip = self.guard.skip_step(losses, grad_norm)  # [guard] NaN/Inf: skip or halt; agree on SIGTERM
             if not skip:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        # The last M forwards are the step's micro-batches; a pipeline stage's first step also runs a
-        # metadata-inference forward (on placeholder data) whose statistics are dropped here.
-        m = cfg.train.micro_batches
-        layer_stats = {lid: moe.drain_stats()[-m:] for lid, moe in self.pm.moe_layers().items()}
+        layer_stats = {lid: moe.drain_stats() for lid, moe in self.pm.moe_layers().items()}
+        # One forward per micro-batch and layer: pipeline stages declare their shapes instead of running one
+        # on placeholder data, and recomputation under activation checkpointing records nothing.
+        assert all(len(s) == cfg.train.micro_batches for s in layer_stats.values()), "unexpected forwards"
         if not skip:
             self._update_bias(layer_stats)
         metrics = self._reduce_losses(losses, layer_stats)
@@ -206,36 +236,40 @@ class Trainer:
         return metrics
 
     def _update_bias(self, layer_stats: dict[str, list[dict[str, torch.Tensor]]]) -> None:
-        """Aux-loss-free balancing: the step's routed counts, summed over data ranks, steer each bias."""
+        """Aux-loss-free balancing: the step's routed counts, summed over the batch's ranks, steer each bias."""
         if self.cfg.moe.bias_update_rate <= 0:
             return
         for lid, moe in self.pm.moe_layers().items():
             load_E = torch.stack([s["routed"] for s in layer_stats[lid]]).sum(0)
-            if self.pm.groups.dp is not None:
-                dist.all_reduce(load_E, group=self.pm.groups.dp)
+            if self.pm.groups.batch is not None:
+                dist.all_reduce(load_E, group=self.pm.groups.batch)
             moe.router.update_bias(load_E)
 
     def _reduce_losses(self, losses: list[torch.Tensor], layer_stats: dict) -> dict[str, float]:
-        """Step means over micro-batches and dp ranks; aux terms summed over layers (and stages); and
-        `dropped_frac`, the fraction of the step's routed assignments that capacity dropped. Built on the
-        device the values live on, in one collective."""
+        """Step means over micro-batches and ranks, in one collective on the device the values live on.
+
+        LM loss: the mean over dp ranks (tp ranks hold the same value: counted once). Balancing terms: each
+        rank's are estimates over its own tokens (tp ranks route different slices of the sequences), so their
+        mean over the dp x tp ranks, summed over layers and stages. `dropped_frac`: the fraction of the step's
+        routed assignments that capacity dropped.
+        """
         names = ("loss", "aux_loss", "seq_aux_loss", "z_loss")
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        vec = torch.zeros(len(names) + 2, dtype=torch.float64, device=self.device)
-        if self.tp_rank == 0:  # tp ranks hold the same values: count them once
-            stats = [s for per_layer in layer_stats.values() for s in per_layer]
-            vec = torch.stack(
-                [
-                    torch.stack(losses).double().mean() if losses else zero,
-                    *(self._layer_mean(layer_stats, name, zero) for name in names[1:]),
-                    sum((s["routed"].sum().double() for s in stats), zero),
-                    sum((s["kept"].sum().double() for s in stats), zero),
-                ]
-            ).to(self.device)
+        stats = [s for per_layer in layer_stats.values() for s in per_layer]
+        lm = torch.stack(losses).double().mean() if losses and self.tp_rank == 0 else zero
+        vec = torch.stack(
+            [
+                lm.to(self.device),
+                *(self._layer_mean(layer_stats, name, zero) for name in names[1:]),
+                sum((s["routed"].sum().double() for s in stats), zero),
+                sum((s["kept"].sum().double() for s in stats), zero),
+            ]
+        ).to(self.device)
         if dist.is_initialized():
             dist.all_reduce(vec)
-        *values, routed, kept = vec.tolist()
-        metrics = {name: v / self.dims.dp for name, v in zip(names, values, strict=True)}
+        lm_sum, *aux_sums, routed, kept = vec.tolist()
+        metrics = {"loss": lm_sum / self.dims.dp}
+        metrics.update({name: v / (self.dims.dp * self.dims.tp) for name, v in zip(names[1:], aux_sums, strict=True)})
         metrics["dropped_frac"] = 1.0 - kept / routed if routed else 0.0
         return metrics
 

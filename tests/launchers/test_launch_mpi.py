@@ -54,7 +54,7 @@ def test_rank_count_that_cannot_hold_the_layout_fails_before_spawning(tmp_path, 
     args = [*BASE, "launcher=mpi", "launcher.np=3", "parallel.ep=2", f"run.dir={tmp_path / 'run'}"]
     assert cli_main(["train", *args]) == 2
     assert capsys.readouterr().err == (
-        "moeyard: config error: parallel.ep=2 must divide the data-parallel degree dp=3 (experts fold into dp) "
-        "(launcher.np=3)\n"
+        "moeyard: config error: parallel.ep=2 must divide dp x tp = 3x1 (experts fold into the data- and "
+        "tensor-parallel ranks) (launcher.np=3)\n"
     )
     assert not (tmp_path / "run").exists()

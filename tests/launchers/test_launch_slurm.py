@@ -267,7 +267,7 @@ def test_missing_sbatch_fails_before_submitting(tmp_path, capsys, monkeypatch):
         ),
         (
             ["launcher.nodes=3", "launcher.tasks_per_node=1", "parallel.ep=2"],
-            "parallel.ep=2 must divide the data-parallel degree dp=3 (experts fold into dp) "
+            "parallel.ep=2 must divide dp x tp = 3x1 (experts fold into the data- and tensor-parallel ranks) "
             "(launcher.nodes=3 x launcher.tasks_per_node=1)",
         ),
     ],

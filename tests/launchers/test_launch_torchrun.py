@@ -101,7 +101,7 @@ def test_failing_ranks_are_named_with_their_logs(tmp_path, capsys):
     assert launch(cfg, path) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("moeyard: torchrun exited with status 1: moeyard rank ")
-    assert "ConfigError: parallel.ep=3 must divide the data-parallel degree dp=2" in last
+    assert "ConfigError: parallel.ep=3 must divide dp x tp = 2x1" in last
     assert "ConfigError" in (run_dir / "logs" / "rank_1.log").read_text()
 
 

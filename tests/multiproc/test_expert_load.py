@@ -56,7 +56,6 @@ def make_tracker(tmp_path: Path, dead_steps: int = 2, imbalance_warn: float = 3.
         torch.device("cpu"),
         ep=1,
         ep_rank=0,
-        contributes=True,
         run_dir=tmp_path,
         dead_steps=dead_steps,
         imbalance_warn=imbalance_warn,

@@ -1,6 +1,8 @@
 """Hugging Face interop: `moeyard export` writes Mixtral safetensors + config.json that `transformers` loads
 (MixtralForCausalLM, local files, CPU) with logits equal to ours; `train.init_from` / `moeyard import` read
-them back bit for bit; configs outside the Mixtral family are refused naming the field.
+them back bit for bit, on one process, under ep2 FSDP and under tp2*pp2; `--dtype bfloat16` writes the fp32
+weights rounded to bf16, which transformers runs close to our fp32 model; configs outside the Mixtral family
+are refused naming the field.
 Run: .venv/bin/pytest -q tests/multiproc/test_hf.py
 """
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from launch.cli import main
 from launch.config import compose
@@ -121,3 +124,100 @@ def test_init_from_hf_dir_under_expert_parallel_fsdp(exported, tmp_path: Path) -
     ]
     result = run_layout(overrides, 2, str(tmp_path / "result.pt"), free_port())
     assert result["history"][0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def _first_loss_from(hf_dir: Path, run_dir: Path) -> float:
+    """The first-step loss of one process training from `hf_dir` (the reference for the layouts)."""
+    overrides = [*HF_TINY, "train.steps=1", "checkpoint.enabled=false", f"train.init_from={hf_dir}"]
+    return Trainer(compose([*overrides, f"run.dir={run_dir}"])).fit()[0]["loss"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_init_from_hf_dir_under_tp2_pp2(exported, tmp_path: Path) -> None:
+    """Four ranks (two pipeline stages, each tensor-parallel over two ranks) cut their TP shards of their
+    stage's blocks from the safetensors: the gathered weights are the exported ones bit for bit, and the first
+    step's loss is the one-process init_from run's (fp32, 1e-5 rel)."""
+    trainer, out = exported
+    expected = _first_loss_from(out, tmp_path / "single")
+    overrides = [
+        *HF_TINY,
+        "train.steps=1",
+        "checkpoint.enabled=false",
+        "parallel.tp=2",
+        "parallel.pp=2",
+        f"train.init_from={out}",
+        f"run.dir={tmp_path / 'tp2pp2'}",
+    ]
+    result = run_layout(overrides, 4, str(tmp_path / "result.pt"), free_port())
+    assert [f["blocks"] for f in result["layout"]] == [[0], [0], [1], [1]]
+    for facts in result["layout"]:
+        assert any(p[0] == "dtensor" and p[2] == ("tp",) for p in facts["params"].values()), facts["params"]
+    weights = full_state_dict(trainer.pm)
+    assert result["initial"].keys() == weights.keys()
+    for name, value in weights.items():
+        assert torch.equal(result["initial"][name], value), name
+    assert result["history"][0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def _tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    weight_map = json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for file in sorted(set(weight_map.values())):
+        with safe_open(str(hf_dir / file), framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118 (not a dict)
+    assert tensors.keys() == weight_map.keys()
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def exported_bf16(exported) -> Path:
+    """The same run exported with `--dtype bfloat16`."""
+    _, out = exported
+    run, bf16 = out.with_name(out.name.removesuffix("-hf")), out.with_name(out.name.replace("-hf", "-bf16"))
+    assert main(["export", str(run), "--out", str(bf16), "--dtype", "bfloat16"]) == 0
+    return bf16
+
+
+def test_export_bfloat16_is_the_fp32_export_rounded(exported, exported_bf16: Path) -> None:
+    """`--dtype bfloat16`: every tensor is stored as BF16 and equals the fp32 export cast to bf16 (round to
+    nearest even) bit for bit; config.json and the index say so (total_size counts 2 bytes per element)."""
+    _, out = exported
+    bf16 = exported_bf16
+    config = json.loads((bf16 / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == "bfloat16"
+    fp32, half = _tensors(out), _tensors(bf16)
+    assert half.keys() == fp32.keys()
+    for name, value in fp32.items():
+        assert value.dtype == torch.float32 and half[name].dtype == torch.bfloat16, name
+        assert torch.equal(half[name], value.to(torch.bfloat16)), name
+    total = json.loads((bf16 / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    assert total == 2 * sum(t.numel() for t in fp32.values())
+
+
+def test_bfloat16_export_runs_in_transformers_close_to_fp32(exported, exported_bf16: Path, tmp_path: Path) -> None:
+    """transformers loads the bf16 export as bf16 (config.json's dtype) with nothing missing. Its logits are
+    those of our fp32 model up to bf16 error: weights and activations rounded to 8 significant bits (unit
+    roundoff 2^-9 ~ 2e-3 relative) through two blocks, plus the odd top-k choice that flips on a near-tie.
+    Bounds: max |diff| <= 0.03 and mean |diff| <= 2e-3 on logits of max |logit| ~0.7 (measured 4e-3 to 8e-3,
+    and 6e-4). No argmax check: two trained steps leave the logits nearly flat, so a bf16 ulp can swap the
+    top token. Read back as fp32, the bf16 file gives transformers and our `train.init_from` the same model
+    (logits equal to 1e-5; measured 1.5e-7)."""
+    from transformers import MixtralForCausalLM
+
+    trainer, _ = exported
+    bf16 = exported_bf16
+    model, info = MixtralForCausalLM.from_pretrained(bf16, dtype="auto", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert next(model.parameters()).dtype == torch.bfloat16
+    tokens, _ = trainer.data.batch(123, 4)
+    with torch.no_grad():
+        ours = trainer.pm.parts[0](tokens)
+        theirs = model.eval()(input_ids=tokens).logits.float()
+    diff = (theirs - ours).abs()
+    assert diff.max() <= 0.03 and diff.mean() <= 2e-3, (diff.max().item(), diff.mean().item())
+
+    rounded = Trainer(compose([*HF_TINY, f"run.dir={tmp_path / 'rounded'}", f"train.init_from={bf16}"]))
+    upcast = MixtralForCausalLM.from_pretrained(bf16, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(upcast(input_ids=tokens).logits, rounded.pm.parts[0](tokens), rtol=1e-5, atol=1e-5)

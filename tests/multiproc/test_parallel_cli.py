@@ -27,7 +27,7 @@ BAD_LAYOUTS = [
     (["parallel.tp=2", "parallel.pp=2"], 6, "parallel.pp*tp=4 must divide the world size 6"),
     (["parallel.dp=2", "parallel.tp=2"], 8, "parallel.pp*dp*tp=1*2*2 must equal the world size 8"),
     (["parallel.ep=3"], 3, "parallel.ep=3 must divide moe.num_experts=8"),
-    (["parallel.ep=4"], 2, "parallel.ep=4 must divide the data-parallel degree dp=2"),
+    (["parallel.ep=4"], 2, "parallel.ep=4 must divide dp x tp = 2x1"),
     (["parallel.tp=8"], 8, "parallel.tp=8 must divide model.n_heads=4"),
     (["parallel.tp=4"], 4, "parallel.tp=4 must divide model.n_kv_heads=2"),
     (["parallel.pp=8", "train.micro_batches=8"], 8, "model.n_layers=4 is too few for 8 pipeline stages"),

@@ -154,7 +154,7 @@ BAD_CLI = [
     (["moe.top_k=9"], "moe.top_k=9", "must be in [1, moe.num_experts=8]"),
     (["moe.router=topk"], "moe.router=topk", "must be one of softmax_topk, sigmoid_topk, expert_choice"),
     (["moe.drop_policy=random"], "moe.drop_policy=random", "must be one of probability, position"),
-    (["launcher=torchrun", "parallel.ep=3"], "parallel.ep=3", "must divide the data-parallel degree dp=2"),
+    (["launcher=torchrun", "parallel.ep=3"], "parallel.ep=3", "must divide dp x tp = 2x1"),
     (["launcher=torchrun", "parallel.tp=4"], "parallel.pp*tp=4", "must divide the world size 2"),
     (["parallel.dp=2"], "parallel.pp*dp*tp=1*2*1", "must equal the world size 1"),
     (["model.dimm=3"], "model.dimm=3", "is not a config field"),

@@ -316,10 +316,11 @@ def _ep_grads_worker(rank: int, port: int, dp_mode: str, out: str) -> None:
 
     pcfg = ParallelConfig(ep=WORLD, dp_mode=dp_mode)
     dims = ParallelDims.from_config(pcfg, WORLD)
-    pm = build_parallel_model(MODEL, MOE, pcfg, dims, dims.build_mesh("cpu"), torch.device("cpu"), SEED)
-    dp_rank, ep_rank = pm.mesh[Axis.DP.value].get_local_rank(), pm.mesh[Axis.EP.value].get_local_rank()
+    meshes = dims.build_mesh("cpu"), dims.build_expert_mesh("cpu")
+    pm = build_parallel_model(MODEL, MOE, pcfg, dims, *meshes, torch.device("cpu"), SEED)
+    dp_rank, ep_rank = pm.mesh[Axis.DP.value].get_local_rank(), pm.expert_mesh[Axis.EP.value].get_local_rank()
     _loss(pm.parts[0], tokens_BS.chunk(dims.dp)[dp_rank]).backward()
-    finish_grads(pm.parts, dp_mode, pm.groups.dp, pm.groups.edp, dims.dp, dims.ep)
+    finish_grads(pm.parts, dp_mode, pm.groups.dp, pm.groups.edp, dims.dp, dims.edp)
 
     errors, local_experts = {}, set()
     for name, param in pm.named_parameters():
