@@ -3,8 +3,9 @@
 Each row starts fresh processes (gloo ranks through torch.multiprocessing, one torch thread each) that import
 everything, note their resident memory, then construct `train.trainer.Trainer` (mesh, model built on the meta
 device, sharded, allocated and initialised; optimizer, data, checkpointer) and nothing more. Reported per row:
-the slowest rank's construction time, the largest rank's peak RSS (ru_maxrss: imports included) and its growth
-during construction (peak minus the RSS just before it, i.e. without the fixed cost of Python and torch).
+the slowest rank's construction time, the CPU time of all ranks together (the total work, steadier than wall
+time on a shared machine), the largest rank's peak RSS (ru_maxrss: imports included) and its growth during
+construction (peak minus the RSS just before it, i.e. without the fixed cost of Python and torch).
 
 The default model is the debug model widened to 1.6 GB of fp32 parameters (8 blocks of 64 experts,
 dim = expert_hidden = 512), so one process's start-up is dominated by its weights. Under a scale-true start-up
@@ -54,6 +55,9 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
 }
 """Row name -> (ranks, overrides); dp is inferred from the world size."""
 DEFAULT_LAYOUTS = ["single", "ep4", "dp4-fsdp"]
+COLUMNS = [("start-up s", "seconds"), ("cpu s", "cpu"), ("peak RSS MB", "peak_mb"), ("growth MB", "growth_mb")]
+"""Table columns: the slowest rank's wall time, CPU time summed over ranks, the largest rank's peak RSS and
+growth during construction; each followed by its ratio to one process."""
 QUICK_LAYOUTS = ["single", "ep2"]
 TIMEOUT_S = 900
 
@@ -75,11 +79,12 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> N
     cfg = compose(overrides)
     before = _rss_mb()
     with open(f"{out}.rank{rank}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         Trainer(cfg)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
-    Path(f"{out}.rank{rank}.json").write_text(json.dumps({"seconds": seconds, "peak_mb": peak, "before_mb": before}))
+    result = {"seconds": seconds, "cpu": cpu, "peak_mb": peak, "before_mb": before}
+    Path(f"{out}.rank{rank}.json").write_text(json.dumps(result))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -92,7 +97,8 @@ def _free_port() -> int:
 
 
 def measure(world: int, overrides: list[str], out: Path) -> dict[str, float]:
-    """Start-up on `world` fresh ranks: slowest rank's seconds, largest peak RSS and growth (MB)."""
+    """Start-up on `world` fresh ranks: slowest rank's seconds, CPU seconds of all ranks, largest peak RSS and
+    growth (MB)."""
     ctx = mp.start_processes(
         _rank, args=(world, _free_port(), overrides, str(out)), nprocs=world, start_method="spawn", join=False
     )
@@ -108,6 +114,7 @@ def measure(world: int, overrides: list[str], out: Path) -> dict[str, float]:
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(world)]
     return {
         "seconds": max(r["seconds"] for r in ranks),
+        "cpu": sum(r["cpu"] for r in ranks),
         "peak_mb": max(r["peak_mb"] for r in ranks),
         "growth_mb": max(r["peak_mb"] - r["before_mb"] for r in ranks),
     }
@@ -134,27 +141,20 @@ def main(argv: list[str] | None = None) -> None:
     model = QUICK_MODEL if args.quick else BIG_MODEL
     params = n_params([*model, *COMMON])
     print(
-        f"Trainer start-up: {' '.join(model)} ({params / 1e6:.0f}M parameters, {params * 4 / 1e9:.2f} GB fp32), "
+        f"Trainer start-up: {' '.join(model)} ({params / 1e6:.1f}M parameters, {params * 4 / 1e9:.3f} GB fp32), "
         f"cpu ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start), one torch thread per rank"
     )
-    print(
-        f"{'layout':<10} {'ranks':>5} {'start-up s':>10} {'x single':>8} {'peak RSS MB':>11} {'x single':>8} "
-        f"{'growth MB':>9} {'x single':>8}"
-    )
+    header = "".join(f" {title:>{len(title)}} {'x single':>8}" for title, _ in COLUMNS)
+    print(f"{'layout':<10} {'ranks':>5}{header}")
     base = None
     with tempfile.TemporaryDirectory(prefix="moeyard-startup-") as tmp_dir:
         tmp = Path(tmp_dir)
         for name in ["single", *[n for n in names if n != "single"]]:
             world, extra = LAYOUTS[name]
-            overrides = [*model, *COMMON, *extra, f"run.dir={tmp / name}"]
-            m = measure(world, overrides, tmp / name)
+            m = measure(world, [*model, *COMMON, *extra, f"run.dir={tmp / name}"], tmp / name)
             base = base or m
-            print(
-                f"{name:<10} {world:>5} {m['seconds']:>10.2f} {m['seconds'] / base['seconds']:>8.2f} "
-                f"{m['peak_mb']:>11.0f} {m['peak_mb'] / base['peak_mb']:>8.2f} "
-                f"{m['growth_mb']:>9.0f} {m['growth_mb'] / base['growth_mb']:>8.2f}",
-                flush=True,
-            )
+            cells = "".join(f" {m[key]:>{len(title)}.1f} {m[key] / base[key]:>8.2f}" for title, key in COLUMNS)
+            print(f"{name:<10} {world:>5}{cells}", flush=True)
 
 
 if __name__ == "__main__":

@@ -250,12 +250,14 @@ def _check_layout(cfg: JobConfig, dims: ParallelDims) -> None:
     _check(m.n_kv_heads % dims.tp == 0, "parallel.tp", dims.tp, f"must divide model.n_kv_heads={m.n_kv_heads}")
     _check(m.vocab_size % dims.tp == 0, "parallel.tp", dims.tp, f"must divide model.vocab_size={m.vocab_size}")
     _check(m.ffn_hidden % dims.tp == 0, "parallel.tp", dims.tp, f"must divide model.ffn_hidden={m.ffn_hidden}")
-    if p.sequence_parallel:
+    has_moe = m.n_layers > m.first_dense_layers
+    if p.sequence_parallel or (dims.tp > 1 and has_moe):
+        why = "sequence parallelism splits it" if p.sequence_parallel else "tp ranks split MoE layers by sequence"
         _check(
             t.seq_len % dims.tp == 0,
             "train.seq_len",
             t.seq_len,
-            f"must be divisible by parallel.tp={dims.tp}",
+            f"must be divisible by parallel.tp={dims.tp} ({why})",
         )
     per_micro = t.batch_size // t.micro_batches
     _check(

@@ -459,8 +459,8 @@ def load(pm, optimizer, path: Path, meta: dict, field: str, *, weights_only: boo
     """Loads a checkpoint saved under any layout into this rank's shards (a collective).
 
     `meta` is the checkpoint's meta.json as `resolve` read it (with its parsed .metadata, not read again).
-    Each rank reads only the saved chunks that overlap its own shards. weights_only: parameters and expert biases
-    only (the optimizer and RNG start fresh).
+    Each rank reads only the saved chunks that overlap its own shards, straight into them. weights_only:
+    parameters and expert biases only (the optimizer and RNG start fresh).
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1

@@ -1,4 +1,5 @@
-"""Fault injection for asynchronous checkpoint saves (a helpers module, not a test module).
+"""Fault injection for asynchronous checkpoint saves, and a whole-checkpoint reader for comparing saves
+(a helpers module, not a test module).
 
     moeyard train checkpoint.async_save=true \
         'train.callbacks=[{_target_: tests.ckpt_faults.BackgroundWriteKill, step: 4}]'
@@ -16,8 +17,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import _FileSystemWriter
 
+from parallel.checkpoint import single_process_quiet
+from parallel.safe_metadata import SafeFileSystemReader
 from tests.faults import first_attempt
 from train.callbacks import Callback
 
@@ -64,3 +69,12 @@ class BackgroundWriteKill(Callback):
         evidence = {"step": step, "in_flight": not pending.written.done(), "tmp": sorted(os.listdir(pending.tmp))}
         (Path(trainer.run_dir) / f"killed_rank{trainer.rank}.json").write_text(json.dumps(evidence))
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def saved_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint `path`, whole, by key (a test-side read in one process)."""
+    metadata = SafeFileSystemReader(path).read_metadata()
+    state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in metadata.state_dict_metadata.items()}
+    with single_process_quiet():
+        dcp.load(state, storage_reader=SafeFileSystemReader(path, metadata), no_dist=True)
+    return state

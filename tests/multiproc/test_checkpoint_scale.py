@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -36,7 +35,7 @@ import train.hf
 from launch.config import compose
 from moe.config import ModelConfig
 from parallel import checkpoint as ckpt
-from parallel.safe_metadata import SafeFileSystemReader
+from tests.ckpt_faults import saved_tensors
 from tests.helpers import MOEYARD, REPO, TINY, free_port, local_rank_env
 from train.hf import export
 from train.trainer import Trainer
@@ -297,15 +296,6 @@ def losses_by_step(run: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in rows}
 
 
-def saved_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint, whole (a test-only read in one process)."""
-    metadata = SafeFileSystemReader(path).read_metadata()
-    state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in metadata.state_dict_metadata.items()}
-    with ckpt.single_process_quiet():
-        dcp.load(state, storage_reader=SafeFileSystemReader(path, metadata), no_dist=True)
-    return state
-
-
 @pytest.fixture(scope="module")
 def sync_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("async") / "sync"
@@ -337,9 +327,9 @@ def test_async_saves_equal_sync_saves(sync_run: Path, tmp_path: Path) -> None:
 @pytest.mark.multiproc
 @pytest.mark.timeout(420)
 def test_kill_during_background_write_resumes_from_previous_seal(sync_run: Path, tmp_path: Path) -> None:
-    """Both ranks are SIGKILLed at the end of step 4 with step 4's background write held mid-flight:
+    """The ranks are SIGKILLed at the end of step 4 with step 4's background write held mid-flight:
     torchrun restarts them (max_restarts=1), the restarted run resumes from step 2 (step_4.tmp was never
-    sealed) and ends with the uninterrupted run's losses."""
+    sealed) and ends with the uninterrupted (sync) run's losses."""
     run = tmp_path / "killed"
     kill = "train.callbacks=[{_target_:tests.ckpt_faults.BackgroundWriteKill,step:4}]"
     done = moeyard(run, ["checkpoint.async_save=true", "launcher.max_restarts=1", kill])

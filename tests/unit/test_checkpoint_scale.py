@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
@@ -21,7 +20,7 @@ import parallel.safe_metadata
 import train.hf
 from launch.config import compose
 from parallel import checkpoint as ckpt
-from parallel.safe_metadata import SafeFileSystemReader
+from tests.ckpt_faults import saved_tensors
 from tests.helpers import TINY
 from train.callbacks import Callback
 from train.hf import export, write_safetensors
@@ -55,14 +54,6 @@ class PendingProbe(Callback):
         pending = trainer.checkpointer.pending
         sealed = (trainer.checkpointer.root / f"step_{step}" / "COMPLETE").is_file()
         self.pending.append((step, pending and pending.step, sealed))
-
-
-def saved_tensors(path: Path) -> dict[str, torch.Tensor]:
-    metadata = SafeFileSystemReader(path).read_metadata()
-    state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in metadata.state_dict_metadata.items()}
-    with ckpt.single_process_quiet():
-        dcp.load(state, storage_reader=SafeFileSystemReader(path, metadata), no_dist=True)
-    return state
 
 
 def test_async_save_writes_what_a_sync_save_writes(tmp_path: Path) -> None:
