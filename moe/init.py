@@ -50,8 +50,8 @@ def stream_key(seed: int, fqn: str) -> int:
     return _mix_int((seed * 1_000_003 + zlib.crc32(fqn.encode())) & _M64)
 
 
-def normal_at(index: torch.Tensor, key: int) -> torch.Tensor:
-    """Standard normals (float32) at flat indices `index` (int64, 1-D, consumed in place) of stream `key`.
+def normal_at(index: torch.Tensor, key: int, std: float = 1.0) -> torch.Tensor:
+    """Normals (float32, mean 0, `std`) at flat indices `index` (int64, 1-D, consumed in place) of stream `key`.
 
     Counter i hashes to z = splitmix64(key + (i + 1) * gamma), the i-th output of the splitmix64 sequence
     seeded by key (Steele et al., 2014); z's top and bottom 24 bits are the two uniforms of Box-Muller, exact
@@ -68,22 +68,26 @@ def normal_at(index: torch.Tensor, key: int) -> torch.Tensor:
     # Arithmetic `>> 40` leaves the top 24 bits as a signed value in [-2^23, 2^23): shifted, it is in (0, 2^24].
     u1 = torch.bitwise_right_shift(z, 40, out=shifted).float().add_(2.0**23 + 1.0).mul_(2.0**-24)  # (0, 1]
     angle = z.bitwise_and_(0xFFFFFF).float().mul_(2 * math.pi * 2.0**-24)  # [0, 2 pi)
-    return u1.log_().mul_(-2.0).sqrt_().mul_(angle.cos_())
+    return u1.log_().mul_(-2.0 * std * std).sqrt_().mul_(angle.cos_())
 
 
 def _fill_normal_(out: torch.Tensor, key: int, std: float, base: int, strides: Sequence[int]) -> None:
     """Fills `out`, whose element [i0, i1, ...] is full-tensor flat index base + sum(i_d * strides[d])."""
     n = out.numel()
     if n <= BLOCK:
-        index = torch.empty(-(-n // _LANES) * _LANES, dtype=torch.int64, device=out.device)
-        index[n:].zero_()
-        view = index[:n].view(out.shape)
-        view.fill_(base)
-        for d, (size, stride) in enumerate(zip(out.shape, strides, strict=True)):
-            shape = [1] * out.ndim
-            shape[d] = size
-            view.add_(torch.arange(0, size * stride, stride, device=out.device).view(shape))
-        out.copy_(normal_at(index, key)[:n].view(out.shape).mul_(std))
+        padded = -(-n // _LANES) * _LANES
+        if all(strides[d] == math.prod(out.shape[d + 1 :]) for d in range(1, out.ndim)):
+            # Whole trailing rows: the block is one run of the full tensor (the padding just runs on).
+            index = torch.arange(base, base + padded, device=out.device)
+        else:
+            index = torch.zeros(padded, dtype=torch.int64, device=out.device)
+            view = index[:n].view(out.shape)
+            view.fill_(base)
+            for d, (size, stride) in enumerate(zip(out.shape, strides, strict=True)):
+                shape = [1] * out.ndim
+                shape[d] = size
+                view.add_(torch.arange(0, size * stride, stride, device=out.device).view(shape))
+        out.copy_(normal_at(index, key, std)[:n].view(out.shape))
         return
     inner = math.prod(out.shape[1:])
     if inner > BLOCK:  # one leading index at a time, each split further

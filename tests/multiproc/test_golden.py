@@ -15,6 +15,7 @@ off still trains like one process, so only those assertions catch it.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -39,17 +40,18 @@ BASE = [
 MIXED = ["model.first_dense_layers=1", "moe.num_shared_experts=1"]
 TIED = ["model.tie_embeddings=true"]
 # The default `probability` policy ranks the router weights of different tokens against each other, a
-# discontinuous function of them: about 1% of capacity edges in this model are within 1e-5 (relative) of a
-# tie, which the rounding drift of any sharded sum reaches within a few steps, and a flipped decision moves
-# one token's gradient between experts. No tie-break removes that (a coarser ranking just moves the edges),
-# so those layouts are held to NEAR_TIE_REL below; `position` decides from top-k choices and positions
-# alone, and its layouts are held to the exact fp32 tolerance.
+# discontinuous function of them: about 1% of this model's capacity edges lie within 1e-5 (relative) of a tie
+# (repeated bytes give near-identical hidden states), and the rounding drift of any sharded sum reaches that
+# within a few steps. One flipped decision moves a token's output and gradient between experts; later layers
+# then route it differently. No deterministic tie-break removes this (rounding the weights to a grid only
+# moves the edges to the grid's), so probability layouts are held to NEAR_TIE. `position` decides from
+# top-k choices and positions alone, so its layout is held to EXACT.
 DROPPING = ["moe.capacity_factor=1.0"]
 DROPPING_BY_POSITION = [*DROPPING, "moe.drop_policy=position"]
 AUX_FREE = ["moe=deepseek", "moe.bias_update_rate=0.01", "moe.seq_aux_loss_coef=0.01"]
 EXPERT_CHOICE = ["moe=expert_choice"]
 NEAR_TIE_VARIANTS = (DROPPING, EXPERT_CHOICE)
-"""Variants whose routing ranks tokens by probability (see DROPPING), held to NEAR_TIE_REL."""
+"""Variants whose routing ranks different tokens' probabilities (see DROPPING): held to NEAR_TIE."""
 
 # (id, world size, layout overrides, config variant shared with the reference run)
 LAYOUTS = [
@@ -84,11 +86,25 @@ LAYOUTS = [
     ("tp2-pp2-ep2", 8, ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2"], []),
 ]
 
-PARAM_ATOL = 1e-5
-"""1e-5 absolute is 0.3% of one Adam step (lr 3e-3); every parameter tensor moves by >= 100x that."""
-NEAR_TIE_REL = 0.1
-"""Near-tie variants: per tensor, |got - ref| <= 0.1 |ref_final - ref_initial| (Frobenius norms). Measured
-worst: 0.020 (ep2 expert-choice), 0.034 (tp2-ep2, probability dropping); a model that never trained scores 1."""
+
+@dataclass(frozen=True)
+class Tolerance:
+    loss_rtol: float
+    """Per-step LM and aux loss, relative. Over these 5 steps the loss falls by >= 1% a step."""
+    dropped_atol: float
+    """Per-step dropped fraction of the 2048 token-expert pairs a step routes (2e-3 is four pairs)."""
+    param_atol: float | None
+    """Elementwise, against the reference (with rtol 1e-4); every tensor must move by >= 100x this."""
+    param_rel: float | None = None
+    """Per tensor instead: |got - ref| <= param_rel * |ref_final - ref_initial| (Frobenius norms)."""
+
+
+EXACT = Tolerance(loss_rtol=1e-5, dropped_atol=1e-12, param_atol=1e-5)
+"""fp32 rounding only: 1e-5 absolute is 0.3% of one Adam step (lr 3e-3)."""
+NEAR_TIE = Tolerance(loss_rtol=1e-4, dropped_atol=2e-3, param_atol=None, param_rel=0.1)
+"""Measured worst: loss 1.6e-5 relative (tp2-ep2 probability); one pair (5e-4) dropped differently (ep2
+probability); parameters 0.020 (ep2 expert-choice) and 0.034 (tp2-ep2 probability) of their movement, the
+error sitting in a few experts' rows. A model that never trained scores 1 on the parameters."""
 
 _references: dict[tuple[str, ...], dict] = {}
 
@@ -105,28 +121,27 @@ def _metric(result: dict, *names: str) -> torch.Tensor:
     return torch.tensor([sum(h[n] for n in names) for h in result["history"]], dtype=torch.float64)
 
 
-def assert_same_training(ref: dict, got: dict, near_tie: bool = False) -> None:
+def assert_same_training(ref: dict, got: dict, tol: Tolerance = EXACT) -> None:
     """Per-step losses and dropped fraction, then every parameter against the reference, whose movement
     over the run must dwarf the tolerance."""
-    torch.testing.assert_close(_metric(got, "loss"), _metric(ref, "loss"), rtol=1e-5, atol=0)
+    torch.testing.assert_close(_metric(got, "loss"), _metric(ref, "loss"), rtol=tol.loss_rtol, atol=0)
     aux = ("aux_loss", "seq_aux_loss", "z_loss")
-    torch.testing.assert_close(_metric(got, *aux), _metric(ref, *aux), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(_metric(got, *aux), _metric(ref, *aux), rtol=tol.loss_rtol, atol=1e-7)
     # Capacity drops a token-expert pair when its expert is full, a count fixed by the top-k choices alone.
-    torch.testing.assert_close(_metric(got, "dropped_frac"), _metric(ref, "dropped_frac"), rtol=0, atol=1e-12)
+    dropped_got, dropped_ref = _metric(got, "dropped_frac"), _metric(ref, "dropped_frac")
+    torch.testing.assert_close(dropped_got, dropped_ref, rtol=0, atol=tol.dropped_atol)
     assert got["state"].keys() == ref["state"].keys()
     for name, value in ref["state"].items():
         moved = value - ref["initial"][name]
-        diff = got["state"][name] - value
         if name.endswith("expert_bias"):  # a buffer, moved only by aux-free updates of +-rate
-            torch.testing.assert_close(got["state"][name], value, rtol=0, atol=PARAM_ATOL, msg=f"{name}")
-        elif near_tie:
-            assert moved.norm() > 0, f"{name} never moved"
-            rel = float(diff.norm() / moved.norm())
-            assert rel <= NEAR_TIE_REL, f"{name}: |got - ref| = {rel:.3g} of its movement (> {NEAR_TIE_REL})"
+            torch.testing.assert_close(got["state"][name], value, rtol=0, atol=1e-5, msg=name)
+        elif tol.param_rel is not None:
+            rel = float((got["state"][name] - value).norm() / moved.norm())
+            assert rel <= tol.param_rel, f"{name}: |got - ref| is {rel:.3g} of its movement (> {tol.param_rel})"
         else:
-            assert moved.abs().max() >= 100 * PARAM_ATOL, f"{name} moved only {moved.abs().max():.3g}"
+            assert moved.abs().max() >= 100 * tol.param_atol, f"{name} moved only {moved.abs().max():.3g}"
             torch.testing.assert_close(
-                got["state"][name], value, rtol=1e-4, atol=PARAM_ATOL, msg=lambda m, n=name: f"{n}: {m}"
+                got["state"][name], value, rtol=1e-4, atol=tol.param_atol, msg=lambda m, n=name: f"{n}: {m}"
             )
 
 
@@ -259,7 +274,7 @@ def test_layout_trains_like_one_process(world, layout, variant, tmp_path, tmp_pa
         assert (dropped > 0).all(), f"capacity dropped nothing in some step: {dropped.tolist()}"
     else:
         assert (dropped == 0).all(), dropped.tolist()
-    assert_same_training(ref, got, near_tie=variant in NEAR_TIE_VARIANTS)
+    assert_same_training(ref, got, NEAR_TIE if variant in NEAR_TIE_VARIANTS else EXACT)
 
 
 # --- a layout with one transform switched off ----------------------------------------------------------

@@ -127,7 +127,7 @@ def test_experiment_overrides_model_and_train():
     cfg = compose(["experiment=mixtral_8x7b_h100"])
     assert cfg.launcher.name == "slurm" and launcher_world_size(cfg) == 32
     dims = validate(cfg, 32)
-    assert (dims.tp, dims.pp, dims.ep, dims.dp) == (2, 2, 8, 8)
+    assert (dims.tp, dims.pp, dims.ep, dims.dp) == (2, 4, 8, 4)
 
 
 def test_resolved_config_round_trips(tmp_path):
