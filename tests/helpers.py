@@ -165,7 +165,7 @@ def run_layout(overrides: list[str], world: int, out: str, port: int) -> dict:
     initial (gathered parameters after and before training), optim (gathered AdamW state) and layout (one
     `layout_facts` per rank)."""
     mp.start_processes(_rank, args=(world, port, overrides, out), nprocs=world, start_method="spawn")
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=True)
 
 
 if __name__ == "__main__":

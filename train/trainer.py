@@ -137,6 +137,8 @@ class Trainer:
         self.checkpointer = Checkpointer(
             cfg.checkpoint, cfg.run.dir, self.pm, self.optimizer, self.rank, self.callbacks, self._checkpoint_meta
         )
+        if self.checkpointer.save_group is not None:  # background checkpoint writes get the same timeout
+            apply_timeouts({"checkpoint": self.checkpointer.save_group}, timeout_s)
         self.step = self.checkpointer.restore(resume, t.init_from, cfg.model, cfg.moe)
 
     def _stage_shapes(self) -> StageShapes:

@@ -90,7 +90,9 @@ LAYOUTS = [
 @dataclass(frozen=True)
 class Tolerance:
     loss_rtol: float
-    """Per-step LM and aux loss, relative. Over these 5 steps the loss falls by >= 1% a step."""
+    """Per-step LM loss, relative. Over these 5 steps it falls by >= 1% a step."""
+    aux_rtol: float
+    """Per-step sum of the balancing and z losses, relative (it changes by >= 1% a step)."""
     dropped_atol: float
     """Per-step dropped fraction of the 2048 token-expert pairs a step routes (2e-3 is four pairs)."""
     param_atol: float | None
@@ -99,12 +101,13 @@ class Tolerance:
     """Per tensor instead: |got - ref| <= param_rel * |ref_final - ref_initial| (Frobenius norms)."""
 
 
-EXACT = Tolerance(loss_rtol=1e-5, dropped_atol=1e-12, param_atol=1e-5)
+EXACT = Tolerance(loss_rtol=1e-5, aux_rtol=1e-5, dropped_atol=1e-12, param_atol=1e-5)
 """fp32 rounding only: 1e-5 absolute is 0.3% of one Adam step (lr 3e-3)."""
-NEAR_TIE = Tolerance(loss_rtol=1e-4, dropped_atol=2e-3, param_atol=None, param_rel=0.1)
-"""Measured worst: loss 1.6e-5 relative (tp2-ep2 probability); one pair (5e-4) dropped differently (ep2
-probability); parameters 0.020 (ep2 expert-choice) and 0.034 (tp2-ep2 probability) of their movement, the
-error sitting in a few experts' rows. A model that never trained scores 1 on the parameters."""
+NEAR_TIE = Tolerance(loss_rtol=1e-4, aux_rtol=2e-3, dropped_atol=2e-3, param_atol=None, param_rel=0.1)
+"""Measured worst: loss 1.6e-5 and aux 4.8e-4 relative (tp2-ep2 probability: a rerouted token changes its
+own z-loss by O(1), 1/256 of the mean); one pair (5e-4) dropped differently (ep2 probability); parameters
+0.020 (ep2 expert-choice) and 0.034 (tp2-ep2 probability) of their movement, the error sitting in a few
+experts' rows. A model that never trained scores 1 on the parameters."""
 
 _references: dict[tuple[str, ...], dict] = {}
 
@@ -126,7 +129,7 @@ def assert_same_training(ref: dict, got: dict, tol: Tolerance = EXACT) -> None:
     over the run must dwarf the tolerance."""
     torch.testing.assert_close(_metric(got, "loss"), _metric(ref, "loss"), rtol=tol.loss_rtol, atol=0)
     aux = ("aux_loss", "seq_aux_loss", "z_loss")
-    torch.testing.assert_close(_metric(got, *aux), _metric(ref, *aux), rtol=tol.loss_rtol, atol=1e-7)
+    torch.testing.assert_close(_metric(got, *aux), _metric(ref, *aux), rtol=tol.aux_rtol, atol=1e-7)
     # Capacity drops a token-expert pair when its expert is full, a count fixed by the top-k choices alone.
     dropped_got, dropped_ref = _metric(got, "dropped_frac"), _metric(ref, "dropped_frac")
     torch.testing.assert_close(dropped_got, dropped_ref, rtol=0, atol=tol.dropped_atol)
