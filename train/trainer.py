@@ -94,16 +94,26 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.run_dir = Path(cfg.run.dir)
         self.callbacks = Callbacks([*Callbacks.from_config(cfg.train.callbacks).callbacks, *callbacks])
+        self.step = 0
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
+        # Resolved before the build: a resumed run allocates its shards and leaves them for the load to fill.
+        resume = find_resume(cfg.train.resume, cfg.run.dir, self.rank, cfg.model, cfg.moe)
+        self._build_model(init=resume is None)
+        self.data: TokenData = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
+        self._build_services(collectives or CollectiveLog(), timeout_s)
+        self.step = self.checkpointer.restore(resume, cfg.train.init_from, cfg.model, cfg.moe)
+
+    def _build_model(self, init: bool) -> None:
+        """Meshes, this rank's model parts (and pipeline schedule), the optimizer."""
+        cfg, t = self.cfg, self.cfg.train
         distributed = self.dims.is_distributed
         self.mesh = self.dims.build_mesh(self.device.type) if distributed else None
         self.expert_mesh = self.dims.build_expert_mesh(self.device.type) if distributed else None
-        t = cfg.train
         self.micro_rows = t.batch_size // t.micro_batches // self.dims.dp
-        # Resolved before the build: a resumed run allocates its shards and leaves them for the load to fill.
-        resume = find_resume(t.resume, cfg.run.dir, self.rank, cfg.model, cfg.moe)
+        self.dp_rank = self.mesh[Axis.DP.value].get_local_rank() if self.dims.dp > 1 else 0
+        self.tp_rank = self.mesh[Axis.TP.value].get_local_rank() if self.dims.tp > 1 else 0
         self.pm = build_parallel_model(
             cfg.model,
             cfg.moe,
@@ -114,32 +124,29 @@ class Trainer:
             self.device,
             t.seed,
             self.bf16,
-            resume is None,
+            init,
         )
         attach_schedule(self.pm, cfg.parallel, self.device, t.micro_batches, lm_loss, self._stage_shapes())
         self.optimizer = build_optimizer(self.pm.named_parameters(), cfg.optim, self.device)
-        self.data: TokenData = build_data(cfg.data, t.seq_len, t.seed, cfg.model.vocab_size)
-        self.dp_rank = self.mesh[Axis.DP.value].get_local_rank() if self.dims.dp > 1 else 0
-        self.tp_rank = self.mesh[Axis.TP.value].get_local_rank() if self.dims.tp > 1 else 0
-        p = cfg.profiling
+
+    def _build_services(self, collectives: CollectiveLog, timeout_s: int) -> None:
+        """Metrics, profiling, the collective log and timeouts, the step guard and the checkpointer."""
+        cfg, t, p = self.cfg, self.cfg.train, self.cfg.profiling
         self.log = MetricsLog(
             self.run_dir, is_writer=self.rank == 0, progress=p.progress, total_steps=t.steps, tensorboard=p.tensorboard
         )
         self.prof = StepProfiler(p, cfg.model, cfg.moe, t.seq_len, self.pm, self.device, self.run_dir, self.log)
-        self.step = 0
-        self.collectives = collectives or CollectiveLog()
+        self.collectives = collectives
         groups = vars(self.pm.groups)
-        self.collectives.name_groups(groups)
-        self.collectives.step = lambda: self.step + 1
-        if dist.is_initialized():
-            apply_timeouts(groups, timeout_s)
-        self.guard = StepGuard(t.nonfinite, self.rank, self.log, self.collectives, lambda: self.step + 1)
+        collectives.name_groups(groups)
+        collectives.step = lambda: self.step + 1
+        self.guard = StepGuard(t.nonfinite, self.rank, self.log, collectives, lambda: self.step + 1)
         self.checkpointer = Checkpointer(
             cfg.checkpoint, cfg.run.dir, self.pm, self.optimizer, self.rank, self.callbacks, self._checkpoint_meta
         )
-        if self.checkpointer.save_group is not None:  # background checkpoint writes get the same timeout
-            apply_timeouts({"checkpoint": self.checkpointer.save_group}, timeout_s)
-        self.step = self.checkpointer.restore(resume, t.init_from, cfg.model, cfg.moe)
+        if dist.is_initialized():
+            # launcher.timeout_s for the mesh's groups and the checkpoint writer's (torch's default is 30 min)
+            apply_timeouts({**groups, "checkpoint": self.checkpointer.save_group}, timeout_s)
 
     def _stage_shapes(self) -> StageShapes:
         """What crosses pipeline stage boundaries, from the config (no forward on placeholder data)."""
