@@ -7,7 +7,9 @@ therefore fills exactly its local shard (its experts, its tensor-parallel slice,
 creating the full tensor, and every layout starts from the same weights as one process.
 
 Values are generated in blocks of at most BLOCK elements, so temporaries stay small (never larger than the
-shard being filled, rounded up to 64 elements). On a CPU this costs about as much per element as torch.randn.
+shard being filled, rounded up to 64 elements). On a CPU an element costs about twice what torch.randn's does
+(some 15 ns against 7 on one core: int64 multiplies and int-to-float conversions are not vectorised); on a
+GPU the same ops run on the device.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ import torch
 from moe.config import ModelConfig
 
 _LANES = 64
-BLOCK = (1 << 15) - _LANES
-"""Most elements generated at once: small temporaries, and under torch's parallel grain (32768), so no op is
-split over threads at a point that is not a multiple of _LANES."""
 """Blocks are padded to a multiple of this, so that torch's CPU kernels run every element through their
 vectorised path (their scalar tail loop computes log and cos with different rounding): the same element gets
 the same bits whichever block, shard or layout it is generated in."""
+BLOCK = (1 << 15) - _LANES
+"""Most elements generated at once: small temporaries, and under torch's parallel grain (32768), so no op is
+split over threads at a point that is not a multiple of _LANES."""
 _M64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
@@ -76,8 +78,8 @@ def _fill_normal_(out: torch.Tensor, key: int, std: float, base: int, strides: S
     n = out.numel()
     if n <= BLOCK:
         padded = -(-n // _LANES) * _LANES
-        if all(strides[d] == math.prod(out.shape[d + 1 :]) for d in range(1, out.ndim)):
-            # Whole trailing rows: the block is one run of the full tensor (the padding just runs on).
+        if all(size == 1 or strides[d] == math.prod(out.shape[d + 1 :]) for d, size in enumerate(out.shape)):
+            # The block is one run of the full tensor's flat indices (the padding just runs on).
             index = torch.arange(base, base + padded, device=out.device)
         else:
             index = torch.zeros(padded, dtype=torch.int64, device=out.device)

@@ -99,6 +99,7 @@ def _shard_extent(name: str, param: torch.Tensor, ep_rank: int, ep: int) -> tupl
     rank's [E/ep, ...] block, which starts at expert ep_rank * E/ep.
     """
     if isinstance(param, DTensor):
+        # The function DCP places shards with; it also resolves FSDP's strided shard over a TP shard.
         local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
         assert tuple(local_shape) == tuple(param.to_local().shape), (name, local_shape, param.to_local().shape)
     else:

@@ -10,6 +10,7 @@ The model is the debug model with 32 experts, so that a full expert tensor (32 x
 wherever experts are sharded (ep, FSDP). The materialise-then-slice start-up that this replaced fails here
 under every ep and FSDP layout (it drew each full tensor, and under FSDP the whole model, on every rank).
 Layouts of one world size share one spawned process group, so the file costs three spawns (2, 4, 8 ranks).
+It also runs `benchmarks/startup.py --quick` once, so the start-up benchmark keeps working.
 
 Run: .venv/bin/pytest -q tests/multiproc/test_startup_alloc.py
 """
@@ -17,6 +18,10 @@ Run: .venv/bin/pytest -q tests/multiproc/test_startup_alloc.py
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +134,22 @@ def test_startup_allocates_only_local_shards(world, tmp_path):
                 f"largest local shard plus one expert matrix ({r['bound']})"
             )
         assert not r["mismatched"], f"{name}: initial parameters differ from one process's: {r['mismatched']}"
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_startup_benchmark_prints_ratios_to_one_process():
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "startup.py"), "--quick"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if re.match(r"(single|ep2) ", line)}
+    assert rows.keys() == {"single", "ep2"}, proc.stdout
+    numbers = [float(x) for x in rows["single"][2:]]
+    assert len(numbers) == 8 and numbers[1::2] == [1.0] * 4, rows["single"]  # value, ratio per column
+    assert all(float(x) > 0 for x in rows["ep2"][2:]), rows["ep2"]
