@@ -1,7 +1,7 @@
 """ParallelDims: the one place that validates parallel degrees and builds the named DeviceMeshes.
 
 Two meshes over the same ranks, both row-major (Megatron-Core's "parallel folding"):
-- dense layers: pp, dp, tp (outermost first), plus "batch", the flattened (dp, tp) ranks that share one
+- dense layers: pp, dp, tp (outermost first); "batch" flattens (dp, tp), the ranks that share one
   micro-batch's tokens. tp is innermost so tensor-parallel ranks share a node.
 - experts: pp, edp, ep with edp * ep = dp * tp. ep takes consecutive ranks, so an expert-parallel group
   spans the tp ranks first (their MoE work is split, not repeated) and then neighbouring dp ranks, keeping
@@ -74,12 +74,15 @@ class ParallelDims:
         return cls(pp=p.pp, dp=dp, tp=p.tp, ep=p.ep, world_size=world_size)
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The dense mesh: axes pp, dp, tp and the flattened batch = (dp, tp)."""
-        mesh = init_device_mesh(
+        """The dense mesh: axes pp, dp, tp (`batch_mesh` flattens dp x tp)."""
+        return init_device_mesh(
             device_type, (self.pp, self.dp, self.tp), mesh_dim_names=(Axis.PP.value, Axis.DP.value, Axis.TP.value)
         )
-        mesh[(Axis.DP.value, Axis.TP.value)]._flatten(Axis.BATCH.value)
-        return mesh
+
+    @staticmethod
+    def batch_mesh(mesh: DeviceMesh) -> DeviceMesh:
+        """The dp x tp ranks of `mesh` holding one micro-batch's tokens, as one flattened axis "batch"."""
+        return mesh[(Axis.DP.value, Axis.TP.value)]._flatten(Axis.BATCH.value)
 
     def build_expert_mesh(self, device_type: str) -> DeviceMesh:
         """The experts' mesh over the same ranks: axes pp, edp, ep."""

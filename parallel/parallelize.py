@@ -50,7 +50,7 @@ class Groups:
             ep=pick(expert_mesh, Axis.EP, dims.ep),
             pp=pick(mesh, Axis.PP, dims.pp),
             tp=pick(mesh, Axis.TP, dims.tp),
-            batch=pick(mesh, Axis.BATCH, dims.dp * dims.tp),
+            batch=ParallelDims.batch_mesh(mesh).get_group() if dims.dp * dims.tp > 1 else None,
         )
 
 
