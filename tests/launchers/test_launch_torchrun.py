@@ -101,8 +101,9 @@ def test_failing_ranks_are_named_with_their_logs(tmp_path, capsys):
     assert launch(cfg, path) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("moeyard: torchrun exited with status 1: moeyard rank ")
-    assert "ConfigError: parallel.ep=3 must divide dp x tp = 2x1" in last
-    assert "ConfigError" in (run_dir / "logs" / "rank_1.log").read_text()
+    # Ranks do not validate again: they derive ParallelDims from the file, which refuses the impossible layout.
+    assert "ValueError: parallel.ep=3 must divide dp x tp = 2x1" in last
+    assert "ValueError: parallel.ep=3" in (run_dir / "logs" / "rank_1.log").read_text()
 
 
 @pytest.mark.parametrize(

@@ -109,8 +109,10 @@ def assert_same_load(got: list[dict], ref: list[dict]) -> None:
             assert g["layers"][lid]["routed"] == layer["routed"]
             assert g["layers"][lid]["dropped"] == layer["dropped"]
             for key in ("mean_prob", "bias"):
+                # fp32 rounding of a layout's sums (measured up to 1.6e-5 relative after 3 steps); a statistic
+                # of the wrong tokens is off by orders of magnitude more.
                 torch.testing.assert_close(
-                    torch.tensor(g["layers"][lid][key]), torch.tensor(layer[key]), rtol=0, atol=2e-6
+                    torch.tensor(g["layers"][lid][key]), torch.tensor(layer[key]), rtol=1e-4, atol=1e-6
                 )
             assert math.isclose(g["layers"][lid]["entropy"], layer["entropy"], rel_tol=1e-5)
 

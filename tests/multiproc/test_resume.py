@@ -14,23 +14,9 @@ import torch
 
 from launch.config import compose
 from parallel.state import full_state_dict
-from tests.helpers import free_port, run_layout
+from tests.helpers import TINY, free_port, run_layout
+from tests.helpers import history_losses as losses
 from train.trainer import Trainer
-
-TINY = [
-    "model=debug",
-    "model.n_layers=2",
-    "train.seq_len=32",
-    "train.steps=6",
-    "data.max_files=20",
-    "profiling=off",
-    "train.eval_every=0",
-    "moe.bias_update_rate=0.01",
-]
-
-
-def losses(history: list[dict]) -> list[float]:
-    return [h["loss"] for h in history]
 
 
 def test_resume_auto_single_process_is_bitwise(tmp_path: Path) -> None:
