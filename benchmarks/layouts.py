@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import tempfile
-import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import rank_env, spawn_ranks  # benchmarks/ranks.py, beside this script
 
 from launch.config import compose
 from train.trainer import Trainer
@@ -59,14 +57,7 @@ TIMEOUT_S = 300
 
 def _rank(rank: int, world: int, port: int, overrides: list[str], threads: int, out: str) -> None:
     """One rank: train with the real trainer (its console output to a log), rank 0 saves per-step metrics."""
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(threads)
+    rank_env(rank, world, port, threads)
     with open(f"{out}.rank{rank}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
         history = Trainer(compose(overrides)).fit()
     if rank == 0:
@@ -76,30 +67,9 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], threads: int, 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_layout(world: int, overrides: list[str], threads: int, out: Path) -> list[dict]:
     """Trains on `world` spawned gloo ranks (killed after TIMEOUT_S); returns rank 0's metrics per step."""
-    ctx = mp.start_processes(
-        _rank,
-        args=(world, _free_port(), overrides, threads, str(out)),
-        nprocs=world,
-        start_method="spawn",
-        join=False,
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"layout {overrides} still running after {TIMEOUT_S}s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
+    spawn_ranks(_rank, (overrides, threads, str(out)), world, TIMEOUT_S, f"layout {overrides}")
     return torch.load(out, weights_only=True)
 
 

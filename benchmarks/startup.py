@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import tempfile
 import time
 from contextlib import redirect_stderr, redirect_stdout
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import rank_env, spawn_ranks  # benchmarks/ranks.py, beside this script
 
 from launch.config import compose
 from train.trainer import Trainer
@@ -72,10 +71,7 @@ def _rss_mb() -> float:
 
 def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
     """One rank: construct the trainer, record time and memory to OUT.rankN.json."""
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
+    rank_env(rank, world, port, threads=1)
     cfg = compose(overrides)
     before = _rss_mb()
     with open(f"{out}.rank{rank}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
@@ -90,27 +86,10 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> N
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(world: int, overrides: list[str], out: Path) -> dict[str, float]:
     """Start-up on `world` fresh ranks: slowest rank's seconds, CPU seconds of all ranks, largest peak RSS and
     growth (MB)."""
-    ctx = mp.start_processes(
-        _rank, args=(world, _free_port(), overrides, str(out)), nprocs=world, start_method="spawn", join=False
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"start-up of {overrides} still running after {TIMEOUT_S}s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
+    spawn_ranks(_rank, (overrides, str(out)), world, TIMEOUT_S, f"start-up of {overrides}")
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(world)]
     return {
         "seconds": max(r["seconds"] for r in ranks),
