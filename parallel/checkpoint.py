@@ -21,7 +21,6 @@ and DCP reads whichever saved chunks another layout needs.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -36,14 +35,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.tensor import DTensor, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from moe.config import ModelConfig, MoEConfig
-from parallel.data_parallel import is_expert_param
-from parallel.dims import Axis
 from parallel.safe_metadata import SafeFileSystemReader
+from parallel.shards import layout_free
 
 CHECKPOINTS = "checkpoints"
 FORMAT = 1
@@ -182,52 +177,6 @@ def check_compatible(meta: dict, model: ModelConfig, moe: MoEConfig, field: str,
 # --- the layout-free state dict --------------------------------------------------------------------------
 
 
-def fsdp_expert_placements(ep: int) -> list[Placement]:
-    """Placements on the expert mesh (edp, ep) of the full [E, ...] expert tensor when FSDP shards each ep
-    rank's [E/ep, ...] block again over edp: dim 0 split by ep first (right to left), then by edp."""
-    return [_StridedShard(0, split_factor=ep), Shard(0)]
-
-
-def layout_free(name: str, t: torch.Tensor, pm) -> torch.Tensor:
-    """`t` as DCP should see it: a tensor or DTensor whose global shape and offset are those of the full
-    (one-process) model, sharing `t`'s storage, so that a save writes and a load fills only this rank's shard.
-
-    Expert weights under EP are the rank's [E/ep, ...] block (ep rank r holds block r), either plain (a
-    DTensor over the expert mesh's ep axis) or sharded again over edp by FSDP (torch.chunk rows, possibly
-    uneven; a DTensor over (edp, ep) with `fsdp_expert_placements`, the `_StridedShard` form FSDP2 itself
-    uses for a dim sharded twice). Nothing is gathered or copied.
-    """
-    t = t.detach()
-    if t.ndim == 0 or not (is_expert_param(name) and pm.dims.ep > 1):
-        return t
-    mesh, ep = pm.expert_mesh, pm.dims.ep
-    if not isinstance(t, DTensor):  # from_local shares storage: DCP loads straight into the parameter
-        return DTensor.from_local(t, mesh[Axis.EP.value], [Shard(0)], run_check=False)
-    assert t.device_mesh.mesh_dim_names == (Axis.EDP.value,) and tuple(t.placements) == (Shard(0),), (name, t)
-    shape = torch.Size((t.shape[0] * ep, *t.shape[1:]))
-    return DTensor.from_local(
-        t.to_local(),
-        mesh[(Axis.EDP.value, Axis.EP.value)],
-        fsdp_expert_placements(ep),
-        run_check=False,
-        shape=shape,
-        stride=tuple(math.prod(shape[i + 1 :]) for i in range(len(shape))),  # contiguous
-    )
-
-
-def shard_extent(name: str, t: torch.Tensor, pm) -> tuple[torch.Size, tuple[int, ...], torch.Tensor]:
-    """The full (one-process) shape of `name`, the offset of this rank's shard in it, and the shard itself
-    (a view of `t`'s storage: writing it fills `t`). Every layout's shard is one box of the full tensor
-    (nested splits of a dim are nested blocks), which the shape and offset describe."""
-    t = layout_free(name, t, pm)
-    if not isinstance(t, DTensor):
-        return t.shape, (0,) * t.ndim, t
-    local = t.to_local()
-    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    assert tuple(shape) == tuple(local.shape), (name, shape, local.shape)
-    return t.shape, tuple(offset), local
-
-
 def model_tensors(pm) -> list[tuple[str, torch.Tensor]]:
     """This rank's parameters and aux-free expert biases, by full-model FQN."""
     named = list(pm.named_parameters())
@@ -271,13 +220,13 @@ def build_state(
 ) -> dict[str, torch.Tensor]:
     """The flat DCP state dict of this rank: views of its shards, so a load fills them in place."""
     named = model_tensors(pm)
-    state = {f"model.{name}": layout_free(name, t, pm) for name, t in named}
+    state = {f"model.{name}": layout_free(name, t, pm.dims, pm.expert_mesh) for name, t in named}
     if optimizer is not None:
         name_of = {id(p): name for name, p in named}
         for group in optimizer.param_groups:
             for p in group["params"]:
                 for key, value in optimizer.state[p].items():
-                    state[f"optim.{name_of[id(p)]}.{key}"] = layout_free(name_of[id(p)], value, pm)
+                    state[f"optim.{name_of[id(p)]}.{key}"] = layout_free(name_of[id(p)], value, pm.dims, pm.expert_mesh)
     for kind, value in rng.items():  # per rank: each rank has its own streams
         state[f"rng.rank{rank}.{kind}"] = value
     return state

@@ -12,18 +12,17 @@ import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining.schedules import _PipelineSchedule
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from moe.config import ModelConfig, MoEConfig
 from moe.init import init_slice_
 from moe.layer import MoELayer
 from moe.model import Transformer
 from parallel.config import ParallelConfig
-from parallel.data_parallel import apply_fsdp, clean_fqn, is_expert_param
+from parallel.data_parallel import apply_fsdp, clean_fqn
 from parallel.dims import Axis, ParallelDims
 from parallel.expert import apply_ep
 from parallel.pipeline import StageShapes, build_schedule, local_stage_ids, split_model, stage_layer_ranges
+from parallel.shards import shard_extent
 from parallel.tensor import apply_tp
 
 
@@ -88,36 +87,15 @@ class ParallelModel:
             part.train(mode)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _shard_extent(name: str, param: torch.Tensor, ep_rank: int, ep: int) -> tuple[list[int], list[int]]:
-    """The full (one-process) shape of parameter `name` and the offset of this rank's local shard in it.
-
-    DTensors (TP, FSDP, both) know their global shape and offset; under EP an expert tensor's shape is the
-    rank's [E/ep, ...] block, which starts at expert ep_rank * E/ep.
-    """
-    if isinstance(param, DTensor):
-        # The function DCP places shards with; it also resolves FSDP's strided shard over a TP shard.
-        local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-        assert tuple(local_shape) == tuple(param.to_local().shape), (name, local_shape, param.to_local().shape)
-    else:
-        offset = (0,) * param.ndim
-    shape, offset = list(param.shape), list(offset)
-    if is_expert_param(name) and ep > 1:
-        offset[0] += ep_rank * shape[0]
-        shape[0] *= ep
-    return shape, offset
-
-
 @torch.no_grad()
-def init_local_shards(part: Transformer, cfg: ModelConfig, seed: int, ep_rank: int, ep: int) -> None:
+def init_local_shards(
+    part: Transformer, cfg: ModelConfig, seed: int, dims: ParallelDims, expert_mesh: DeviceMesh | None
+) -> None:
     """Fills each allocated local shard with its slice of one process's initial weights (no full tensors)."""
     for fqn, param in part.named_parameters():
         name = clean_fqn(fqn)
-        shape, offset = _shard_extent(name, param, ep_rank, ep)
-        init_slice_(_local(param), name, shape, offset, cfg, seed)
+        shape, offset, local = shard_extent(name, param, dims, expert_mesh)
+        init_slice_(local, name, shape, offset, cfg, seed)
     for moe in part.moe_layers().values():
         moe.router.expert_bias.zero_()
 
@@ -164,7 +142,6 @@ def build_parallel_model(
         parts = [split_model(whole, sid, ranges) for sid in stage_ids]
     else:
         stage_ids, parts = [0], [whole]
-    ep_rank = expert_mesh[Axis.EP.value].get_local_rank() if dims.ep > 1 else 0
     for part in parts:
         if dims.tp > 1:
             apply_tp(part, mesh[Axis.TP.value], pcfg.sequence_parallel)
@@ -178,7 +155,7 @@ def build_parallel_model(
         if model_cfg.tie_embeddings and part.output is not None and part.tok_embeddings is not None:
             part.output.weight = part.tok_embeddings.weight  # to_empty gave each module its own new tensor
         if init:
-            init_local_shards(part, model_cfg, seed, ep_rank, dims.ep)
+            init_local_shards(part, model_cfg, seed, dims, expert_mesh)
         part.reset_buffers(device)
     return ParallelModel(
         parts=parts,

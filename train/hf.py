@@ -38,6 +38,7 @@ from moe.config import ModelConfig, MoEConfig
 from moe.model import Transformer
 from parallel import checkpoint as ckpt
 from parallel.safe_metadata import SafeFileSystemReader
+from parallel.shards import shard_extent
 
 INDEX = "model.safetensors.index.json"
 _Read = Callable[[str, tuple[slice, ...], torch.Size], torch.Tensor]
@@ -403,7 +404,7 @@ def load_hf_weights(pm, hf_dir: Path, model: ModelConfig) -> None:
             if name.endswith("expert_bias"):
                 t.zero_()
                 continue
-            full_shape, offset, local = ckpt.shard_extent(name, t, pm)
+            full_shape, offset, local = shard_extent(name, t, pm.dims, pm.expert_mesh)
             if local.numel():
                 local.copy_(read_hf_part(name, full_shape, offset, local.shape, reader.read, model))
     finally:

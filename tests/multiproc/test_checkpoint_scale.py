@@ -35,6 +35,7 @@ import train.hf
 from launch.config import compose
 from moe.config import ModelConfig
 from parallel import checkpoint as ckpt
+from parallel.shards import shard_extent
 from tests.ckpt_faults import saved_tensors
 from tests.helpers import MOEYARD, REPO, TINY, free_port, local_rank_env
 from train.hf import export
@@ -214,7 +215,7 @@ def _hf_rank(rank: int, world: int, port: int, overrides: list[str], out: str) -
         train.hf.safe_open = real
     shards = {}
     for name, t in ckpt.model_tensors(trainer.pm):
-        shape, offset, local = ckpt.shard_extent(name, t, trainer.pm)
+        shape, offset, local = shard_extent(name, t, trainer.pm.dims, trainer.pm.expert_mesh)
         shards[name] = (tuple(shape), offset, local.clone())
     torch.save({"reads": reads, "shards": shards}, f"{out}.{rank}")
     dist.barrier()

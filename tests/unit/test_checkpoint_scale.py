@@ -19,7 +19,7 @@ from torch.distributed.tensor._utils import _compute_local_shape_and_global_offs
 import parallel.safe_metadata
 import train.hf
 from launch.config import compose
-from parallel import checkpoint as ckpt
+from parallel.shards import fsdp_expert_placements
 from tests.ckpt_faults import saved_tensors
 from tests.helpers import TINY
 from train.callbacks import Callback
@@ -37,7 +37,7 @@ def test_fsdp_expert_placements_match_fsdps_split(experts: int, ep: int, edp: in
             held = rows.chunk(ep)[j].chunk(edp)
             held = held[i] if i < len(held) else rows[:0]
             shape, offset = _compute_local_shape_and_global_offset(
-                (experts, 3), (edp, ep), [i, j], ckpt.fsdp_expert_placements(ep)
+                (experts, 3), (edp, ep), [i, j], fsdp_expert_placements(ep)
             )
             assert shape == (len(held), 3), (i, j)
             if len(held):
