@@ -28,6 +28,9 @@ from ranks import rank_env, spawn_ranks  # benchmarks/ranks.py, beside this scri
 from launch.config import compose
 from train.trainer import Trainer
 
+OVERLAP = ["moe.num_shared_experts=2", "profiling.breakdown_every=1"]
+"""The overlap rows: shared experts to hide the dispatch behind, and every step's breakdown (its time inside
+all-to-all, `a2a ms`, and forward time)."""
 LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "single": (1, []),
     "single mt": (1, []),
@@ -39,6 +42,9 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "pp2": (2, ["parallel.pp=2"]),
     "tp2·ep2": (4, ["parallel.tp=2", "parallel.ep=2"]),
     "pp2·ep2": (4, ["parallel.pp=2", "parallel.ep=2"]),
+    "ep2 ovl none": (2, ["parallel.ep=2", *OVERLAP]),
+    "ep2 ovl shared": (2, ["parallel.ep=2", "parallel.ep_overlap=shared", *OVERLAP]),
+    "ep2 ovl chunk": (2, ["parallel.ep=2", "parallel.ep_overlap=chunked", "parallel.ep_chunks=4", *OVERLAP]),
 }
 """Layout name -> (ranks, overrides); dp is inferred from the world size (parallel.dp=-1).
 "single mt" is one process with all cores as torch threads; every other row runs one thread per rank."""
@@ -73,12 +79,19 @@ def run_layout(world: int, overrides: list[str], threads: int, out: Path) -> lis
     return torch.load(out, weights_only=True)
 
 
-def measure(world: int, overrides: list[str], threads: int, warmup: int, out: Path) -> tuple[float, float]:
-    """Median step seconds after `warmup` steps, and tokens/s at that step time."""
+def measure(world: int, overrides: list[str], threads: int, warmup: int, out: Path) -> tuple[float, float, str]:
+    """Median step seconds after `warmup` steps, tokens/s at that step time, and the median forward and
+    all-to-all milliseconds of the sampled steps (blank when none was sampled)."""
     history = run_layout(world, overrides, threads, out)
     step_s = statistics.median(h["step_time_s"] for h in history[warmup:])
     tokens = round(history[-1]["tokens_per_s"] * history[-1]["step_time_s"])  # batch_size * seq_len
-    return step_s, tokens / step_s
+    sampled = [h for h in history[warmup:] if "time_forward_ms" in h]
+    breakdown = ""
+    if sampled:
+        forward = statistics.median(h["time_forward_ms"] for h in sampled)
+        a2a = statistics.median(h.get("comm_all_to_all_ms", 0.0) for h in sampled)
+        breakdown = f"{forward:>8.1f} {a2a:>7.1f}"
+    return step_s, tokens / step_s, breakdown
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,14 +121,16 @@ def main(argv: list[str] | None = None) -> None:
             f"Training throughput per layout: {' '.join(WORKLOAD[:2] + shape)}, cpu ({cores} cores, load average "
             f"{load:.1f} at start), median step after {args.warmup} warmup of {args.steps}"
         )
-        print(f"{'layout':<10} {'ranks':>5} {'threads':>7} {'step ms':>9} {'tokens/s':>10} {'x single':>8}")
+        head = f"{'layout':<14} {'ranks':>5} {'threads':>7} {'step ms':>9} {'tokens/s':>10} {'x single':>8}"
+        print(f"{head} {'fwd ms':>8} {'a2a ms':>7}")
         base = None
         for name in ["single", *[n for n in names if n != "single"]]:
             world, extra = LAYOUTS[name]
             threads = cores if name == "single mt" else 1
-            step_s, tps = measure(world, [*common, *extra], threads, args.warmup, tmp / f"{name}.pt")
+            step_s, tps, breakdown = measure(world, [*common, *extra], threads, args.warmup, tmp / f"{name}.pt")
             base = base or tps
-            print(f"{name:<10} {world:>5} {threads:>7} {step_s * 1e3:>9.1f} {tps:>10.0f} {tps / base:>8.2f}")
+            row = f"{name:<14} {world:>5} {threads:>7} {step_s * 1e3:>9.1f} {tps:>10.0f} {tps / base:>8.2f}"
+            print(f"{row} {breakdown}")
         if torch.cuda.is_available():
             gpu_rows(common, args.warmup, tmp)
 
@@ -128,7 +143,7 @@ def gpu_rows(common: list[str], warmup: int, tmp: Path) -> None:
     for model in ("debug", "demo"):
         for dtype in ("fp32", "bf16"):
             overrides = [*gpu, f"model={model}", f"train.dtype={dtype}"]
-            step_s, tps = measure(1, overrides, 1, warmup, tmp / f"gpu-{model}-{dtype}.pt")
+            step_s, tps, _ = measure(1, overrides, 1, warmup, tmp / f"gpu-{model}-{dtype}.pt")
             print(f"{model:<10} {dtype:>5} {step_s * 1e3:>9.1f} {tps:>10.0f}")
 
 

@@ -52,20 +52,26 @@ def cmd_train(overrides: list[str]) -> int:
 
 def cmd_prepare(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="moeyard prepare", description="Tokenize text files into token files.")
-    parser.add_argument("inputs", nargs="+", type=Path, help="text files or directories")
+    parser.add_argument("inputs", nargs="+", type=Path, help="text or .jsonl/.json files, or directories")
     parser.add_argument("--out", type=Path, required=True, help="output directory (tokens.bin, meta.json)")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer.json or a directory with one (default: bytes)")
+    parser.add_argument("--eos-token", help="document separator (default: the tokenizer's end-of-text token)")
+    parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.inputs if not p.exists()]
     if missing:
         print(f"moeyard prepare: inputs={missing} do not exist (rule: give existing files or dirs)", file=sys.stderr)
         return 2
     try:
-        meta = prepare(args.inputs, args.out)
+        meta = prepare(args.inputs, args.out, args.tokenizer, args.eos_token, args.text_field, progress=True)
     except OSError as err:
         rule = "inputs must be readable, --out a writable directory"
         print(f"moeyard prepare: {err.filename}: {err.strerror} (rule: {rule})", file=sys.stderr)
         return 2
-    print(f"wrote {meta['num_tokens']} tokens from {meta['files']} files to {args.out}")
+    print(
+        f"wrote {meta['num_tokens']} {meta['dtype']} tokens ({meta['documents']} documents) from {meta['files']} "
+        f"files to {args.out} (tokenizer {meta['tokenizer']}, vocab_size {meta['vocab_size']})"
+    )
     return 0
 
 

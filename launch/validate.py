@@ -6,13 +6,15 @@ import dataclasses
 import difflib
 import ipaddress
 import socket
+from pathlib import Path
 
 from launch.config import JobConfig
 from moe.experts import HAS_GROUPED_MM
 from parallel.dims import ParallelDims
 from profiling.trace import check_trace_ranks
-from train.checkpointing import preflight
+from train.checkpointing import is_hf_dir, preflight
 from train.data import load_token_dir
+from train.upcycle import check_dense_dir, dense_model_type
 
 
 class ConfigError(ValueError):
@@ -68,8 +70,16 @@ def validate(cfg: JobConfig, world_size: int) -> ParallelDims:
     m, e, t, p, o = cfg.model, cfg.moe, cfg.train, cfg.parallel, cfg.optim
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size", "max_seq_len"):
         _check(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), "must be >= 1")
-    _check(m.dim % m.n_heads == 0, "model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
-    _check(m.head_dim % 2 == 0, "model.dim/n_heads", m.head_dim, "must be even (RoPE rotates channel pairs)")
+    _check(
+        m.dim % m.n_heads == 0 or m.head_dim_override is not None or m.attention == "mla",
+        "model.dim",
+        m.dim,
+        f"must be divisible by model.n_heads={m.n_heads} (or set model.head_dim_override)",
+    )
+    try:
+        m.check_attention()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _check(
         m.n_heads % m.n_kv_heads == 0,
         "model.n_kv_heads",
@@ -311,7 +321,21 @@ def _check_layout(cfg: JobConfig, dims: ParallelDims) -> None:
         _check(not m.tie_embeddings, "model.tie_embeddings", True, "is not supported with parallel.pp > 1")
     if dims.tp > 1:
         _check(not m.tie_embeddings, "model.tie_embeddings", True, "is not supported with parallel.tp > 1")
+    _check(
+        not (cfg.data.document_mask and dims.pp > 1),
+        "data.document_mask",
+        True,
+        f"is not supported with parallel.pp={dims.pp} (later pipeline stages never see the tokens that mark "
+        "documents; use pp=1)",
+    )
     _check(p.ac_every >= 1, "parallel.ac_every", p.ac_every, "must be >= 1")
+    _check(p.ep_chunks >= 1, "parallel.ep_chunks", p.ep_chunks, "must be >= 1")
+    _check(
+        p.ep_overlap == "none" or dims.ep > 1,
+        "parallel.ep_overlap",
+        p.ep_overlap,
+        "needs parallel.ep > 1 (without expert parallelism there is no all-to-all to hide)",
+    )
 
 
 def _check_checkpointing(cfg: JobConfig) -> None:
@@ -321,7 +345,49 @@ def _check_checkpointing(cfg: JobConfig) -> None:
     _check(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")
     _check(c.every == 0 or c.enabled, "checkpoint.every", c.every, "needs checkpoint.enabled=true")
     _check(bool(t.resume), "train.resume", t.resume, "must be none, auto or a checkpoint path")
+    _check_upcycle(cfg)
     try:
-        preflight(t.resume, t.init_from, cfg.run.dir, cfg.model, cfg.moe)
+        preflight(t.resume, None if t.upcycle else t.init_from, cfg.run.dir, cfg.model, cfg.moe)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _check_upcycle(cfg: JobConfig) -> None:
+    """train.upcycle: a dense Hugging Face directory, and an MoE whose step-0 function is the dense model's."""
+    t, e = cfg.train, cfg.moe
+    g = t.upcycle_granularity
+    _check(g >= 1, "train.upcycle_granularity", g, "must be >= 1")
+    if not t.upcycle:
+        _check(g == 1, "train.upcycle_granularity", g, "needs train.upcycle=true")
+        family = dense_model_type(t.init_from) if t.init_from else None
+        why = f"must be true for train.init_from={t.init_from}, dense model_type={family} weights"
+        _check(family is None, "train.upcycle", False, f"{why} (rule: a dense model is upcycled into the MoE)")
+        return
+    _check(bool(t.init_from), "train.upcycle", True, "needs train.init_from=a dense Hugging Face Llama/Qwen3 dir")
+    _check(is_hf_dir(t.init_from), "train.init_from", t.init_from, "must be a Hugging Face dir with train.upcycle")
+    rule = "(each copy of the dense FFN is g experts)"
+    _check(
+        e.num_experts % g == 0,
+        "moe.num_experts",
+        e.num_experts,
+        f"must be divisible by train.upcycle_granularity={g} {rule}",
+    )
+    _check(
+        e.num_shared_experts == 0, "moe.num_shared_experts", e.num_shared_experts, "must be 0 with train.upcycle=true"
+    )
+    if g > 1:
+        whole = f"with train.upcycle_granularity={g} (tied router rows pick whole copies of the g slices)"
+        _check(e.router != "expert_choice", "moe.router", e.router, f"must be token-choice {whole}")
+        _check(e.top_k % g == 0, "moe.top_k", e.top_k, f"must be a multiple of {g} {whole}")
+        group = e.num_experts // e.n_groups
+        _check(group % g == 0, "moe.n_groups", e.n_groups, f"must leave a multiple of {g} experts per group {whole}")
+        _check(
+            e.route_scale == g,
+            "moe.route_scale",
+            e.route_scale,
+            f"must be {g} {whole}: each slice's weights sum to 1/g",
+        )
+    try:
+        check_dense_dir(Path(t.init_from), cfg.model, e, g, "train.init_from")
     except ValueError as err:
         raise ConfigError(str(err)) from None

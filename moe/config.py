@@ -26,7 +26,7 @@ class ModelConfig:
     n_heads: int = 4
     """Attention query heads."""
     n_kv_heads: int = 2
-    """Key/value heads (grouped-query attention); must divide n_heads."""
+    """Key/value heads (grouped-query attention); must divide n_heads. Unused by mla (one per query head)."""
     ffn_hidden: int = 128
     """Hidden width of the dense SwiGLU FFN."""
     max_seq_len: int = 128
@@ -45,10 +45,60 @@ class ModelConfig:
     """Attention kernel: torch SDPA everywhere, or flash-attn when installed and on CUDA (falls back to SDPA)."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    attention: str = choice("gqa", "mla")
+    """Grouped-query attention (Llama, Mixtral, Qwen, OLMoE) or multi-head latent attention (DeepSeek-V2/V3)."""
+    head_dim_override: int | None = None
+    """gqa: width of each q/k/v head; null = dim / n_heads (Qwen3-30B-A3B: 128 at dim 2048 with 32 heads)."""
+    qk_norm: str = choice("none", "head", "full")
+    """gqa: RMSNorm of q and k before RoPE: none, per head over head_dim (Qwen3), or over all heads (OLMoE)."""
+    qkv_bias: bool = False
+    """gqa: biases on the q, k and v projections (Qwen2, Qwen2-MoE); the output projection has none."""
+    q_lora_rank: int = 0
+    """mla: rank of the query down-projection; 0 = one plain query projection (DeepSeek-V2-Lite)."""
+    kv_lora_rank: int = 512
+    """mla: width of the compressed key/value latent."""
+    qk_rope_head_dim: int = 64
+    """mla: channels per q/k head that carry RoPE (the key's are one head shared by all query heads)."""
+    qk_nope_head_dim: int = 128
+    """mla: channels per q/k head without RoPE."""
+    v_head_dim: int = 128
+    """mla: width of each value head."""
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        """Width of each query/key head (mla: qk_nope_head_dim + qk_rope_head_dim)."""
+        if self.attention == "mla":
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
+        return self.head_dim_override or self.dim // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Channels per head that RoPE rotates (the width of the rotary table)."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    def check_attention(self) -> None:
+        """Raises ValueError naming the first attention field whose value breaks a rule."""
+        pairs = "must be even and >= 2 (RoPE rotates channel pairs)"
+        if self.attention == "gqa":
+            name = "head_dim_override" if self.head_dim_override is not None else "dim/n_heads"
+            rules = [(self.head_dim >= 2 and self.head_dim % 2 == 0, name, pairs)]
+        else:
+            why = "with model.attention=mla (MLA normalises its latents and has no q/k/v biases)"
+            rope = self.qk_rope_head_dim
+            rules = [
+                (self.head_dim_override is None, "head_dim_override", f"must be null {why}"),
+                (self.qk_norm == "none", "qk_norm", f"must be none {why}"),
+                (not self.qkv_bias, "qkv_bias", f"must be false {why}"),
+                (self.q_lora_rank >= 0, "q_lora_rank", "must be >= 0 (0 = a plain query projection)"),
+                (self.kv_lora_rank >= 1, "kv_lora_rank", "must be >= 1"),
+                (self.qk_nope_head_dim >= 1, "qk_nope_head_dim", "must be >= 1"),
+                (self.v_head_dim >= 1, "v_head_dim", "must be >= 1"),
+                (rope >= 2 and rope % 2 == 0, "qk_rope_head_dim", pairs),
+            ]
+        for ok, name, rule in rules:
+            if not ok:
+                value = self.head_dim if name == "dim/n_heads" else getattr(self, name)
+                raise ValueError(f"model.{name}={value} {rule}")
 
     def is_moe_layer(self, layer_id: int) -> bool:
         """Whether block `layer_id` gets an MoE FFN under the placement knobs."""
@@ -69,6 +119,10 @@ class MoEConfig:
     """Hidden width F of each routed expert; fine-grained experts use a small F and a large E."""
     num_shared_experts: int = 0
     """Always-on shared experts (DeepSeek style), fused into one SwiGLU of width num_shared * expert_hidden."""
+    shared_expert_hidden: int | None = None
+    """Width of that fused shared SwiGLU; null = num_shared_experts * expert_hidden (Qwen2-MoE sets its own)."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output per token by sigmoid(x . w), w one learned [D] row (Qwen2-MoE)."""
     router: str = choice("softmax_topk", "sigmoid_topk", "expert_choice")
     """Token-choice softmax (Switch/GShard/Mixtral), token-choice sigmoid (DeepSeek-V3), or expert-choice."""
     norm_topk_prob: bool = True
@@ -93,3 +147,18 @@ class MoEConfig:
     """Aux-loss-free balancing: per-step update of the selection bias (DeepSeek-V3); 0 = off."""
     grouped_mm: str = choice("auto", "on", "off")
     """Expert matmuls as one torch grouped_mm (auto: when torch has it) or a per-expert loop."""
+
+    @property
+    def shared_hidden(self) -> int:
+        """Width of the fused shared-expert SwiGLU (0: no shared experts)."""
+        if self.num_shared_experts == 0:
+            return 0
+        return self.shared_expert_hidden or self.num_shared_experts * self.expert_hidden
+
+    def check_shared(self) -> None:
+        """Raises ValueError naming the first shared-expert field whose value breaks a rule."""
+        width = self.shared_expert_hidden
+        if width is not None and width < 1:
+            raise ValueError(f"moe.shared_expert_hidden={width} must be >= 1 (or null: num_shared * expert_hidden)")
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ValueError("moe.shared_expert_gate=True needs moe.num_shared_experts >= 1 (it gates the shared experts)")

@@ -1,34 +1,45 @@
-"""Dispatcher protocol (dispatch -> metadata -> combine) and the single-device implementation.
+"""Dispatcher protocol (route tokens to experts and back) and the single-device implementation.
 
-A dispatcher moves the kept assignments of a Routing to the experts that own them, grouped by expert, and
-brings the expert outputs back in token order. Each implementation keeps three phases apart (local
-permutation, the collective, local un-permutation) so communication can later overlap with compute.
-The expert-parallel all-to-all dispatcher lives in `parallel/expert.py` and follows the same protocol.
+A dispatcher moves the kept assignments of a Routing to the experts that own them, grouped by expert, runs
+the experts, and brings their outputs back in token order, weighted by the router. It owns the whole
+dispatch -> experts -> combine sequence so that an implementation can overlap its communication with
+compute (the shared experts, or another chunk's expert matmuls) without the model knowing. The
+expert-parallel all-to-all dispatcher lives in `parallel/expert.py` and follows the same protocol.
+
+Host synchronisations: none when the kept count is known from the shapes (dropless routing), else one
+(the kept count) per layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from moe.router import Routing, SequenceSplit
+from moe.router import Routing, SequenceSplit, count_per_expert
+
+ExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""Runs the local experts on expert-sorted rows [N, D] given rows per local expert [E_local] -> [N, D]."""
+AlongsideFn = Callable[[], torch.Tensor]
+"""Work independent of the routed experts (the shared experts), run while tokens are in flight."""
 
 
 @dataclass(frozen=True)
-class DispatchMeta:
-    """What combine needs to undo dispatch; `extra` carries an implementation's own bookkeeping."""
+class MoEOutput:
+    """What a dispatcher's `run` returns."""
 
-    sort_order_A: torch.Tensor
-    """Permutation putting the assignments in expert order (int64 [A])."""
-    num_tokens: int
-    """T, the rows of the combined output."""
-    extra: object = None
+    out_TD: torch.Tensor
+    """Weighted sum of the routed experts' outputs, in token order [T, D]."""
+    received_E: torch.Tensor
+    """Rows this rank's local experts processed, per local expert (int64 [E_local])."""
+    alongside: torch.Tensor | None
+    """The result of the `alongside` work, if any."""
 
 
 class Dispatcher(Protocol):
-    """Moves tokens to local experts and back."""
+    """Moves tokens to local experts, runs them, and brings the outputs back."""
 
     num_local_experts: int
     sequence_split: SequenceSplit | None
@@ -38,27 +49,32 @@ class Dispatcher(Protocol):
         """Sum per-expert routing counts over every rank whose tokens form this batch."""
         ...
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchMeta]:
-        """Returns tokens grouped by local expert [N, D], tokens per local expert [E_local], metadata."""
-        ...
-
-    def combine(self, y_ND: torch.Tensor, routing: Routing, meta: DispatchMeta) -> torch.Tensor:
-        """Weighted sum of expert outputs back in token order [T, D]."""
+    def run(self, x_TD: torch.Tensor, routing: Routing, experts: ExpertsFn, alongside: AlongsideFn | None) -> MoEOutput:
+        """Dispatch, experts, combine; `alongside` runs exactly once, where it best hides communication."""
         ...
 
 
-def permute_by_expert(x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gathers the assigned tokens in expert order; returns them [A, D] and the sort order [A]."""
-    sort_order_A = routing.expert_idx_A.argsort(stable=True)
-    return x_TD[routing.token_idx_A[sort_order_A]], sort_order_A
+def expert_order(routing: Routing, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assignment order grouped by expert, dropped assignments last, and kept rows per expert [E]."""
+    return routing.expert_idx_A.argsort(stable=True), count_per_expert(routing.expert_idx_A, num_experts)
 
 
-def unpermute_and_combine(y_AD: torch.Tensor, routing: Routing, meta: DispatchMeta) -> torch.Tensor:
-    """Scatters expert outputs [A, D] (expert order) back to tokens, weighted by the router [T, D]."""
-    token_A = routing.token_idx_A[meta.sort_order_A]
-    weight_A = routing.weight_A[meta.sort_order_A].to(y_AD.dtype)
-    out_TD = y_AD.new_zeros(meta.num_tokens, y_AD.shape[-1])
-    return out_TD.index_add(0, token_A, y_AD * weight_A[:, None])
+def kept_count(routing: Routing, counts_E: torch.Tensor) -> int:
+    """The number of kept assignments: from the shapes when dropless, else the layer's one host read."""
+    return routing.num_kept if routing.num_kept is not None else int(counts_E.sum())
+
+
+def gather_rows(x_TD: torch.Tensor, routing: Routing, order_A: torch.Tensor) -> torch.Tensor:
+    """The tokens of the assignments `order_A` selects, in that order [N, D]."""
+    return x_TD.index_select(0, routing.token_idx_A.index_select(0, order_A))
+
+
+def combine_rows(y_ND: torch.Tensor, routing: Routing, order_A: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Scatters expert outputs [N, D] (in `order_A`'s order) back to tokens, weighted by the router [T, D]."""
+    token_N = routing.token_idx_A.index_select(0, order_A)
+    weight_N = routing.weight_A.index_select(0, order_A).to(y_ND.dtype)
+    out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[-1])
+    return out_TD.index_add(0, token_N, y_ND * weight_N[:, None])
 
 
 class LocalDispatcher:
@@ -71,10 +87,9 @@ class LocalDispatcher:
     def reduce_load(self, counts_E: torch.Tensor) -> torch.Tensor:
         return counts_E
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchMeta]:
-        x_AD, sort_order_A = permute_by_expert(x_TD, routing)
-        counts_E = torch.bincount(routing.expert_idx_A, minlength=self.num_local_experts)
-        return x_AD, counts_E, DispatchMeta(sort_order_A=sort_order_A, num_tokens=x_TD.shape[0])
-
-    def combine(self, y_AD: torch.Tensor, routing: Routing, meta: DispatchMeta) -> torch.Tensor:
-        return unpermute_and_combine(y_AD, routing, meta)
+    def run(self, x_TD: torch.Tensor, routing: Routing, experts: ExpertsFn, alongside: AlongsideFn | None) -> MoEOutput:
+        order_A, counts_E = expert_order(routing, self.num_local_experts)
+        kept_N = order_A[: kept_count(routing, counts_E)]
+        y_ND = experts(gather_rows(x_TD, routing, kept_N), counts_E)
+        out_TD = combine_rows(y_ND, routing, kept_N, x_TD.shape[0])
+        return MoEOutput(out_TD, counts_E, alongside() if alongside is not None else None)

@@ -57,6 +57,13 @@ class GroupedExperts(nn.Module):
         if x_ND.shape[0] == 0:
             # A rank can receive no tokens; keep the weights in the graph so their (zero) grads exist.
             return x_ND + 0 * (self.w1.sum() + self.w2.sum() + self.w3.sum())
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        dtype = _autocast_dtype(x_ND.device.type)
+        if dtype is not None:
+            # Autocast does not cover grouped_mm: without this the experts would run in fp32 under bf16
+            # training whenever the weights are fp32 masters (replicate mode). The casts are differentiable,
+            # so gradients still reach the fp32 weights in fp32.
+            x_ND, w1, w2, w3 = (t.to(dtype) for t in (x_ND, w1, w2, w3))
         if self.use_grouped_mm:
             # grouped_mm wants int32 cumulative row ends and contiguous operands (its CPU backward
             # rejects stride-0 gradients).
@@ -64,5 +71,12 @@ class GroupedExperts(nn.Module):
             mm = lambda a, w: _grouped_mm(a.contiguous(), w, offsets_E)
         else:
             mm = lambda a, w: looped_mm(a, w, counts_E)
-        h_NF = F.silu(mm(x_ND, self.w1)) * mm(x_ND, self.w3)
-        return mm(h_NF, self.w2)
+        h_NF = F.silu(mm(x_ND, w1)) * mm(x_ND, w3)
+        return mm(h_NF, w2)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force on `device_type`, or None outside autocast."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)

@@ -102,13 +102,14 @@ def _fill_normal_(out: torch.Tensor, key: int, std: float, base: int, strides: S
 
 
 def init_rule(fqn: str, ndim: int, cfg: ModelConfig) -> float | str:
-    """How parameter `fqn` starts: "ones" (norm weights), "zeros" (expert biases), or a normal's std.
+    """How parameter `fqn` starts: "ones" (norm weights: block, final, q/k and MLA latent norms), "zeros"
+    (expert biases and linear biases, e.g. the q/k/v biases), or a normal's std.
 
     Residual-branch outputs (attention wo, dense and expert w2) get the GPT-2 scaling std / sqrt(2 * n_layers).
     """
     if "norm" in fqn and ndim == 1:
         return "ones"
-    if fqn.rsplit(".", 1)[-1] == "expert_bias":
+    if fqn.rsplit(".", 1)[-1] in ("expert_bias", "bias"):
         return "zeros"
     if any(f".{name}." in f".{fqn}." for name in ("wo", "w2")):
         return cfg.init_std / math.sqrt(2 * cfg.n_layers)

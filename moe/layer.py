@@ -1,4 +1,4 @@
-"""The MoE feed-forward layer: route, dispatch, run experts, combine, plus shared experts.
+"""The MoE feed-forward layer: route, dispatch, run experts, combine, plus shared experts (optionally gated).
 
 Shape legend: B sequences, S tokens per sequence, T = B*S, D model dim, N dispatched rows, E experts.
 
@@ -52,15 +52,17 @@ def _recomputing() -> bool:
 
 
 class MoELayer(nn.Module):
-    """Token routing to E SwiGLU experts (optionally plus always-on shared experts)."""
+    """Token routing to E SwiGLU experts (optionally plus always-on shared experts, optionally gated per token)."""
 
     def __init__(self, dim: int, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.router = Router(dim, cfg)
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden, cfg.grouped_mm)
-        shared_hidden = cfg.num_shared_experts * cfg.expert_hidden
-        self.shared_experts = SwiGLU(dim, shared_hidden) if shared_hidden else None
+        cfg.check_shared()
+        self.shared_experts = SwiGLU(dim, cfg.shared_hidden) if cfg.shared_hidden else None
+        # Qwen2-MoE's gate: one logit per token, sigmoid-squashed, scales the shared experts' output.
+        self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
         self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts)
         self.stats: list[dict[str, torch.Tensor]] = []
         """Detached per-forward routing statistics, drained by the trainer after each step."""
@@ -70,11 +72,12 @@ class MoELayer(nn.Module):
         split = self.dispatcher.sequence_split  # set when tensor-parallel ranks each hold a slice of S
         routing = self.router(x_BSD, reduce_load=self.dispatcher.reduce_load, split=split)
         x_TD = x_BSD.reshape(B * S, D)
-        x_ND, counts_E, meta = self.dispatcher.dispatch(x_TD, routing)
-        y_ND = self.experts(x_ND, counts_E)
-        out_TD = self.dispatcher.combine(y_ND, routing, meta)
-        if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD)
+        # The shared experts do not depend on the routing: the dispatcher runs them while tokens travel.
+        alongside = (lambda: self._shared(x_TD)) if self.shared_experts is not None else None
+        result = self.dispatcher.run(x_TD, routing, self.experts, alongside)
+        out_TD = result.out_TD
+        if result.alongside is not None:
+            out_TD = out_TD + result.alongside
         weighted_aux = (
             self.cfg.aux_loss_coef * routing.aux_loss
             + self.cfg.seq_aux_loss_coef * routing.seq_aux_loss
@@ -87,8 +90,14 @@ class MoELayer(nn.Module):
         if torch.is_grad_enabled() and weighted_aux.requires_grad:
             out_TD = _AttachAuxLoss.apply(out_TD, weighted_aux)
         if not _recomputing():
-            self.stats.append(self._stats(routing, counts_E))
+            self.stats.append(self._stats(routing, result.received_E))
         return out_TD.view(B, S, D)
+
+    def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
+        out_TD = self.shared_experts(x_TD)
+        if self.shared_expert_gate is not None:
+            out_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * out_TD
+        return out_TD
 
     def _stats(self, routing: Routing, received_E: torch.Tensor) -> dict[str, torch.Tensor]:
         return {

@@ -1,7 +1,12 @@
 """Routers: token-choice top-k (softmax or sigmoid scores), expert-choice, capacity and balancing losses.
 
 Shape legend: G sequences ("groups"), S tokens per sequence, T = G*S tokens, D model dim, E experts,
-K experts per token, A kept (token, expert) assignments.
+K experts per token, A candidate (token, expert) assignments (kept ones and those capacity dropped).
+
+The router never synchronises with the host: no `bincount` (it reads the maximum on CUDA), no boolean-mask
+gathers (their output size is data-dependent), no `.item()`. Assignments that capacity drops stay in the
+Routing with the sentinel expert id E, so every tensor has a size known from the shapes alone; the
+dispatcher sorts them last and leaves them out once it knows the kept count.
 
 Capacity is counted per sequence (GShard's "group"), so which assignments are dropped never depends on how
 a batch is split over data-parallel ranks or micro-batches: a sharded run drops exactly what one process does.
@@ -42,16 +47,28 @@ class SequenceSplit(Protocol):
         ...
 
 
+def count_per_expert(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert (int64 [E]); ids >= E (dropped) are not counted.
+
+    A scatter-add into E + 1 bins rather than `bincount`, which on CUDA synchronises to size its output.
+    """
+    flat = expert_idx.flatten().clamp(max=num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=expert_idx.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))[:num_experts]
+
+
 @dataclass(frozen=True)
 class Routing:
     """Router decisions for T tokens, consumed by the dispatcher and the expert-load tracker."""
 
     token_idx_A: torch.Tensor
-    """Flat token index of each kept assignment (int64)."""
+    """Flat token index of each candidate assignment (int64)."""
     expert_idx_A: torch.Tensor
-    """Expert of each kept assignment (int64)."""
+    """Expert of each candidate assignment (int64); E where capacity dropped it."""
     weight_A: torch.Tensor
-    """Combine weight of each kept assignment (float, differentiable)."""
+    """Combine weight of each candidate assignment (float, differentiable)."""
+    num_kept: int | None
+    """Kept assignments when the shapes alone tell (dropless routing); None when only the device knows."""
     routed_E: torch.Tensor
     """Assignments chosen per expert before capacity (int64)."""
     kept_E: torch.Tensor
@@ -66,6 +83,12 @@ class Routing:
     """Sequence-level balancing loss, unscaled (differentiable scalar)."""
     z_loss: torch.Tensor
     """Router z-loss, unscaled (differentiable scalar)."""
+
+    def kept(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token, expert, weight) of the kept assignments only: a boolean gather that synchronises, for
+        tests and reference code, never for the training path."""
+        mask = self.expert_idx_A < self.routed_E.numel()
+        return self.token_idx_A[mask], self.expert_idx_A[mask], self.weight_A[mask]
 
 
 def capacity_per_sequence(cfg: MoEConfig, seq_len: int, factor: float | None = None) -> int:
@@ -196,21 +219,22 @@ class Router(nn.Module):
             weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
         weight_TK = weight_TK * cfg.route_scale
 
-        routed_E = torch.bincount(topk_idx_TK.flatten(), minlength=E)
-        keep_TK = torch.ones_like(topk_idx_TK, dtype=torch.bool)
+        routed_E = count_per_expert(topk_idx_TK, E)
+        expert_TK, num_kept = topk_idx_TK, G * S * K
         if cfg.capacity_factor is not None:
             keep_TK = self._capacity_mask(topk_idx_TK, weight_TK, G, S, split)
+            expert_TK, num_kept = torch.where(keep_TK, topk_idx_TK, E), None
         global_routed_E = reduce_load(routed_E) if reduce_load is not None else routed_E
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True) if cfg.router == "sigmoid_topk" else scores_TE
 
         token_TK = torch.arange(G * S, device=logits_TE.device)[:, None].expand(-1, K)
-        kept_expert_A = topk_idx_TK[keep_TK]
         return Routing(
-            token_idx_A=token_TK[keep_TK],
-            expert_idx_A=kept_expert_A,
-            weight_A=weight_TK[keep_TK],
+            token_idx_A=token_TK.flatten(),
+            expert_idx_A=expert_TK.flatten(),
+            weight_A=weight_TK.flatten(),
+            num_kept=num_kept,
             routed_E=routed_E,
-            kept_E=torch.bincount(kept_expert_A, minlength=E),
+            kept_E=count_per_expert(expert_TK, E),
             mean_prob_E=probs_TE.detach().mean(0),
             entropy=_entropy(probs_TE),
             aux_loss=switch_aux_loss(probs_TE, global_routed_E),
@@ -252,17 +276,20 @@ class Router(nn.Module):
         full_GSE = split.gather(probs_GSE.detach()) if split is not None else probs_GSE.detach()
         capacity = min(full_S, capacity_per_sequence(self.cfg, full_S, factor=self.cfg.capacity_factor or 1.0))
         pos_GEC = full_GSE.transpose(1, 2).topk(capacity, dim=-1).indices - index * S
-        mine_GEC = (pos_GEC >= 0) & (pos_GEC < S)  # the picked tokens in this rank's slice
+        # Picks outside this rank's slice stay as dropped candidates (expert E, weight 0): no boolean gather.
+        mine_GEC = (pos_GEC >= 0) & (pos_GEC < S)
+        pos_GEC = pos_GEC.clamp(0, S - 1)
         g_GEC = torch.arange(G, device=logits_TE.device)[:, None, None].expand_as(pos_GEC)
         e_GEC = torch.arange(E, device=logits_TE.device)[None, :, None].expand_as(pos_GEC)
-        g_A, e_A, pos_A = g_GEC[mine_GEC], e_GEC[mine_GEC], pos_GEC[mine_GEC]
-        count_E = torch.bincount(e_A, minlength=E)
+        count_E = mine_GEC.sum((0, 2))
         zero = logits_TE.new_zeros(())
         probs_TE = probs_GSE.view(G * S, E)
+        weight_GEC = probs_GSE[g_GEC, pos_GEC, e_GEC] * mine_GEC
         return Routing(
-            token_idx_A=g_A * S + pos_A,
-            expert_idx_A=e_A,
-            weight_A=probs_GSE[g_A, pos_A, e_A] * self.cfg.route_scale,
+            token_idx_A=(g_GEC * S + pos_GEC).flatten(),
+            expert_idx_A=torch.where(mine_GEC, e_GEC, E).flatten(),
+            weight_A=(weight_GEC * self.cfg.route_scale).flatten(),
+            num_kept=pos_GEC.numel() if split is None else None,
             routed_E=count_E,
             kept_E=count_E,
             mean_prob_E=probs_TE.detach().mean(0),
@@ -273,10 +300,13 @@ class Router(nn.Module):
         )
 
     @torch.no_grad()
-    def update_bias(self, load_E: torch.Tensor) -> None:
-        """DeepSeek-V3 aux-free rule: b_e += rate * sign(mean load - load_e), from a whole step's load."""
+    def update_bias(self, load_E: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """DeepSeek-V3 aux-free rule: b_e += rate * sign(mean load - load_e), from a whole step's load.
+
+        `ok`: a device scalar, 0 on a step whose update was skipped (the bias is left as it was)."""
         load = load_E.to(self.expert_bias.dtype)
-        self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        step_E = self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        self.expert_bias += step_E if ok is None else step_E * ok
 
 
 def _entropy(probs_TE: torch.Tensor) -> torch.Tensor:

@@ -45,11 +45,14 @@ FORMAT = 1
 DCP_METADATA = "dcp_metadata"
 """Key of `read_meta`'s result holding the parsed DCP .metadata (in memory only, never in meta.json)."""
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-# Fields that decide tensor shapes: a checkpoint loads only into a model that agrees on all of them.
+# Fields that decide tensor shapes: a checkpoint loads only into a model that agrees on all of them. A field
+# that a checkpoint predates is read as its default (the shape every model had before the field existed).
 _MODEL_SHAPE = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "tie_embeddings")
+_ATTENTION_SHAPE = ("attention", "head_dim_override", "qk_norm", "qkv_bias")
+_MLA_SHAPE = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 SHAPE_FIELDS = {
-    "model": (*_MODEL_SHAPE, "first_dense_layers", "moe_every"),
-    "moe": ("num_experts", "expert_hidden", "num_shared_experts"),
+    "model": (*_MODEL_SHAPE, *_ATTENTION_SHAPE, *_MLA_SHAPE, "first_dense_layers", "moe_every"),
+    "moe": ("num_experts", "expert_hidden", "num_shared_experts", "shared_expert_hidden", "shared_expert_gate"),
 }
 
 
@@ -164,9 +167,10 @@ def read_meta(path: Path, field: str) -> dict:
 def check_compatible(meta: dict, model: ModelConfig, moe: MoEConfig, field: str, path: Path) -> None:
     """Raises CheckpointError naming the first shape field where the checkpoint and the config differ."""
     for section, names in SHAPE_FIELDS.items():
-        ours = asdict(model if section == "model" else moe)
+        cls = ModelConfig if section == "model" else MoEConfig
+        ours, default = asdict(model if section == "model" else moe), asdict(cls())
         for name in names:
-            saved = meta.get(section, {}).get(name)
+            saved = meta.get(section, {}).get(name, default[name])
             if saved != ours[name]:
                 raise CheckpointError(
                     f"{field}={path}: the checkpoint has {section}.{name}={saved}, this config "

@@ -40,3 +40,7 @@ class ParallelConfig:
     """selective: checkpoint every k-th block."""
     compile: bool = False
     """torch.compile each block."""
+    ep_overlap: str = choice("none", "shared", "chunked")
+    """With ep > 1: hide the all-to-alls behind the shared experts, or behind another chunk's experts."""
+    ep_chunks: int = 2
+    """ep_overlap=chunked: token chunks per MoE layer."""

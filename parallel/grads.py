@@ -49,7 +49,8 @@ def clip_grads(named_params: list[tuple[str, torch.nn.Parameter]], max_norm: flo
     """Scales gradients so their global norm is at most `max_norm` (0 = measure only); returns the norm."""
     norm = global_grad_norm(named_params, ep_group, pp_group)
     if max_norm > 0:
-        scale = min(1.0, max_norm / (norm.item() + 1e-6))
+        # The scale stays on the device: reading the norm on the host would synchronise every step.
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for _, param in named_params:
             if param.grad is not None:
                 param.grad.mul_(scale)

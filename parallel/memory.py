@@ -11,16 +11,23 @@ no memory. `rank_memory` then counts what that rank holds while it trains:
   training: 12 B). Counted are the root unit (embedding, final norm, output: FSDP2 keeps the root gathered
   from forward to backward) and two blocks with their experts, the one running and the one prefetched.
 
-Activations are not counted: they depend on the batch, the schedule and checkpointing, and are what the rest
-of the GPU's memory is for.
+Activations are not counted here: they depend on the batch, the schedule and checkpointing (the planner,
+launch/plan/memory.py, predicts them).
+
+`stage_memory` gives the same count for any rank of any layout without building the whole rank: the shards
+of one block of each kind and of the embedding, final norm and output come from a small model built on the
+meta device under the layout's tp and ep (`probe_shards`), FSDP's split of each over dp (dense) or edp
+(experts) follows torch.chunk as FSDP2 does, and a pipeline rank adds up the blocks of its stages.
+tests/unit/test_plan_state.py checks it against `rank_memory` of full builds, element for element, and
+tests/multiproc/test_plan_cpu.py against the bytes of real ranks' parameters, gradients and AdamW state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from math import prod
+from dataclasses import dataclass, replace
+from math import gcd, prod
 
 import torch
 import torch.distributed as dist
@@ -31,9 +38,12 @@ from parallel.config import ParallelConfig
 from parallel.data_parallel import is_expert_param
 from parallel.dims import Axis, ParallelDims
 from parallel.parallelize import ParallelModel, build_parallel_model
+from parallel.pipeline import local_stage_ids, stage_layer_ranges
 
 STATE_BYTES = 16
 """fp32 parameter + fp32 gradient + AdamW exp_avg + exp_avg_sq, per local element."""
+STEP_BYTES = 4
+"""AdamW's `step` counter: one fp32 scalar tensor per parameter tensor."""
 _FSDP_AXES = (Axis.DP.value, Axis.EDP.value)
 
 
@@ -49,10 +59,12 @@ class RankMemory:
     """Elements of this rank's largest block, its experts included, once gathered."""
     bf16: bool
     """FSDP gathers bf16 parameters (train.dtype=bf16) rather than fp32 ones."""
+    tensors: int = 0
+    """Parameter tensors this rank holds (each has an AdamW step counter)."""
 
     @property
     def state_bytes(self) -> int:
-        return STATE_BYTES * self.params
+        return STATE_BYTES * self.params + STEP_BYTES * self.tensors
 
     @property
     def transient_bytes(self) -> int:
@@ -108,6 +120,7 @@ def rank_memory(pm: ParallelModel, bf16: bool) -> RankMemory:
         gathered_root=root,
         gathered_block=max(blocks.values(), default=0),
         bf16=bf16,
+        tensors=len(pm.named_parameters()),
     )
 
 
@@ -136,3 +149,77 @@ def meta_rank(
         )
     finally:
         dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class LocalShape:
+    """One parameter's shard on a rank under tp and ep, before FSDP splits it."""
+
+    name: str
+    shape: tuple[int, ...]
+    expert: bool
+    """An expert weight: FSDP splits it over edp, every other parameter over dp."""
+
+
+@dataclass(frozen=True)
+class ShardProbe:
+    """The local shapes of one block of each kind and of the embedding and head, under one (tp, ep)."""
+
+    blocks: dict[bool, tuple[LocalShape, ...]]
+    """is_moe -> the parameters of one such block."""
+    embedding: tuple[LocalShape, ...]
+    head: tuple[LocalShape, ...]
+    """The final norm and the output projection (none of its own when tied to the embedding)."""
+
+
+def probe_shards(model_cfg: ModelConfig, moe_cfg: MoEConfig, pcfg: ParallelConfig, tp: int, ep: int) -> ShardProbe:
+    """Builds a model of one dense and/or one MoE block (the kinds `model_cfg` has) on the meta device under
+    tensor parallelism tp and expert parallelism ep, and reads the shapes of its rank-0 shards."""
+    kinds = sorted({model_cfg.is_moe_layer(i) for i in range(model_cfg.n_layers)})
+    probe_model = replace(
+        model_cfg, n_layers=len(kinds), first_dense_layers=int(not kinds[-1] or len(kinds) == 2), moe_every=1
+    )
+    dp = ep // gcd(ep, tp)  # the fewest dp ranks that fold ep (ep divides dp * tp)
+    probe_pcfg = replace(pcfg, tp=tp, ep=ep, pp=1, dp=dp, dp_mode="replicate", pp_layers=[], pp_stages_per_rank=1)
+    with meta_rank(probe_model, moe_cfg, probe_pcfg, tp * dp, 0) as pm:
+        params = [(name, tuple(_local(p).shape)) for name, p in pm.named_parameters()]
+    blocks: dict[bool, list[LocalShape]] = {kind: [] for kind in kinds}
+    embedding, head = [], []
+    for name, shape in params:
+        shard = LocalShape(name, shape, is_expert_param(name))
+        if name.startswith("layers."):
+            blocks[kinds[int(name.split(".")[1])]].append(shard)
+        else:
+            (embedding if name.startswith("tok_embeddings.") else head).append(shard)
+    return ShardProbe({k: tuple(v) for k, v in blocks.items()}, tuple(embedding), tuple(head))
+
+
+def fsdp_chunk_numel(shape: tuple[int, ...], ways: int) -> int:
+    """Elements of FSDP2's first (largest) shard of `shape` split `ways` ways along dim 0 (torch.chunk)."""
+    rows = min(shape[0], -(-shape[0] // ways)) if shape else 1
+    return rows * prod(shape[1:])
+
+
+def stage_memory(
+    probe: ShardProbe, model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDims, pp_rank: int, bf16: bool
+) -> RankMemory:
+    """`rank_memory` of any rank at pipeline position `pp_rank`, from the probe's shapes (module docstring)."""
+    stages = dims.pp * pcfg.pp_stages_per_rank
+    ranges = stage_layer_ranges(model_cfg.n_layers, stages, pcfg.pp_layers)
+    stage_ids = local_stage_ids(pp_rank, dims.pp, pcfg.pp_stages_per_rank) if dims.pp > 1 else [0]
+    fsdp = pcfg.dp_mode == "fsdp" and dims.dp > 1
+    ways = {False: dims.dp if fsdp else 1, True: dims.edp if fsdp else 1}
+    parts = [probe.blocks[model_cfg.is_moe_layer(i)] for sid in stage_ids for i in range(*ranges[sid])]
+    root = (probe.embedding if 0 in stage_ids else ()) + (probe.head if stages - 1 in stage_ids else ())
+    gathered = lambda shards: sum(prod(s.shape) for s in shards)
+    return RankMemory(
+        params=sum(fsdp_chunk_numel(s.shape, ways[s.expert]) for shards in (*parts, root) for s in shards),
+        gathered_root=gathered(root),
+        gathered_block=max((gathered(block) for block in parts), default=0),
+        bf16=bf16,
+        tensors=sum(len(shards) for shards in (*parts, root)),
+    )
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if isinstance(param, DTensor) else param

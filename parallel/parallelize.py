@@ -145,7 +145,7 @@ def build_parallel_model(
     for part in parts:
         if dims.tp > 1:
             apply_tp(part, mesh[Axis.TP.value], pcfg.sequence_parallel)
-        apply_ep(part, groups.ep, groups.batch, groups.tp)
+        apply_ep(part, groups.ep, groups.batch, groups.tp, pcfg.ep_overlap, pcfg.ep_chunks)
         apply_ac(part, pcfg.activation_checkpoint, pcfg.ac_every)
         if pcfg.compile:
             apply_compile(part)

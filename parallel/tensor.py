@@ -10,6 +10,18 @@ dispatches its slice of every sequence (the sequence-parallel split; without seq
 is cut locally and the output all-gathered), and `parallel/expert.py` keeps capacity exact per sequence.
 The router and shared experts then see 1/tp of the tokens on each tp rank: `reduce_tp_partial_grads` sums
 their gradients over tp.
+
+Attention variants (moe/attention.py):
+- GQA's q/k/v biases are split with their projections' rows. A per-head q/k norm (qk_norm=head) is one
+  [Hd] weight shared by all heads, replicated: each rank normalises only its heads, so its gradient is
+  tp-partial like the router's. A full-width q/k norm (qk_norm=full) normalises the whole projection output,
+  which tp splits by heads: its weight is sharded like the projection's rows and it runs on DTensors, so the
+  mean of squares is a Partial value that one all-reduce of [B, S, 1] completes (no all-gather of q or k).
+- MLA: the up-projections (wq_b, or wq without a query bottleneck, and wkv_b) are column-parallel over heads
+  and wo row-parallel; the down-projections wq_a, wkv_a and the latent norms are replicated (small, and
+  every head needs the whole latent). Column-parallel layers sum their input's gradient over tp, so the
+  latents' gradients are whole; the rotary key (wkv_a's last R outputs), shared by all heads, reaches the
+  heads directly, and `_SumGradOverTp` sums its gradient over tp.
 """
 
 from __future__ import annotations
@@ -19,10 +31,12 @@ import re
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     PrepareModuleInputOutput,
     RowwiseParallel,
@@ -31,6 +45,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from moe.config import ModelConfig
 from moe.model import Transformer
 
 
@@ -47,11 +62,23 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
         )
     parallelize_module(model, tp_mesh, {k: v for k, v in top_plan.items() if v is not None}, src_data_rank=None)
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, _block_plan(block.is_moe, sequence_parallel), src_data_rank=None)
+        plan = _block_plan(model.cfg, block.is_moe, sequence_parallel)
+        parallelize_module(block, tp_mesh, plan, src_data_rank=None)
 
 
-def _block_plan(is_moe: bool, sequence_parallel: bool) -> dict:
-    between_blocks = Shard(1) if sequence_parallel else Replicate()
+def _attention_plan(cfg: ModelConfig, between_blocks: Shard | Replicate) -> dict:
+    """The plan of a block's `attention` module: GQA (with its q/k norm) or MLA."""
+    if cfg.attention == "mla":
+        return {
+            # Local inputs: the replicated down-projections are plain modules and take no DTensor.
+            "attention": PrepareModuleInput(
+                input_layouts=(between_blocks, None), desired_input_layouts=(Replicate(), None), use_local_output=True
+            ),
+            "attention.wq" if cfg.q_lora_rank == 0 else "attention.wq_b": ColwiseParallel(),
+            "attention.wkv_a": _SumGradOverTp(last=cfg.qk_rope_head_dim),
+            "attention.wkv_b": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=between_blocks),
+        }
     plan = {
         "attention": PrepareModuleInput(
             input_layouts=(between_blocks, None), desired_input_layouts=(Replicate(), None)
@@ -61,6 +88,15 @@ def _block_plan(is_moe: bool, sequence_parallel: bool) -> dict:
         "attention.wv": ColwiseParallel(),
         "attention.wo": RowwiseParallel(output_layouts=between_blocks),
     }
+    if cfg.qk_norm == "full":
+        plan["attention.q_norm"] = _FullWidthNorm()
+        plan["attention.k_norm"] = _FullWidthNorm()
+    return plan
+
+
+def _block_plan(cfg: ModelConfig, is_moe: bool, sequence_parallel: bool) -> dict:
+    between_blocks = Shard(1) if sequence_parallel else Replicate()
+    plan = _attention_plan(cfg, between_blocks)
     if sequence_parallel:
         plan["attention_norm"] = SequenceParallel()
         plan["ffn_norm"] = SequenceParallel()
@@ -82,18 +118,58 @@ def _block_plan(is_moe: bool, sequence_parallel: bool) -> dict:
     return plan
 
 
-_TP_PARTIAL = re.compile(r"\.moe\.(router|shared_experts)\.")
+class _FullWidthNorm(ParallelStyle):
+    """A norm over the last dim of a column-parallel output (OLMoE's q/k norm): the weight is sharded like the
+    projection's rows, the input is this rank's slice of the last dim, and the norm runs on DTensors, which
+    turn the mean of squares into one all-reduce (`PlainRMSNorm` in moe/attention.py). Output: local."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def shard_weight(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+            for pname, param in list(mod.named_parameters(recurse=False)):
+                sharded = distribute_tensor(param, mesh, [Shard(0)], src_data_rank=self.src_data_rank)
+                mod.register_parameter(pname, nn.Parameter(sharded))
+
+        return distribute_module(
+            module,
+            device_mesh,
+            partition_fn=shard_weight,
+            input_fn=lambda mod, inputs, mesh: (DTensor.from_local(inputs[0], mesh, [Shard(-1)], run_check=False),),
+            output_fn=lambda mod, out, mesh: out.to_local(),
+        )
+
+
+class _SumGradOverTp(ParallelStyle):
+    """Leaves a replicated module (plain weights) as it is, but sums over tp the gradient of the `last` output
+    channels, which every rank uses for its own heads only (MLA's rotary key): identity forward, all-reduce
+    backward (Megatron's "copy to tensor-parallel region"), as a Replicate DTensor whose gradient is Partial."""
+
+    def __init__(self, last: int) -> None:
+        super().__init__()
+        self.last = last
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def hook(mod: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+            own, shared = out.split([out.shape[-1] - self.last, self.last], dim=-1)
+            shared = DTensor.from_local(shared, device_mesh, [Replicate()], run_check=False)
+            return torch.cat([own, shared.to_local(grad_placements=[Partial()])], dim=-1)
+
+        module.register_forward_hook(hook)
+        return module
+
+
+_TP_PARTIAL = re.compile(r"\.moe\.(router|shared_experts|shared_expert_gate)\.|\.attention\.[qk]_head_norm\.")
 
 
 def is_tp_partial(fqn: str) -> bool:
-    """Replicated over tp but fed 1/tp of the tokens on each tp rank: its gradient is a sum over tp."""
+    """Replicated over tp but fed 1/tp of the tokens (MoE router, shared experts and their gate) or of the heads
+    (per-head q/k norms) on each tp rank: its gradient is a sum over tp."""
     return bool(_TP_PARTIAL.search(fqn))
 
 
 @torch.no_grad()
 def reduce_tp_partial_grads(named_params: list[tuple[str, torch.nn.Parameter]], tp_group) -> None:
-    """Sums the MoE router and shared-expert gradients over tp (each tp rank saw its own slice of tokens);
-    one flat buffer, since these are small."""
+    """Sums the `is_tp_partial` gradients over tp (each tp rank saw its own slice of tokens or heads); one flat
+    buffer, since these are small."""
     if tp_group is None:
         return
     grads = [_local(p.grad) for name, p in named_params if p.grad is not None and is_tp_partial(name)]

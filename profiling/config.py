@@ -11,6 +11,8 @@ class ProfilingConfig:
 
     breakdown_every: int = 10
     """Time the step phases every N steps (sampling avoids a host sync per step on GPU); 0 = never."""
+    breakdown_ranks: list[int] = field(default_factory=lambda: [0])
+    """Ranks that time the breakdown (rank 0 writes metrics.jsonl; others would pay for nothing)."""
     collectives: bool = True
     """On sampled steps of multi-rank runs, also sum time inside collectives from torch.profiler events."""
     nvtx: bool = True

@@ -1,9 +1,12 @@
 """`moeyard dashboard RUN_DIR`: a live page of a run's metrics and expert load, or a self-contained report.
 
-The server is the standard library's; the page polls JSON endpoints that read RUN_DIR/metrics.jsonl and
-RUN_DIR/expert_load.jsonl from a byte offset the page keeps, so each poll sends only the lines written
-since the last one. Plots are plotly.js, served from the plotly package (no network needed). `--export`
-writes one HTML file with plotly.js and all data inlined.
+The server is the standard library's. It keeps a compact index of the run (profiling/dashboard_index.py),
+tailing RUN_DIR/metrics.jsonl and RUN_DIR/expert_load.jsonl from byte offsets, and the page polls it every
+2 s for a summary whose size does not grow with the run (lines decimated, a layer x step heatmap bucketed)
+and fetches the layer x expert heatmap of the one step it shows. Plots are plotly.js, served from the
+plotly package (no network needed). `--export` writes one HTML file with plotly.js and the data inlined:
+the same summary, and the heatmaps of at most EXPORT_MAX_CELLS cells' worth of logged steps, evenly spaced
+and always the newest (a 61 x 256 run: 32 steps; a debug run: all of them).
 """
 
 from __future__ import annotations
@@ -18,51 +21,36 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+import numpy as np
 import plotly
+
+from profiling.dashboard_index import QUANTITIES, RunIndex
 
 PAGE = Path(__file__).with_name("dashboard.html")
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-FEEDS = {"metrics": "metrics.jsonl", "expert_load": "expert_load.jsonl"}
-MAX_CHUNK = 4 << 20  # bytes per poll; the page asks again at once while `more` is true
-
-
-def read_new_lines(path: Path, offset: int, limit: int = MAX_CHUNK) -> dict[str, Any]:
-    """Complete JSON lines of `path` from byte `offset`: {rows, offset, reset, more}.
-
-    A half-written last line stays for the next poll. A file shorter than `offset` was replaced (a new run
-    in the same directory): reading restarts at 0 with reset=true so the page drops what it has.
-    """
-    size = path.stat().st_size if path.exists() else 0
-    reset = offset > size
-    offset = 0 if reset else offset
-    if size == offset:
-        return {"rows": [], "offset": offset, "reset": reset, "more": False}
-    with path.open("rb") as f:
-        f.seek(offset)
-        data = f.read(limit)
-    end = data.rfind(b"\n") + 1
-    rows = []
-    for line in data[:end].splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash; the lines after it are still good
-    return {"rows": rows, "offset": offset + end, "reset": reset, "more": offset + end < size and end > 0}
-
-
-def read_all(run_dir: Path) -> dict[str, Any]:
-    """Every metrics and expert-load line plus the config text, for the static report."""
-    data: dict[str, Any] = {}
-    for feed, name in FEEDS.items():
-        path = run_dir / name
-        data[feed] = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-    data["config"] = config_text(run_dir)
-    return data
+EXPORT_MAX_CELLS = 2_000_000  # numbers in the report's heatmaps: ~13 MB of JSON
 
 
 def config_text(run_dir: Path) -> str:
     path = run_dir / "config.yaml"
     return path.read_text() if path.exists() else "(no config.yaml in the run directory)"
+
+
+def export_data(run_dir: Path) -> dict[str, Any]:
+    """The report's data: the summary and the heatmaps of evenly spaced logged steps, the newest included."""
+    index = RunIndex(run_dir)
+    while not index.refresh():
+        pass
+    summary = index.summary()
+    count = summary["load"]["count"]
+    per_step = max(1, len(summary["load"]["layers"]) * summary["load"].get("num_experts", 1) * len(QUANTITIES))
+    keep = min(count, max(1, EXPORT_MAX_CELLS // per_step))
+    chosen = np.unique(np.linspace(0, count - 1, keep).round().astype(int)).tolist() if count else []
+    return {
+        "summary": summary,
+        "config": config_text(run_dir),
+        "heatmaps": [index.heatmap(i, QUANTITIES) for i in chosen],
+    }
 
 
 def render_page(run_dir: Path, static: dict[str, Any] | None = None) -> str:
@@ -77,12 +65,14 @@ def render_page(run_dir: Path, static: dict[str, Any] | None = None) -> str:
 
 
 class DashboardHandler(BaseHTTPRequestHandler):
-    """GET /, /plotly.min.js, /api/config, /api/metrics?offset=N, /api/expert_load?offset=N."""
+    """GET /, /plotly.min.js, /api/summary?version=V, /api/heatmap?index=I&quantity=Q."""
 
     run_dir: Path
+    index: RunIndex
 
     def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
         url = urlparse(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
         if url.path in ("/", "/index.html"):
             self._send(render_page(self.run_dir).encode(), "text/html; charset=utf-8")
         elif url.path == "/plotly.min.js":
@@ -90,13 +80,40 @@ class DashboardHandler(BaseHTTPRequestHandler):
         elif url.path == "/favicon.ico":
             self.send_response(HTTPStatus.NO_CONTENT)
             self.end_headers()
-        elif url.path == "/api/config":
-            self._send_json({"text": config_text(self.run_dir)})
-        elif url.path.startswith("/api/") and url.path[5:] in FEEDS:
-            offset = int(parse_qs(url.query).get("offset", ["0"])[0])
-            self._send_json(read_new_lines(self.run_dir / FEEDS[url.path[5:]], offset))
+        elif url.path == "/api/summary":
+            version = query.get("version", "-1")
+            if version.lstrip("-").isdigit():
+                self._send_json(self.summary(int(version)))
+            else:
+                self.send_error(HTTPStatus.BAD_REQUEST, f"version={version!r} is not an integer")
+        elif url.path == "/api/heatmap":
+            self.heatmap(query)
         else:
             self.send_error(HTTPStatus.NOT_FOUND)
+
+    def summary(self, known: int) -> dict[str, Any]:
+        """The summary, or only {version, unchanged, ...} when the page has this version or indexing goes on.
+
+        While a backlog is indexed (a large run, a chunk per request) the page gets the progress and asks again
+        at once, and draws once, at the end, instead of once per chunk.
+        """
+        done = self.index.refresh()
+        head = {"version": self.index.version, "more": not done, "indexed": self.index.progress()}
+        if not done or self.index.version == known:
+            return {**head, "unchanged": True}
+        return {**head, **self.index.summary(), "config": config_text(self.run_dir)}  # its own version
+
+    def heatmap(self, query: dict[str, str]) -> None:
+        quantity = query.get("quantity", "routed")
+        if quantity not in QUANTITIES:
+            self.send_error(HTTPStatus.BAD_REQUEST, f"quantity={quantity!r} is not one of {QUANTITIES}")
+            return
+        try:
+            grid = self.index.heatmap(int(query.get("index", -1)), (quantity,))
+        except (IndexError, ValueError, OSError) as err:  # a step not logged yet, or a file replaced meanwhile
+            self.send_error(HTTPStatus.NOT_FOUND, str(err))
+            return
+        self._send_json({**grid, "quantity": quantity, "z": grid["z"][quantity]})
 
     def _send_json(self, obj: Any) -> None:
         self._send(json.dumps(obj).encode(), "application/json")
@@ -119,7 +136,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
 
 def make_server(run_dir: Path, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     """A dashboard server bound to host:port (port 0 = any free port; see server.server_address)."""
-    handler = type("Handler", (DashboardHandler,), {"run_dir": run_dir})
+    handler = type("Handler", (DashboardHandler,), {"run_dir": run_dir, "index": RunIndex(run_dir)})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
@@ -143,7 +160,7 @@ def cmd_dashboard(argv: list[str]) -> int:
         )
         return 2
     if args.export:
-        args.export.write_text(render_page(args.run_dir, read_all(args.run_dir)))
+        args.export.write_text(render_page(args.run_dir, export_data(args.run_dir)))
         print(f"wrote {args.export}")
         return 0
     if args.host not in ("127.0.0.1", "localhost", "::1"):

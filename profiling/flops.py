@@ -47,9 +47,21 @@ PEAK_BF16_TFLOPS: dict[str, float] = {
 def attention_flops_per_token(model: ModelConfig, seq_len: int) -> tuple[int, int]:
     """(projection FLOPs, score FLOPs) of one attention block, forward, per token."""
     d, h, g, hd = model.dim, model.n_heads, model.n_kv_heads, model.head_dim
+    if model.attention == "mla":
+        return _mla_projection_flops(model), 2 * seq_len * h * (hd + model.v_head_dim)
     projections = 2 * d * (h + 2 * g) * hd + 2 * h * hd * d
     scores = 2 * 2 * seq_len * h * hd
     return projections, scores
+
+
+def _mla_projection_flops(model: ModelConfig) -> int:
+    """Multi-head latent attention: query (through its low-rank bottleneck when q_lora_rank > 0), the joint
+    key/value down-projection with the shared rotary key, the per-head up-projection, the output."""
+    d, h, qk, q = model.dim, model.n_heads, model.head_dim, model.q_lora_rank
+    query = d * h * qk if q == 0 else d * q + q * h * qk
+    kv = d * (model.kv_lora_rank + model.qk_rope_head_dim)
+    kv += model.kv_lora_rank * h * (model.qk_nope_head_dim + model.v_head_dim)
+    return 2 * (query + kv + h * model.v_head_dim * d)
 
 
 def ffn_flops_per_token(model: ModelConfig, moe: MoEConfig, layer_id: int) -> int:

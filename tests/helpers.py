@@ -104,6 +104,7 @@ def layout_facts(trainer: Trainer) -> dict:
 
     params: name -> (kind, placements, local shape); kind is "dtensor" or "plain". ac: the block ids wrapped
     for activation checkpointing. fsdp: module names that FSDP2 manages. compiled: block ids compiled.
+    dispatch: per MoE block, its dispatcher's class, overlap mode and chunks.
     stages: pipeline stage ids held; blocks: block ids held. numel: local parameter elements.
     """
     from torch.distributed.fsdp import FSDPModule
@@ -111,7 +112,7 @@ def layout_facts(trainer: Trainer) -> dict:
 
     from parallel.data_parallel import clean_fqn
 
-    params, ac, fsdp, compiled, blocks = {}, [], [], [], []
+    params, ac, fsdp, compiled, blocks, dispatch = {}, [], [], [], [], {}
     for part in trainer.pm.parts:
         for fqn, p in part.named_parameters():
             is_dt = isinstance(p, DTensor)
@@ -128,12 +129,16 @@ def layout_facts(trainer: Trainer) -> dict:
                 ac.append(int(lid))
             if getattr(block, "_compiled_call_impl", None) is not None:
                 compiled.append(int(lid))
+        for lid, moe in part.moe_layers().items():
+            d = moe.dispatcher
+            dispatch[int(lid)] = (type(d).__name__, getattr(d, "overlap", "-"), getattr(d, "chunks", 1))
     numel = sum(v[3] and torch.Size(v[3]).numel() for v in params.values())
     return {
         "params": params,
         "ac": sorted(ac),
         "fsdp": sorted(fsdp),
         "compiled": sorted(compiled),
+        "dispatch": dispatch,
         "stages": list(trainer.pm.stage_ids),
         "blocks": sorted(blocks),
         "numel": numel,

@@ -19,6 +19,7 @@ from moe.config import ModelConfig, MoEConfig
 from parallel import checkpoint as ckpt
 from train.callbacks import Callback
 from train.hf import check_hf_dir, load_hf_weights
+from train.upcycle import is_dense_dir, load_upcycled_weights
 
 
 @dataclass(kw_only=True)
@@ -120,7 +121,9 @@ class Checkpointer:
             self._note(f"resumed at step {meta['step']} from {path} (saved on {meta['world_size']} ranks: {layout})")
             return meta["step"]
         if init_from:
-            if is_hf_dir(init_from):
+            if is_dense_dir(init_from):  # train.upcycle (validation pairs the two): every expert is the dense FFN
+                load_upcycled_weights(self.pm, Path(init_from), model, moe, seed=self.meta()["seed"])
+            elif is_hf_dir(init_from):
                 load_hf_weights(self.pm, Path(init_from), model)
             else:
                 path, meta = ckpt.resolve(init_from, self.run_dir, "train.init_from")

@@ -50,6 +50,11 @@ class TrainConfig:
     """none; auto: the latest complete save in run.dir/checkpoints (else start fresh); or a path."""
     init_from: str | None = None
     """Start from these weights at step 0 (fresh optimizer): a checkpoint, a run dir or a Hugging Face dir."""
+    upcycle: bool = False
+    """init_from is a dense Hugging Face Llama/Qwen3 dir: every expert starts as its FFN (train/upcycle.py)."""
+    upcycle_granularity: int = 1
+    """Upcycling: each dense FFN splits into this many experts of width intermediate_size / g; moe.num_experts
+    is g x the copies, moe.top_k a multiple of g and moe.route_scale = g (the step-0 function stays dense)."""
     nonfinite: str = choice("halt", "skip")
     """A step with NaN/Inf loss or gradients: stop with an error, or skip its update (logged in metrics)."""
     callbacks: list[Any] = field(default_factory=list)

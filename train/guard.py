@@ -2,13 +2,19 @@
 
 - SIGTERM (Slurm's time limit, torchrun stopping its workers) only sets a flag. Ranks agree on it at the
   next step, finish that step, save a checkpoint and exit 143, so no rank stops inside a collective.
-- A step whose loss or gradient norm is NaN/Inf is skipped or halts the run (train.nonfinite); the step is
-  marked `nonfinite` in metrics.jsonl either way.
+- A step whose gradient norm is NaN/Inf (a non-finite loss gives one too) is skipped or halts the run
+  (train.nonfinite); the step is marked `nonfinite` in metrics.jsonl either way. The norm is global (identical
+  on every rank), so ranks agree without a collective.
+
+Host synchronisations: with a fused optimizer (the default on CUDA) the skip is decided on the device
+(AdamW's `found_inf`, as torch's GradScaler drives it), and the host learns of skipped steps, and of SIGTERM
+flags, only at logging steps, in the trainer's one packed collective: a SIGTERM is honoured at the first
+logging step after it (every step with train.log_every=1), and train.nonfinite=halt stops there. Without a
+fused optimizer (the CPU default) the step's flag is read on the host at once, which costs nothing on CPU.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -27,7 +33,7 @@ class NonFiniteError(ValueError):
 
 
 class StepGuard:
-    """Per-rank SIGTERM flag and non-finite step policy; the trainer calls `skip_step` once per step."""
+    """Per-rank SIGTERM flag and non-finite step policy; the trainer calls `allow_update` once per step."""
 
     def __init__(
         self, policy: str, rank: int, log: MetricsLog, collectives: CollectiveLog, current_step: Callable[[], int]
@@ -40,6 +46,9 @@ class StepGuard:
         self.stop_requested = False
         self.skipped_steps = 0
         self.bad_step = False
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self._pending_bad: torch.Tensor | None = None
+        self._ok: torch.Tensor | None = None
         self._terminated = False
         self._previous = None
         self._handling = False
@@ -66,28 +75,52 @@ class StepGuard:
             signal.signal(signal.SIGTERM, self._previous)
             self._handling = False
 
-    def skip_step(self, losses: list[torch.Tensor], grad_norm: torch.Tensor) -> bool:
-        """After backward: agrees on non-finite values and SIGTERM across ranks; True = skip the update."""
-        step = self.current_step()
+    def allow_update(self, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+        """After backward and clipping: False = skip the optimizer step (decided on the host)."""
         self._handle_sigterm()
-        norm = float(grad_norm)
-        local_bad = not math.isfinite(norm) or any(not bool(torch.isfinite(x).all()) for x in losses)
-        flags = torch.tensor([float(local_bad), float(self._terminated)], device=grad_norm.device)
-        if dist.is_initialized():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        self.stop_requested = self.stop_requested or bool(flags[1] > 0)
-        self.bad_step = bool(flags[0] > 0)
-        if not self.bad_step:
+        self.bad_step = False
+        bad = ~torch.isfinite(grad_norm)
+        if optimizer.defaults.get("fused"):
+            # Decided on the device: the fused kernel leaves parameters, moments and step counts untouched.
+            optimizer.found_inf = bad.float()
+            self._ok = (~bad).float()
+            self._pending_bad = bad.long() if self._pending_bad is None else self._pending_bad + bad
+            return True
+        self._ok = None
+        if bool(bad):  # a host read: only without a fused optimizer (CPU, where it costs nothing)
+            self._on_bad(grad_norm, count=1)
             return False
-        loss = float(torch.stack([x.float().mean() for x in losses]).mean()) if losses else float("nan")
+        return True
+
+    def update_ok(self) -> torch.Tensor | None:
+        """Device scalar, 1 where this step's update ran and 0 where the device skipped it; None when the
+        host decided (allow_update's answer)."""
+        return self._ok
+
+    def pack(self, device: torch.device) -> torch.Tensor:
+        """[non-finite steps since the last logging step, SIGTERM seen] for the logging step's collective."""
+        pending = self._pending_bad if self._pending_bad is not None else torch.zeros((), device=device)
+        return torch.stack([pending.to(device, torch.float64), torch.tensor(float(self._terminated), device=device)])
+
+    def unpack(self, values: list[float], grad_norm: float, loss: float) -> None:
+        """At a logging step, the packed flags summed over ranks: SIGTERM agreement and deferred skips."""
+        self.stop_requested = self.stop_requested or values[1] > 0
+        self._pending_bad = None
+        if values[0] > 0:
+            self._on_bad(grad_norm, count=round(values[0] / self.world), loss=loss)
+
+    def _on_bad(self, grad_norm: torch.Tensor | float, count: int, loss: float = float("nan")) -> None:
+        """Halts (train.nonfinite=halt) or counts the skipped steps and says so on rank 0."""
+        step, norm = self.current_step(), float(grad_norm)
+        self.bad_step = True
         if self.policy == "halt":
             self.log.write({"step": step, "loss": loss, "grad_norm": norm, "nonfinite": 1, "halted": 1})
             raise NonFiniteError(
-                f"step {step}: non-finite loss or gradients (loss={loss:.4g}, grad_norm={norm:.4g}) "
-                "(rule: train.nonfinite=halt stops the run; lower optim.lr, or set "
+                f"step {step}: non-finite loss or gradients (grad_norm={norm:.4g}; {count} such step(s) since "
+                "the last logged one) (rule: train.nonfinite=halt stops the run; lower optim.lr, or set "
                 "train.nonfinite=skip to drop such steps)"
             )
-        self.skipped_steps += 1
+        self.skipped_steps += count
         if self.rank == 0:
             print(
                 f"moeyard: step {step}: non-finite loss or gradients (grad_norm={norm:.4g}); update skipped "
@@ -95,7 +128,6 @@ class StepGuard:
                 file=sys.stderr,
                 flush=True,
             )
-        return True
 
     def metrics(self) -> dict[str, int]:
         """Fields for this step's metrics line: present only when the step was non-finite."""

@@ -9,7 +9,6 @@ step's tokens in every layout, and the MoE balancing losses are counted once per
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -57,6 +56,11 @@ def init_distributed(device: torch.device, timeout_s: int) -> int:
         device_id = device if device.type == "cuda" else None
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), device_id=device_id)
     return world
+
+
+def read_to_host(t: torch.Tensor) -> list[float]:
+    """The one device-to-host read of a logging step (every other step has none)."""
+    return t.tolist()
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -135,7 +139,10 @@ class Trainer:
         self.log = MetricsLog(
             self.run_dir, is_writer=self.rank == 0, progress=p.progress, total_steps=t.steps, tensorboard=p.tensorboard
         )
-        self.prof = StepProfiler(p, cfg.model, cfg.moe, t.seq_len, self.pm, self.device, self.run_dir, self.log)
+        tokens_per_step = t.batch_size * t.seq_len
+        self.prof = StepProfiler(
+            p, cfg.model, cfg.moe, t.seq_len, tokens_per_step, self.pm, self.device, self.run_dir, self.log
+        )
         self.collectives = collectives
         groups = vars(self.pm.groups)
         collectives.name_groups(groups)
@@ -170,10 +177,11 @@ class Trainer:
 
     @property
     def bf16(self) -> bool:
-        return self.cfg.train.dtype == "bf16" and self.device.type == "cuda"
+        return self.cfg.train.dtype == "bf16"
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16)
+        """bf16 autocast on the training device (CPU too: it supports bf16, and tests run the bf16 path)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def local_rows(self, x: torch.Tensor) -> torch.Tensor:
         """This dp rank's rows of a global batch, micro-batch after micro-batch [M * micro_rows, S]."""
@@ -193,19 +201,22 @@ class Trainer:
                     self.pm.schedule.step(*args, target=target, losses=losses)
                 return [_plain(loss) for loss in losses]
             model = self.pm.parts[0]
-            for xm, ym in zip(x.chunk(m), y.chunk(m), strict=True):
+            doc = self.data.documents(x)  # data.document_mask: document ids [M * rows, S], else None
+            docs = doc.chunk(m) if doc is not None else [None] * m
+            for xm, ym, dm in zip(x.chunk(m), y.chunk(m), docs, strict=True):
                 with self.prof.phase("forward"):  # [profiling]
-                    loss = lm_loss(model(xm), ym)
+                    loss = lm_loss(model(xm, doc_ids=dm), ym)
                 with self.prof.phase("backward"):  # [profiling]
                     loss.backward()
                 losses.append(_plain(loss))
         scale_grads([p for _, p in self.pm.named_parameters()], 1.0 / m)
         return losses
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, log: bool = True) -> dict[str, float]:
+        """One optimizer step. Only a logging step (`log`) reads values back to the host: every other step
+        queues its work on the device without waiting for it (no .item(), .tolist() or .cpu())."""
         cfg, step = self.cfg, self.step
         self.prof.step_begin(step)  # [profiling] breakdown on sampled steps, NVTX ranges on CUDA
-        t0 = time.perf_counter()
         with self.prof.phase("data"):  # [profiling]
             x, y = self.data.batch(step, cfg.train.batch_size)
             x, y = self.local_rows(x), self.local_rows(y)
@@ -220,67 +231,74 @@ class Trainer:
             reduce_tp_partial_grads(self.pm.named_parameters(), g.tp)  # MoE router, shared experts
         with self.prof.phase("optimizer"):  # [profiling]
             grad_norm = clip_grads(self.pm.named_parameters(), cfg.optim.grad_clip, g.ep, g.pp)
-            skip = self.guard.skip_step(losses, grad_norm)  # [guard] NaN/Inf: skip or halt; agree on SIGTERM
-            if not skip:
+            updated = self.guard.allow_update(grad_norm, self.optimizer)  # [guard] NaN/Inf: skip or halt
+            if updated:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         layer_stats = {lid: moe.drain_stats() for lid, moe in self.pm.moe_layers().items()}
         # One forward per micro-batch and layer: pipeline stages declare their shapes instead of running one
         # on placeholder data, and recomputation under activation checkpointing records nothing.
         assert all(len(s) == cfg.train.micro_batches for s in layer_stats.values()), "unexpected forwards"
-        if not skip:
-            self._update_bias(layer_stats)
-        metrics = self._reduce_losses(losses, layer_stats)
-        metrics.update(self.guard.metrics())  # [guard] marks a non-finite step
-        elapsed = time.perf_counter() - t0
-        metrics.update(
-            step=step + 1,
-            lr=lr,
-            grad_norm=float(grad_norm),
-            step_time_s=elapsed,
-            tokens_per_s=cfg.train.batch_size * cfg.train.seq_len / elapsed,
-        )
-        self.prof.step_end(metrics, layer_stats)  # [profiling] breakdown, throughput, MFU; keeps the load
+        if updated:
+            self._update_bias(layer_stats, self.guard.update_ok())
+        metrics: dict[str, float] = {"step": step + 1, "lr": lr}
+        if log:
+            self._logged_metrics(metrics, losses, grad_norm, layer_stats)
+        self.prof.step_end(metrics, layer_stats, log)  # [profiling] breakdown, throughput, MFU
         self.step += 1
         return metrics
 
-    def _update_bias(self, layer_stats: dict[str, list[dict[str, torch.Tensor]]]) -> None:
-        """Aux-loss-free balancing: the step's routed counts, summed over the batch's ranks, steer each bias."""
-        if self.cfg.moe.bias_update_rate <= 0:
+    def _update_bias(self, layer_stats: dict[str, list[dict[str, torch.Tensor]]], ok: torch.Tensor | None) -> None:
+        """Aux-loss-free balancing: the step's routed counts, summed over the batch's ranks in one all-reduce
+        for every layer, steer each bias (`ok` = 0: the device skipped the step, the bias stays)."""
+        if self.cfg.moe.bias_update_rate <= 0 or not layer_stats:
             return
-        for lid, moe in self.pm.moe_layers().items():
-            load_E = torch.stack([s["routed"] for s in layer_stats[lid]]).sum(0)
-            if self.pm.groups.batch is not None:
-                dist.all_reduce(load_E, group=self.pm.groups.batch)
-            moe.router.update_bias(load_E)
+        layers = self.pm.moe_layers()
+        load_LE = torch.stack([torch.stack([s["routed"] for s in layer_stats[lid]]).sum(0) for lid in layers])
+        if self.pm.groups.batch is not None:
+            dist.all_reduce(load_LE, group=self.pm.groups.batch)
+        for moe, load_E in zip(layers.values(), load_LE, strict=True):
+            moe.router.update_bias(load_E, ok)
 
-    def _reduce_losses(self, losses: list[torch.Tensor], layer_stats: dict) -> dict[str, float]:
-        """Step means over micro-batches and ranks, in one collective on the device the values live on.
+    def _logged_metrics(
+        self, metrics: dict, losses: list[torch.Tensor], grad_norm: torch.Tensor, layer_stats: dict
+    ) -> None:
+        """A logging step's figures: losses, balancing terms, drops, guard flags, peak memory and expert load
+        travel in one packed all-reduce and come back to the host in one read."""
+        parts = [self._pack_losses(losses, layer_stats), grad_norm.detach().double().reshape(1)]
+        parts += [self.guard.pack(self.device), self.prof.pack(layer_stats)]
+        vec = torch.cat([t.to(self.device, torch.float64) for t in parts])
+        if dist.is_initialized():
+            dist.all_reduce(vec)
+        values = read_to_host(vec)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        lm_sum, aux_sum, seq_sum, z_sum, routed, kept, norm_sum, bad, stop = values[:9]
+        n = self.dims.dp * self.dims.tp
+        metrics.update(loss=lm_sum / self.dims.dp, aux_loss=aux_sum / n, seq_aux_loss=seq_sum / n)
+        metrics.update(z_loss=z_sum / n, dropped_frac=1.0 - kept / routed if routed else 0.0)
+        metrics["grad_norm"] = norm_sum / world  # identical on every rank
+        self.guard.unpack([bad, stop], metrics["grad_norm"], metrics["loss"])
+        metrics.update(self.guard.metrics())  # [guard] marks a non-finite step
+        self.prof.unpack(metrics, values[9:])  # [profiling] peak memory, expert load
 
-        LM loss: the mean over dp ranks (tp ranks hold the same value: counted once). Balancing terms: each
-        rank's are estimates over its own tokens (tp ranks route different slices of the sequences), so their
-        mean over the dp x tp ranks, summed over layers and stages. `dropped_frac`: the fraction of the step's
-        routed assignments that capacity dropped.
+    def _pack_losses(self, losses: list[torch.Tensor], layer_stats: dict) -> torch.Tensor:
+        """This rank's [LM loss, aux, seq-aux, z (per-layer means summed), routed, kept] on the device.
+
+        LM loss: counted on tp rank 0 only (tp ranks hold the same value). Balancing terms: each rank's are
+        estimates over its own tokens (tp ranks route different slices of the sequences), so the caller
+        takes their mean over the dp x tp ranks, summed over layers and stages.
         """
-        names = ("loss", "aux_loss", "seq_aux_loss", "z_loss")
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         stats = [s for per_layer in layer_stats.values() for s in per_layer]
         lm = torch.stack(losses).double().mean() if losses and self.tp_rank == 0 else zero
-        vec = torch.stack(
+        return torch.stack(
             [
                 lm.to(self.device),
-                *(self._layer_mean(layer_stats, name, zero) for name in names[1:]),
+                *(self._layer_mean(layer_stats, name, zero) for name in ("aux_loss", "seq_aux_loss", "z_loss")),
                 sum((s["routed"].sum().double() for s in stats), zero),
                 sum((s["kept"].sum().double() for s in stats), zero),
             ]
-        ).to(self.device)
-        if dist.is_initialized():
-            dist.all_reduce(vec)
-        lm_sum, *aux_sums, routed, kept = vec.tolist()
-        metrics = {"loss": lm_sum / self.dims.dp}
-        metrics.update({name: v / (self.dims.dp * self.dims.tp) for name, v in zip(names[1:], aux_sums, strict=True)})
-        metrics["dropped_frac"] = 1.0 - kept / routed if routed else 0.0
-        return metrics
+        )
 
     @staticmethod
     def _layer_mean(layer_stats: dict, name: str, zero: torch.Tensor) -> torch.Tensor:
@@ -294,7 +312,10 @@ class Trainer:
         with loss_context(self.dims.tp), self._autocast():
             if self.pm.schedule is None:
                 model = self.pm.parts[0]
-                losses = [lm_loss(model(xm), ym) for xm, ym in zip(x.chunk(m), y.chunk(m), strict=True)]
+                doc = self.data.documents(x)  # data.document_mask: document ids, else None
+                docs = doc.chunk(m) if doc is not None else [None] * m
+                chunks = zip(x.chunk(m), y.chunk(m), docs, strict=True)
+                losses = [lm_loss(model(xm, doc_ids=dm), ym) for xm, ym, dm in chunks]
             else:
                 losses = []
                 first, last = self.pm.has_first_stage, self.pm.has_last_stage
@@ -328,12 +349,12 @@ class Trainer:
         t = self.cfg.train
         history = []
         while self.step < t.steps:
-            metrics = self.train_step()
-            last = self.step == t.steps
+            last = self.step + 1 == t.steps
+            metrics = self.train_step(log=(self.step + 1) % t.log_every == 0 or last)
             if t.eval_every and (self.step % t.eval_every == 0 or last):
                 metrics["eval_loss"] = self.evaluate()
-            if self.step % t.log_every == 0 or last:
-                self.prof.log(metrics)  # [profiling] every rank: peak memory, expert load, then the sinks
+            if "loss" in metrics:
+                self.prof.write(metrics)  # [profiling] rank 0 writes the sinks
             history.append(metrics)
             self.checkpointer.after_step(self, self.step, last or self.guard.stop_requested)  # [checkpoint]
             self.callbacks.on_step_end(self, self.step, metrics)

@@ -4,11 +4,16 @@ Timings are not checked (the machine is shared); what is checked is that every r
 with a positive time and ratio, and that each baseline row has ratio 1.00, so the scripts keep working as
 the code under them changes.
 
+`gpu_check.py` runs at tiny shapes on CPU with Hydra and OmegaConf made unimportable (the GPU machine has
+neither), and its JSON report is checked the same way.
+
 Run: .venv/bin/pytest -q tests/multiproc/test_benchmarks.py
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import subprocess
@@ -53,8 +58,9 @@ def ratio_rows(stdout: str, names: list[str]) -> dict[str, tuple[float, float]]:
 @pytest.mark.timeout(300)
 def test_moe_layer_benchmark_prints_ratios_to_the_floor() -> None:
     out = run_quick("moe_layer.py", timeout=280)
-    assert "x floor" in out and "deepspeed MoE skipped" not in out
-    rows = ratio_rows(out, ["floor (grouped_mm)", "ours grouped_mm", "ours looped", "deepspeed MoE"])
+    assert "x floor" in out and "deepspeed MoE skipped" not in out and "transformers skipped" not in out
+    names = ["floor (grouped_mm)", "ours grouped_mm", "ours looped", "deepspeed MoE"]
+    rows = ratio_rows(out, [*names, "transformers grouped_mm", "transformers eager"])
     assert rows["floor (grouped_mm)"][1] == 1.0
     assert all(ms > 0 and ratio > 0 for ms, ratio in rows.values())
 
@@ -67,3 +73,40 @@ def test_layouts_benchmark_prints_ratios_to_one_process() -> None:
     rows = ratio_rows(out, ["single", "ep2"])
     assert rows["single"][1] == 1.0
     assert all(tps > 0 and ratio > 0 for tps, ratio in rows.values())
+
+
+NO_HYDRA_RUN = """
+import runpy, sys
+sys.modules.update(hydra=None, omegaconf=None)  # `import hydra` now raises ImportError
+sys.path[:0] = ["benchmarks", "."]
+sys.argv = ["gpu_check.py", *sys.argv[1:]]
+runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
+"""
+
+
+@pytest.mark.timeout(150)
+def test_gpu_check_runs_on_cpu_without_hydra(tmp_path: Path) -> None:
+    report_path = tmp_path / "gpu_check.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_HYDRA_RUN, "--quick", "--device", "cpu", "--out", str(report_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=140,
+    )
+    assert proc.returncode == 0, f"gpu_check.py --quick failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert "MFU" in proc.stdout and "x floor" in proc.stdout
+    report = json.loads(report_path.read_text())
+    assert report["transformers_skipped"] is None
+    assert [m["model"] for m in report["models"]] == ["debug", "mixtral_8x7b_2blocks_small"]
+    for m in report["models"]:
+        assert m["tokens_per_s"] > 0 and m["tflops"] > 0 and m["mfu"] > 0, m
+        assert math.isfinite(m["loss_first"]) and math.isfinite(m["loss_last"]), m
+    assert [layer["shape"]["router"] for layer in report["layers"]] == ["softmax_topk", "sigmoid_topk"]
+    for layer in report["layers"]:
+        rows = {row["variant"]: row for row in layer["variants"]}
+        assert {"floor (grouped_mm)", "ours grouped_mm", "transformers grouped_mm"} <= rows.keys(), rows
+        assert rows["floor (grouped_mm)"]["x_floor"] == 1.0
+        assert all(row["ms"] > 0 and row["expert_tflops"] > 0 for row in rows.values()), rows
+        shape = layer["shape"]
+        assert layer["tokens_per_expert"]["mean"] == shape["tokens"] * shape["top_k"] / shape["experts"]

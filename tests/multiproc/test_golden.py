@@ -82,6 +82,13 @@ LAYOUTS = [
     ("pp2-ep2-capacity-position", 4, ["parallel.pp=2", "parallel.ep=2"], DROPPING_BY_POSITION),
     ("dp2-ep2-fsdp", 4, ["parallel.ep=2", "parallel.dp_mode=fsdp"], []),
     ("ep2-ac-selective", 2, ["parallel.ep=2", "parallel.activation_checkpoint=selective"], []),
+    ("ep2-overlap-shared", 2, ["parallel.ep=2", "parallel.ep_overlap=shared"], MIXED),
+    (
+        "ep2-overlap-chunked3-capacity-position",
+        2,
+        ["parallel.ep=2", "parallel.ep_overlap=chunked", "parallel.ep_chunks=3"],
+        DROPPING_BY_POSITION,
+    ),
     (
         "tp2-ac-full-fsdp",
         4,
@@ -237,8 +244,11 @@ def expected_layout(overrides: list[str], world: int, rank: int) -> dict:
     moe_blocks = [b for b in blocks if cfg.model.is_moe_layer(b)]
     ac = {"none": [], "full": blocks, "selective": [b for b in blocks if b % p.ac_every == 0]}
     units = ["<root>", *(f"layers.{b}" for b in blocks), *(f"layers.{b}.moe.experts" for b in moe_blocks)]
+    chunks = p.ep_chunks if p.ep_overlap == "chunked" else 1
+    dispatch = ("AllToAllDispatcher", p.ep_overlap, chunks) if dims.ep > 1 else ("DataParallelDispatcher", "-", 1)
     return {
         "params": params,
+        "dispatch": {b: dispatch for b in moe_blocks},
         "ac": ac[p.activation_checkpoint],
         "fsdp": sorted(units) if fsdp else [],
         "compiled": blocks if p.compile else [],
@@ -255,7 +265,7 @@ def assert_layout_applied(overrides: list[str], world: int, got: dict) -> None:
     assert len(got["layout"]) == world
     for rank, facts in enumerate(got["layout"]):
         want = expected_layout(overrides, world, rank)
-        for key in ("stages", "blocks", "ac", "fsdp", "compiled"):
+        for key in ("stages", "blocks", "ac", "fsdp", "compiled", "dispatch"):
             if facts[key] != want[key]:
                 problems.append(f"rank {rank} {key}: {facts[key]} != expected {want[key]}")
         for name in sorted(want["params"].keys() | facts["params"].keys()):

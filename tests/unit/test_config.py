@@ -27,11 +27,24 @@ BIG = 100e6  # parameters; above this a model is built on the meta device only
 
 def expected_params(m: ModelConfig, e: MoEConfig) -> int:
     """Parameter count from the config: embeddings, attention, norms, dense or MoE FFN per block."""
-    attn = m.dim * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)
+    attn = attention_params(m)
     dense = 3 * m.dim * m.ffn_hidden
     moe = m.dim * e.num_experts + 3 * m.dim * e.expert_hidden * (e.num_experts + e.num_shared_experts)
     blocks = sum(attn + 2 * m.dim + (moe if m.is_moe_layer(i) else dense) for i in range(m.n_layers))
     return m.vocab_size * m.dim * (1 if m.tie_embeddings else 2) + blocks + m.dim
+
+
+def attention_params(m: ModelConfig) -> int:
+    """Attention weights of one block: GQA (+ q/k/v biases, q/k norms) or MLA (projections + latent norms)."""
+    if m.attention == "mla":
+        qk, q = m.qk_nope_head_dim + m.qk_rope_head_dim, m.q_lora_rank
+        query = m.dim * m.n_heads * qk if q == 0 else m.dim * q + q + q * m.n_heads * qk
+        kv = m.dim * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank
+        kv += m.kv_lora_rank * m.n_heads * (m.qk_nope_head_dim + m.v_head_dim)
+        return query + kv + m.n_heads * m.v_head_dim * m.dim
+    qkv_width = m.head_dim * (m.n_heads + 2 * m.n_kv_heads)
+    norms = {"none": 0, "head": 2 * m.head_dim, "full": m.head_dim * (m.n_heads + m.n_kv_heads)}[m.qk_norm]
+    return m.dim * qkv_width + m.qkv_bias * qkv_width + norms + m.n_heads * m.head_dim * m.dim
 
 
 def leaves(node: dict, prefix: str = ""):

@@ -1,5 +1,7 @@
-"""Data: byte tokenizer, `moeyard prepare` token files and training from them, bad files, batch sampling.
+"""Data: byte tokenizer, `moeyard prepare` token files and training from them, bad files, batch sampling,
+and document masking (document ids from separators, then positions and the block-causal mask).
 
+Hugging Face tokenizers are tested in tests/unit/test_tokenizers.py.
 Run: `.venv/bin/pytest -q tests/unit/test_data.py`.
 """
 
@@ -11,8 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from train.data import EOS, DataConfig, TokenData, build_data, decode, encode, load_token_dir, prepare, stdlib_files
+from moe.masking import block_causal_mask, document_attention, document_positions
+from train.data import (
+    EOS,
+    DataConfig,
+    TokenData,
+    build_data,
+    decode,
+    document_ids,
+    encode,
+    load_token_dir,
+    prepare,
+    stdlib_files,
+)
 
 TEXT_A = "def add(a, b):\n    return a + b  # ünïcode ✓\n" * 40
 TEXT_B = "class Point:\n    x: int = 0\n" * 40
@@ -48,6 +63,8 @@ def test_prepare_writes_tokens_and_meta(text_dir, tmp_path):
     expected = [*encode(TEXT_B), EOS, *encode(TEXT_A), EOS]  # files in sorted path order: b.py, sub/a.txt
     assert meta == json.loads((out / "meta.json").read_text())
     assert meta["num_tokens"] == len(expected) and meta["files"] == 2 and meta["dtype"] == "uint16"
+    assert meta["tokenizer"] == "bytes" and meta["vocab_size"] == 256 and meta["eos_id"] == EOS
+    assert meta["documents"] == 2
     assert np.fromfile(out / "tokens.bin", dtype=np.uint16).tolist() == expected
     assert load_token_dir(out, vocab_size=256).tolist() == expected
     assert not list(out.glob("*.tmp"))
@@ -158,3 +175,75 @@ def test_batches_depend_only_on_seed_and_step():
     assert torch.equal(ex, b.eval_batch(0, 4)[0])
     assert (ex >= 4500).all() and (x7 < 4500).all()
     assert torch.equal(ex[:, 1:] - ex[:, :-1], torch.ones(4, 15, dtype=torch.int64))  # contiguous windows
+
+
+def test_text_pieces_decode_like_reading_the_whole_file(tmp_path):
+    """A file read in tiny pieces (splitting characters and \\r\\n) gives the same bytes as one read."""
+    text = "ünï\r\ncode ✓ line\r\n" * 50 + "no newline at the end ✓\r"
+    (tmp_path / "a.txt").write_bytes(text.encode("utf-8") + b"\xff bad byte\n")
+    prepare([tmp_path / "a.txt"], tmp_path / "whole")
+    meta = prepare([tmp_path / "a.txt"], tmp_path / "pieces", batch_bytes=7)
+    whole = np.fromfile(tmp_path / "whole" / "tokens.bin", dtype=np.uint16)
+    pieces = np.fromfile(tmp_path / "pieces" / "tokens.bin", dtype=np.uint16)
+    assert np.array_equal(whole, pieces) and meta["documents"] == 1
+    expected = (tmp_path / "a.txt").read_text(encoding="utf-8", errors="replace")
+    assert decode(pieces) == expected and "\r" not in decode(pieces)
+
+
+def test_eos_token_needs_a_tokenizer(text_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"--eos-token='</s>' needs --tokenizer"):
+        prepare([text_dir], tmp_path / "tok", eos_token="</s>")
+
+
+# Document masking: ids from separators (data side), positions and mask (moe/masking.py).
+
+
+def test_document_ids_count_separators_before_each_token():
+    x = torch.tensor([[5, 6, EOS, 7, EOS, EOS, 8], [EOS, 1, 2, 3, 4, 5, 6]])
+    assert document_ids(x, EOS).tolist() == [[0, 0, 0, 1, 1, 2, 3], [0, 1, 1, 1, 1, 1, 1]]
+    assert document_ids(torch.tensor([[3, 9, 3]]), eos_id=9).tolist() == [[0, 0, 1]]
+
+
+def test_token_data_documents_follow_the_config(prepared):
+    on = build_data(DataConfig(source="tokens", path=str(prepared), document_mask=True), 16, 0, 256)
+    off = build_data(DataConfig(source="tokens", path=str(prepared)), 16, 0, 256)
+    x, _ = on.batch(0, 4)
+    assert on.eos_id == EOS and torch.equal(on.documents(x), document_ids(x, EOS))
+    assert off.documents(x) is None
+    assert build_data(DataConfig(document_mask=True, max_files=3), 16, 0, 256).documents(x) is not None
+
+
+def test_positions_restart_at_each_document():
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0], [4, 7, 7, 7, 4, 4]])
+    pos = document_positions(ids)
+    assert pos.dtype == torch.int64
+    assert pos.tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5], [0, 0, 1, 2, 0, 1]]
+
+
+def test_block_causal_mask_by_hand():
+    mask = block_causal_mask(torch.tensor([[0, 0, 1, 1, 1], [2, 2, 2, 3, 2]]))
+    assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
+    assert mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [0, 0, 1, 0, 0],
+        [0, 0, 1, 1, 0],
+        [0, 0, 1, 1, 1],
+    ]
+    # Runs, not ids: the last token's id 2 repeats an earlier document's, yet it sees only itself.
+    assert mask[1, 0, 4].int().tolist() == [0, 0, 0, 0, 1]
+    assert mask.diagonal(dim1=-2, dim2=-1).all()  # no empty query row, so no NaN in softmax
+
+
+def test_masked_attention_equals_attention_per_document():
+    """SDPA with the mask on a packed row gives each document's own causal attention."""
+    torch.manual_seed(0)
+    tokens = torch.tensor([[4, 5, EOS, 6, 7, 8, EOS, 9], [1, 2, 3, 4, 5, 6, 7, 8]])
+    positions, mask = document_attention(document_ids(tokens, EOS))
+    q, k, v = (torch.randn(2, 3, 8, 4) for _ in range(3))  # [B, heads, S, head_dim]
+    packed = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    for b, spans in ((0, [(0, 3), (3, 7), (7, 8)]), (1, [(0, 8)])):
+        for lo, hi in spans:
+            alone = F.scaled_dot_product_attention(q[b, :, lo:hi], k[b, :, lo:hi], v[b, :, lo:hi], is_causal=True)
+            torch.testing.assert_close(packed[b, :, lo:hi], alone)
+            assert positions[b, lo:hi].tolist() == list(range(hi - lo))

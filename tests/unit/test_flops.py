@@ -57,6 +57,15 @@ def test_formula_equals_flop_counter_with_shared_experts_and_dense_blocks() -> N
     assert counted == train_flops_per_token(cfg.model, cfg.moe, 32) * 2 * 32
 
 
+@pytest.mark.parametrize("q_lora_rank", [0, 32])
+def test_formula_equals_flop_counter_with_latent_attention(q_lora_rank: int) -> None:
+    mla = ["model.attention=mla", f"model.q_lora_rank={q_lora_rank}", "model.kv_lora_rank=16"]
+    mla += ["model.qk_rope_head_dim=8", "model.qk_nope_head_dim=16", "model.v_head_dim=16", "moe.grouped_mm=off"]
+    counted, _ = counted_train_flops(mla, 2, 32)
+    cfg = compose(["model=debug", *mla])
+    assert counted == train_flops_per_token(cfg.model, cfg.moe, 32) * 2 * 32
+
+
 def test_debug_model_flops_by_hand() -> None:
     cfg = compose(["model=debug"])  # D=64, H=4, G=2, Hd=16, V=256, E=8, K=2, F=32, 4 MoE blocks
     attention = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64  # wq, wk, wv, wo

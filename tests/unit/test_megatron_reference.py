@@ -81,8 +81,9 @@ def route(logits_GSE: torch.Tensor, bias_E: torch.Tensor | None = None, **cfg) -
 
 def dense(routing: Routing, T: int, E: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Our kept assignments in Megatron's form: combine weights [T, E] (differentiable) and a bool map."""
-    index = (routing.token_idx_A, routing.expert_idx_A)
-    probs_TE = torch.zeros(T, E).index_put(index, routing.weight_A)
+    token_A, expert_A, weight_A = routing.kept()
+    index = (token_A, expert_A)
+    probs_TE = torch.zeros(T, E).index_put(index, weight_A)
     map_TE = torch.zeros(T, E, dtype=torch.bool).index_put(index, torch.tensor(True))
     return probs_TE, map_TE
 
@@ -146,7 +147,7 @@ def test_group_score_definition_differs(mcore):
     _, map_TE = mcore.topk_routing_with_score_function(
         logits_TE, 2, num_groups=4, group_topk=2, score_function="sigmoid", expert_bias=torch.zeros(8)
     )
-    assert sorted(ours.expert_idx_A.tolist()) == [2, 3]
+    assert sorted(ours.kept()[1].tolist()) == [2, 3]
     assert map_TE[0].nonzero().flatten().tolist() == [0, 2]
 
 

@@ -1,4 +1,5 @@
-"""The transformer: MoE placement knobs, tied embeddings, grouped-query attention, RoPE, causality, init.
+"""The transformer: MoE placement knobs, tied embeddings, grouped-query attention, RoPE, causality, init, and
+the parameter counts of the published-model presets (attention variants: tests/unit/test_attention.py).
 
 Run: `.venv/bin/pytest -q tests/unit/test_model.py`.
 """
@@ -11,9 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from launch.config import compose
+from moe.attention import Attention, apply_rope, rope_table
 from moe.config import ModelConfig, MoEConfig
 from moe.layer import MoELayer, SwiGLU
-from moe.model import Attention, Transformer, apply_rope, init_full_tensor, init_weights, rope_table
+from moe.model import Transformer, init_full_tensor, init_weights
 
 SMALL = {"vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 48}
 SMALL_MOE = MoEConfig(num_experts=4, top_k=2, expert_hidden=16)
@@ -131,3 +134,31 @@ def test_init_weights_is_reproducible_and_zeroes_bias():
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(pa, pb), name
     assert a.layers["0"].moe.router.expert_bias.abs().sum() == 0
+
+
+PUBLISHED = {
+    # preset: (total, active) in billions as published, and each figure's last digit (the tolerance unit).
+    # DeepSeek-V3: 671 B main model, 37 B activated; the Hugging Face checkpoint's 685 B adds the 14 B
+    # multi-token-prediction module, which we do not build. Qwen3-30B-A3B: 30.5 B, 3.3 B activated.
+    # OLMoE-1B-7B: 6.9 B, 1.3 B active. Mixtral-8x7B: 46.7 B, 12.9 B active.
+    "deepseek_v3": (671.0, 37.0, 1.0),
+    "qwen3_30b_a3b": (30.5, 3.3, 0.1),
+    "olmoe_1b_7b": (6.9, 1.3, 0.1),
+    "mixtral_8x7b": (46.7, 12.9, 0.1),
+}
+
+
+@pytest.mark.parametrize("preset", list(PUBLISHED))
+def test_presets_have_the_published_parameter_counts(preset):
+    """On the meta device: the total rounds to the published figure (within half its last digit); the active
+    count (embeddings, attention, dense blocks, router, shared and top-k routed experts) is within one unit of
+    its last digit (published active counts are truncated: DeepSeek-V3 has 37.55 B)."""
+    cfg = compose([f"model={preset}"])
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.moe)
+    total = sum(p.numel() for p in model.parameters())
+    e = cfg.moe
+    idle_experts = len(model.moe_layers()) * (e.num_experts - e.top_k) * 3 * cfg.model.dim * e.expert_hidden
+    want_total, want_active, unit = PUBLISHED[preset]
+    assert abs(total / 1e9 - want_total) <= unit / 2, total
+    assert abs((total - idle_experts) / 1e9 - want_active) <= unit, total - idle_experts

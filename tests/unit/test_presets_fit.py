@@ -116,5 +116,5 @@ def test_shards_over_all_ranks_make_up_the_model_once(preset):
 
 def test_building_on_meta_allocates_nothing_model_sized(preset):
     m = preset["cfg"].model
-    rope = m.max_seq_len * m.head_dim  # the rotary table [S, Hd/2, 2], computed on the host
+    rope = m.max_seq_len * m.rope_dim  # the rotary table [S, R/2, 2], computed on the host
     assert max(r["largest"] for r in preset["ranks"]) <= rope

@@ -45,7 +45,7 @@ def route(router: Router, logits: list) -> Routing:
 
 def assignments(r: Routing) -> dict[tuple[int, int], float]:
     """{(token, expert): combine weight} of the kept assignments."""
-    pairs = zip(r.token_idx_A.tolist(), r.expert_idx_A.tolist(), r.weight_A.tolist(), strict=True)
+    pairs = zip(*(t.tolist() for t in r.kept()), strict=True)
     return {(t, e): w for t, e, w in pairs}
 
 
@@ -88,7 +88,7 @@ def test_group_limited_routing_picks_only_experts_of_best_groups():
     # = 1.74, g2 = s(1.7)+s(1.6) = 1.68, g3 < 1. Expert 0 alone is the best, but its group loses.
     logits = [[5, -5, 2, 1.8, 1.7, 1.6, -1, -1]]
     free = route(make_router(8, router="sigmoid_topk", top_k=3, norm_topk_prob=False), logits)
-    assert sorted(free.expert_idx_A.tolist()) == [0, 2, 3]
+    assert sorted(free.kept()[1].tolist()) == [0, 2, 3]
     limited = make_router(8, router="sigmoid_topk", top_k=3, norm_topk_prob=False, n_groups=4, topk_groups=2)
     r = route(limited, logits)
     assert_assignments(r, {(0, 2): sig(2), (0, 3): sig(1.8), (0, 4): sig(1.7)})
@@ -131,10 +131,12 @@ def test_expert_choice_counts_on_random_input():
     router = Router(8, cfg)
     r = router(torch.randn(3, 10, 8))
     C = math.ceil(1.5 * 10 * 2 / 4)
+    token_A, expert_A, _ = r.kept()
     per_seq_expert = torch.zeros(3, 4, dtype=torch.long)
-    per_seq_expert.index_put_((r.token_idx_A // 10, r.expert_idx_A), torch.ones_like(r.token_idx_A), accumulate=True)
+    per_seq_expert.index_put_((token_A // 10, expert_A), torch.ones_like(token_A), accumulate=True)
     assert (per_seq_expert == C).all()
-    assert len(set(zip(r.token_idx_A.tolist(), r.expert_idx_A.tolist(), strict=True))) == 3 * 4 * C
+    assert len(set(zip(token_A.tolist(), expert_A.tolist(), strict=True))) == 3 * 4 * C
+    assert r.num_kept == 3 * 4 * C  # known from the shapes: no host read needed to size the dispatch
 
 
 # --- capacity ------------------------------------------------------------------------------------------
@@ -213,29 +215,35 @@ def test_capacity_is_counted_per_sequence(policy):
 # --- dispatch ------------------------------------------------------------------------------------------
 
 
-def hand_routing(token, expert, weight) -> Routing:
+def hand_routing(token, expert, weight, num_kept=None) -> Routing:
     zero = torch.zeros(())
     return Routing(
         token_idx_A=torch.tensor(token), expert_idx_A=torch.tensor(expert), weight_A=torch.tensor(weight),
-        routed_E=zero, kept_E=zero, mean_prob_E=zero, entropy=zero, aux_loss=zero, seq_aux_loss=zero,
-        z_loss=zero,
+        num_kept=num_kept, routed_E=zero, kept_E=zero, mean_prob_E=zero, entropy=zero, aux_loss=zero,
+        seq_aux_loss=zero, z_loss=zero,
     )  # fmt: skip
 
 
 def test_local_dispatcher_round_trip():
     x_TD = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    routing = hand_routing([0, 0, 1, 2], [2, 0, 2, 1], [0.5, 0.25, 1.0, 2.0])
+    # The fifth assignment was dropped by capacity (expert id E = 3): it reaches no expert.
+    routing = hand_routing([0, 0, 1, 2, 1], [2, 0, 2, 1, 3], [0.5, 0.25, 1.0, 2.0, 9.0])
     d = LocalDispatcher(num_experts=3)
-    x_ND, counts_E, meta = d.dispatch(x_TD, routing)
+    seen = {}
+
+    def experts(x_ND, counts_E):
+        seen.update(x=x_ND.tolist(), counts=counts_E.tolist())
+        return torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
+
+    out = d.run(x_TD, routing, experts, alongside=lambda: torch.ones(1))
     # Expert order: (t0, e0), (t2, e1), (t0, e2), (t1, e2).
-    assert x_ND.tolist() == [[1, 0], [1, 1], [1, 0], [0, 1]]
-    assert counts_E.tolist() == [1, 1, 2]
-    y_ND = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
-    out = d.combine(y_ND, routing, meta)
+    assert seen == {"x": [[1, 0], [1, 1], [1, 0], [0, 1]], "counts": [1, 1, 2]}
     # t0 = 0.25 * [1, 2] + 0.5 * [5, 6]; t1 = 1.0 * [7, 8]; t2 = 2.0 * [3, 4].
-    assert out.tolist() == [[2.75, 3.5], [7.0, 8.0], [6.0, 8.0]]
-    # Identity experts give back each token times the sum of its weights.
-    assert d.combine(x_ND, routing, meta).tolist() == [[0.75, 0.0], [0.0, 1.0], [2.0, 2.0]]
+    assert out.out_TD.tolist() == [[2.75, 3.5], [7.0, 8.0], [6.0, 8.0]]
+    assert out.received_E.tolist() == [1, 1, 2] and out.alongside.tolist() == [1.0]
+    # Identity experts give back each token times the sum of its kept weights.
+    identity = d.run(x_TD, routing, lambda x_ND, counts_E: x_ND, alongside=None)
+    assert identity.out_TD.tolist() == [[0.75, 0.0], [0.0, 1.0], [2.0, 2.0]] and identity.alongside is None
 
 
 # --- balancing losses ----------------------------------------------------------------------------------
@@ -288,5 +296,5 @@ def test_router_math_stays_fp32_under_autocast():
         assert torch.nn.functional.linear(x.float(), router.gate.weight).dtype == torch.bfloat16  # autocast on
         auto = router(x)
     # Same bf16 inputs, so fp32 router math gives bitwise the same logits, choices and weights.
-    assert torch.equal(auto.expert_idx_A, plain.expert_idx_A)
+    assert torch.equal(auto.expert_idx_A, plain.expert_idx_A) and auto.num_kept == plain.num_kept == 2 * 8 * 2
     assert torch.equal(auto.weight_A, plain.weight_A) and torch.equal(auto.z_loss, plain.z_loss)

@@ -1,0 +1,180 @@
+"""Peak memory of every rank of a layout: exact model state, activations by formula, buffers, fixed overheads.
+
+peak = params + gradients + AdamW state       (parallel/memory.py: counted from the model built on the meta
+                                                device under the layout; exact)
+     + saved activations of the micro-batches the schedule keeps in flight (activations.py, per block)
+     + the largest backward working set on top of them (the loss's, or a block's, with its recomputation)
+     + buffers: pipeline receive buffers (one per micro-batch and direction, kept by torch's pipelining) and
+       the stage outputs it keeps until their backward, FSDP's gathered copies (root unit and two blocks)
+     + fixed: CUDA context, workspaces and NCCL buffers, and allocator fragmentation (cluster.py's table)
+
+Micro-batches in flight per pipeline rank r of pp (m micro-batches): one without a pipeline, m under GPipe,
+min(m, pp - r) under 1F1B; interleaved 1F1B runs torch's warmup of (v - 1) pp + 2 (pp - 1 - r) forwards of
+its v local stages before its first backward, so the first warmup + 1 forwards in its order are in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from launch.plan.activations import (
+    FP32,
+    Shape,
+    block_backward_bytes,
+    block_bytes,
+    embedding_bytes,
+    head_backward_bytes,
+    head_bytes,
+)
+from moe.config import ModelConfig, MoEConfig
+from parallel.config import ParallelConfig
+from parallel.dims import ParallelDims
+from parallel.memory import RankMemory
+from parallel.pipeline import local_stage_ids, stage_layer_ranges
+
+
+@dataclass(frozen=True)
+class RankPeak:
+    """Predicted peak memory of one pipeline position's ranks, in bytes, by part."""
+
+    pp_rank: int
+    state: RankMemory
+    activations: int
+    """Saved tensors of the micro-batches in flight."""
+    working: int
+    """The backward working set at the peak (loss gradients, a block's, recomputed tensors)."""
+    buffers: int
+    """Pipeline receive buffers and kept stage outputs, FSDP's gathered copies."""
+    parts: dict[str, int] = field(default_factory=dict)
+    """activations by part, summed over the micro-batches in flight (for the table's breakdown)."""
+
+    @property
+    def params(self) -> int:
+        return FP32 * self.state.params
+
+    @property
+    def grads(self) -> int:
+        return FP32 * self.state.params
+
+    @property
+    def optimizer(self) -> int:
+        return self.state.state_bytes - self.params - self.grads
+
+    @property
+    def total(self) -> int:
+        """Everything but the fixed device overheads."""
+        return self.state.state_bytes + self.activations + self.working + self.buffers
+
+
+def in_flight(schedule: str, pp: int, pp_rank: int, micro: int, vpp: int) -> list[int]:
+    """Micro-batches each local stage of pipeline rank `pp_rank` holds at once (module docstring)."""
+    if pp == 1:
+        return [1]
+    if schedule == "gpipe":
+        return [micro] * vpp
+    if schedule == "1f1b":
+        return [min(micro, pp - pp_rank)]
+    warmup = min((vpp - 1) * pp + 2 * (pp - 1 - pp_rank), micro * vpp)
+    counts = [0] * vpp
+    for i in range(warmup + 1):  # forward order: groups of pp micro-batches, each through every local stage
+        counts[(i // pp) % vpp] += 1
+    return counts
+
+
+def _checkpointed(pcfg: ParallelConfig, layer: int) -> bool:
+    mode = pcfg.activation_checkpoint
+    return mode == "full" or (mode == "selective" and layer % pcfg.ac_every == 0)
+
+
+def rank_peak(
+    model: ModelConfig,
+    moe: MoEConfig,
+    pcfg: ParallelConfig,
+    dims: ParallelDims,
+    shape: Shape,
+    micro: int,
+    pp_rank: int,
+    state: RankMemory,
+    fsdp_bf16: bool = False,
+) -> RankPeak:
+    """The predicted peak of the ranks at pipeline position `pp_rank` (module docstring)."""
+    vpp = pcfg.pp_stages_per_rank if dims.pp > 1 else 1
+    n_stages = dims.pp * vpp
+    ranges = stage_layer_ranges(model.n_layers, n_stages, pcfg.pp_layers)
+    stage_ids = local_stage_ids(pp_rank, dims.pp, vpp) if dims.pp > 1 else [0]
+    counts = in_flight(pcfg.pp_schedule, dims.pp, pp_rank, micro, vpp)
+    hidden = shape.rows * (shape.seq // shape.tp if shape.sp else shape.seq) * model.dim * shape.res
+    logits = shape.tokens * (model.vocab_size // shape.tp) * shape.act
+    gathered = _fsdp_gathered(model, shape, state, fsdp_bf16) if pcfg.dp_mode == "fsdp" and dims.dp > 1 else None
+    working, buffers, parts = 0, 0, {}
+    for sid, count in zip(stage_ids, counts, strict=True):
+        saved, over = _stage(model, moe, pcfg, shape, ranges[sid], sid == 0, sid == n_stages - 1, gathered)
+        if sid > 0:  # the first block's input is its receive buffer, counted below; the gradient sent back
+            saved["norm"] -= hidden
+            buffers += micro * hidden + (hidden if pcfg.pp_schedule != "gpipe" else 0)
+        if sid < n_stages - 1:
+            buffers += micro * hidden + count * hidden  # gradient receive buffers; outputs kept for backward
+        elif dims.pp > 1:
+            buffers += micro * logits  # the last stage keeps every micro-batch's output until the step ends
+        for name, value in saved.items():
+            parts[name] = parts.get(name, 0) + count * value
+        working = max(working, over)
+    return RankPeak(pp_rank, state, sum(parts.values()), working, buffers, parts)
+
+
+def _fsdp_gathered(model: ModelConfig, shape: Shape, state: RankMemory, bf16: bool) -> tuple[int, int]:
+    """FSDP's extra bytes on top of the saved tensors: (while the loss runs backward: the root unit gathered;
+    while a block's backward starts: the root unit, the output's unsharded gradient, the block's all-gather
+    buffer and its unsharded parameters)."""
+    per = 2 if bf16 else FP32
+    root = per * state.gathered_root
+    output_grad = per * (model.vocab_size // shape.tp) * model.dim if state.gathered_root else 0
+    return root, root + output_grad + 2 * per * state.gathered_block
+
+
+def _checkpointed(pcfg: ParallelConfig, layer: int) -> bool:
+    mode = pcfg.activation_checkpoint
+    return mode == "full" or (mode == "selective" and layer % pcfg.ac_every == 0)
+
+
+def _stage(
+    model: ModelConfig,
+    moe: MoEConfig,
+    pcfg: ParallelConfig,
+    shape: Shape,
+    layers: tuple[int, int],
+    first: bool,
+    last: bool,
+    fsdp: tuple[int, int] | None,
+) -> tuple[dict[str, int], int]:
+    """What one micro-batch of this stage saves, by part, and the most its backward adds on top of that.
+
+    Backward runs the loss first (all saved tensors, plus its gradients), then the blocks in reverse, each
+    freeing what it saved when done: block j's backward holds the saved tensors of blocks 0..j (block j's in
+    full, recomputed if checkpointed) and its working gradients. Under FSDP each phase also holds gathered
+    parameters (`_fsdp_gathered`).
+    """
+    block_input = shape.norm_tokens * model.dim * shape.res
+    parts = {"embedding": embedding_bytes(shape) if first else 0, "norm": 0}
+    kept = []  # per block: (what it keeps until its backward, what its backward holds at most)
+    for layer in range(*layers):
+        is_moe = model.is_moe_layer(layer)
+        full = block_bytes(model, moe, shape, is_moe)
+        backward = block_backward_bytes(model, moe, shape, is_moe)
+        if _checkpointed(pcfg, layer):
+            parts["checkpointed"] = parts.get("checkpointed", 0) + block_input
+            kept.append((block_input, sum(full.values()) + backward))
+            continue
+        for name, value in full.items():
+            parts[name] = parts.get(name, 0) + value
+        kept.append((sum(full.values()), sum(full.values()) + backward))
+    head = head_bytes(model, shape) if last else 0
+    parts["head"] = head
+    saved = sum(parts.values())
+    loss_extra, block_extra = fsdp or (0, 0)
+    over = head_backward_bytes(model, shape) + loss_extra if last else 0
+    live = saved - head
+    for block_kept, block_peak in reversed(kept):
+        over = max(over, live - block_kept + block_peak - saved, live + block_input + block_extra - saved)
+        live -= block_kept
+    return parts, over

@@ -1,0 +1,204 @@
+"""Causal self-attention: grouped-query attention (with the q/k norms and biases of Qwen and OLMoE) and
+DeepSeek's multi-head latent attention, both with rotary position embeddings.
+
+Shape legend: B batch, S sequence, D model dim, H query heads, G kv heads, Hd head dim, R rotary channels
+per head, N non-rotary q/k channels per head (MLA), Vd value head dim (MLA), L latent width (MLA).
+
+Written with no parallelism: head counts come from tensor shapes (tensor parallelism keeps H/tp heads per
+rank), and what `parallel/tensor.py` must know about each module is stated in its docstring.
+
+RoPE convention (one for every family): `apply_rope` rotates adjacent channel pairs (2i, 2i+1) of each
+head and leaves them in place. Hugging Face's Llama, Mixtral, Qwen2/Qwen3 and OLMoE rotate (i, i + Hd/2)
+("rotate_half") with the same frequencies; their q/k weights map onto ours by permuting the rows of each
+head, HF (i, i + Hd/2) -> ours (2i, 2i+1), as train/hf.py does for Mixtral (`_rope_rows_from_hf`). Every
+per-channel q/k quantity moves with its rows: q/k biases, per-head and full-width q/k norm weights. Norm
+statistics (mean squares over a head or over all heads) and attention scores do not change when q and k
+share one permutation, so nothing else does. DeepSeek-V3 (HF `rope_interleave=True`, its default and the
+published checkpoints' layout) already rotates pairs (2i, 2i+1): no permutation (HF writes the rotated
+pairs out de-interleaved, but for q and k alike, which leaves scores unchanged).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.config import ModelConfig
+
+try:  # flash-attn is a GPU-only extra; SDPA serves everywhere else.
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+
+def rope_table(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
+    """cos/sin table [S, Hd/2, 2] for rotary position embeddings."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def apply_rope(x_BSHd: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotates pairs of channels by position-dependent angles (Su et al., 2021).
+
+    `rope` is the table [S_max, R/2, 2] (token s at position s) or the angles of each token [B, S, R/2, 2]
+    (the table indexed by per-token positions: packed documents restart their positions).
+    """
+    if rope.ndim == 4:
+        cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
+    else:
+        S = x_BSHd.shape[1]
+        cos, sin = rope[:S, None, :, 0], rope[:S, None, :, 1]
+    x1, x2 = x_BSHd.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return out.type_as(x_BSHd)
+
+
+def attend(
+    q_BSHd: torch.Tensor,
+    k_BSHd: torch.Tensor,
+    v_BSHd: torch.Tensor,
+    use_flash: bool,
+    mask_B1SS: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal softmax attention scaled by 1/sqrt(q/k head dim); k and v may have fewer heads (GQA) and v
+    another head dim (MLA, which flash-attn 2 does not take: SDPA runs it). -> [B, S, H, Vd].
+
+    `mask_B1SS` (bool, True = may attend; `moe.masking.block_causal_mask`) replaces the causal mask: packed
+    documents attend only within themselves. SDPA takes it (flash-attn's dense call has no mask argument).
+    """
+    same_dims = q_BSHd.shape[-1] == v_BSHd.shape[-1]
+    flash_ok = use_flash and flash_attn_func is not None and q_BSHd.is_cuda and q_BSHd.dtype != torch.float32
+    if flash_ok and same_dims and mask_B1SS is None:
+        return flash_attn_func(q_BSHd, k_BSHd, v_BSHd, causal=True)
+    q, k, v = (t.transpose(1, 2) for t in (q_BSHd, k_BSHd, v_BSHd))
+    causal = mask_B1SS is None
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1SS, is_causal=causal, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+class PlainRMSNorm(nn.Module):
+    """RMSNorm over the last dim as Hugging Face writes it (statistics in fp32, the weight applied in the input
+    dtype), in plain tensor ops so that DTensor can run it on a tensor-parallel slice of the last dim: the mean
+    of squares of a Shard(-1) input becomes a Partial value, summed over tp by one [B, S, 1] all-reduce."""
+
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with RoPE; optional q/k/v biases and q/k RMSNorm (before RoPE).
+
+    Parameters and their Hugging Face names (`model.layers.{i}.self_attn.` prefix; [out, in] like ours):
+        wq [H*Hd, D] (+ bias [H*Hd])   q_proj   rows permuted per head (RoPE convention above), bias too
+        wk [G*Hd, D] (+ bias [G*Hd])   k_proj   rows permuted per head, bias too
+        wv [G*Hd, D] (+ bias [G*Hd])   v_proj
+        wo [D, H*Hd]                   o_proj
+        qk_norm=head (Qwen3-MoE): q_head_norm, k_head_norm [Hd] <- q_norm, k_norm, each permuted like a head's
+            rows. One weight shared by all heads: under tensor parallelism it is replicated and each rank sees
+            H/tp of the heads, so its gradient is summed over tp (`parallel.tensor.is_tp_partial`).
+        qk_norm=full (OLMoE): q_norm [H*Hd], k_norm [G*Hd] <- q_norm, k_norm, each head's Hd slice permuted.
+            Normalises the whole projection output before it is split into heads; tensor parallelism shards
+            the weight like wq/wk's rows and computes the mean square over the full width.
+        qkv_bias (Qwen2, Qwen2-MoE): the q_proj/k_proj/v_proj biases; o_proj has none.
+    OLMoE's `clip_qkv` is not implemented (null in OLMoE-1B-7B).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hd, eps = cfg.head_dim, cfg.norm_eps
+        self.head_dim = hd
+        self.use_flash = cfg.attn_impl == "flash"
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        full, head = cfg.qk_norm == "full", cfg.qk_norm == "head"
+        self.q_norm = PlainRMSNorm(cfg.n_heads * hd, eps) if full else None
+        self.k_norm = PlainRMSNorm(cfg.n_kv_heads * hd, eps) if full else None
+        self.q_head_norm = PlainRMSNorm(hd, eps) if head else None
+        self.k_head_norm = PlainRMSNorm(hd, eps) if head else None
+
+    def forward(self, x_BSD: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, S, D]; rope and mask as `apply_rope` and `attend` take them (mask None: causal). -> [B, S, D]."""
+        B, S, _ = x_BSD.shape
+        q, k = self.wq(x_BSD), self.wk(x_BSD)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(B, S, -1, self.head_dim), k.view(B, S, -1, self.head_dim)
+        if self.q_head_norm is not None:
+            q, k = self.q_head_norm(q), self.k_head_norm(k)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        v = self.wv(x_BSD).view(B, S, -1, self.head_dim)
+        return self.wo(attend(q, k, v, self.use_flash, mask).reshape(B, S, -1))
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3): keys and values are expanded from one L-wide latent per
+    token, plus one R-wide rotary key that every head shares; queries come through an optional low-rank
+    bottleneck. Each q/k head is [N non-rotary | R rotary] channels; the softmax scale is 1/sqrt(N + R).
+
+    Parameters and their Hugging Face DeepseekV3Attention names (`model.layers.{i}.self_attn.` prefix):
+        q_lora_rank = 0:  wq [H*(N+R), D]                  q_proj
+        q_lora_rank > 0:  wq_a [Q, D]                      q_a_proj
+                          q_a_norm [Q]                     q_a_layernorm
+                          wq_b [H*(N+R), Q]                q_b_proj
+        wkv_a [L+R, D]    rows [latent | rotary key]       kv_a_proj_with_mqa
+        kv_a_norm [L]                                      kv_a_layernorm
+        wkv_b [H*(N+Vd), L]  rows per head [k_nope | v]    kv_b_proj
+        wo [D, H*Vd]                                       o_proj
+    No permutation with `rope_interleave=True` (see the module docstring); with False, the R rotary rows of
+    each head of q_proj/q_b_proj and the last R rows of kv_a_proj_with_mqa go (i, i + R/2) -> (2i, 2i+1).
+    HF's latent norms use eps 1e-6 whatever rms_norm_eps says; ours use model.norm_eps (DeepSeek-V3: 1e-6).
+    Not implemented: attention_bias=true (no published model), and YaRN rope scaling, whose softmax scale
+    would carry an extra mscale^2 (DeepSeek-V3's context extension: 0.1 ln 40 + 1 squared = 1.87).
+
+    Tensor parallelism (parallel/tensor.py): wq / wq_b and wkv_b column-parallel over heads, wo row-parallel;
+    wq_a, wkv_a and the two latent norms are replicated. The rotary key is shared by all heads, so on each
+    rank it receives the gradient of H/tp heads only: the plan sums it over tp (the last R output channels
+    of wkv_a), which keeps wkv_a's gradient and the block input's equal to one process's.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        H, D, eps = cfg.n_heads, cfg.dim, cfg.norm_eps
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.latent = cfg.kv_lora_rank
+        self.use_flash = cfg.attn_impl == "flash"
+        qk = self.nope + self.rope
+        q_rank = cfg.q_lora_rank
+        self.wq = nn.Linear(D, H * qk, bias=False) if q_rank == 0 else None
+        self.wq_a = nn.Linear(D, q_rank, bias=False) if q_rank > 0 else None
+        self.q_a_norm = PlainRMSNorm(q_rank, eps) if q_rank > 0 else None
+        self.wq_b = nn.Linear(q_rank, H * qk, bias=False) if q_rank > 0 else None
+        self.wkv_a = nn.Linear(D, self.latent + self.rope, bias=False)
+        self.kv_a_norm = PlainRMSNorm(self.latent, eps)
+        self.wkv_b = nn.Linear(self.latent, H * (self.nope + self.v_dim), bias=False)
+        self.wo = nn.Linear(H * self.v_dim, D, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, S, D]; rope and mask as `apply_rope` and `attend` take them (mask None: causal). -> [B, S, D]."""
+        B, S, _ = x_BSD.shape
+        q = self.wq(x_BSD) if self.wq is not None else self.wq_b(self.q_a_norm(self.wq_a(x_BSD)))
+        q_nope, q_rope = q.view(B, S, -1, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
+        latent_BSL, k_rope_BSR = self.wkv_a(x_BSD).split([self.latent, self.rope], dim=-1)
+        kv = self.wkv_b(self.kv_a_norm(latent_BSL)).view(B, S, -1, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k_rope = apply_rope(k_rope_BSR.unsqueeze(2), rope).expand(-1, -1, k_nope.shape[2], -1)
+        q = torch.cat([q_nope, apply_rope(q_rope, rope)], dim=-1)
+        k = torch.cat([k_nope, k_rope], dim=-1)
+        return self.wo(attend(q, k, v, self.use_flash, mask).reshape(B, S, -1))
+
+
+def build_attention(cfg: ModelConfig) -> Attention | MLA:
+    """The attention module `cfg.attention` names (ValueError naming the field for a bad attention config)."""
+    cfg.check_attention()
+    return MLA(cfg) if cfg.attention == "mla" else Attention(cfg)
