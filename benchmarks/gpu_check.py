@@ -19,11 +19,13 @@
 
 Weights come from torch's generator with moe.init.init_rule's per-parameter std (ones for norms): the same
 distribution as the trainer's counter-based init, which generates in small blocks and would take minutes for
-3 B parameters. The token batch is random and fixed; data loading is not timed. Times are CUDA events around
-each step (one synchronisation at the end) on GPU and the wall clock on CPU.
+3 B parameters. The token batch is random and fixed; data loading is not timed. Training steps are timed with
+CUDA events around each step and one synchronisation at the end (the wall clock on CPU); layer steps as in
+moe_layer.py, synchronising around each. Layers run with bf16 weights on CUDA, fp32 on CPU.
 
 Nothing here imports Hydra or OmegaConf (launch/ does at import, and train.trainer through train.callbacks),
-so the GPU machine needs no wheels carried. Run there from the repo root (it takes about 2 to 4 minutes):
+so the GPU machine needs no wheels carried. Run there from the repo root (estimated 2 to 4 minutes on one
+H100/H200, most of it start-up and the fp32-master Mixtral cut):
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json
 Without CUDA it runs small shapes (or pass --small); --quick is the seconds-long smoke run the tests use:
     .venv/bin/python benchmarks/gpu_check.py [--quick] [--out gpu_check.json]
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import json
 import os
 import statistics
@@ -367,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_label(device),
         "size": size,
         "torch": torch.__version__,
+        "transformers": None if hf_missing else importlib.metadata.version("transformers"),
         "peak_tflops": peak,
         "peak_is": "dense bf16, data sheet" if cuda else "measured fp32 GEMM",
         "transformers_skipped": hf_missing,

@@ -17,7 +17,8 @@ Our layer also computes its balancing losses and routing statistics; the peers' 
 Face computes the aux loss once per model from the router logits), so that work is counted against ours.
 
 Run: .venv/bin/python benchmarks/moe_layer.py [--quick] [--repeats N] [--threads N] [--device auto|cpu|cuda]
-     (the fine-grained shape is the one to watch: `--threads 2` on a 2-core machine)
+     [--shapes 0,4] [--no-deepspeed] [--no-transformers]; the fine-grained shape (index 4) weighs routing and
+     permutation most; benchmarks/profile_layer.py breaks our layer's time there down by phase.
 """
 
 from __future__ import annotations

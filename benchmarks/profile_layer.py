@@ -9,7 +9,7 @@ scatter-add of the gather's backward, "combine" the index_select of index_add's 
 "accumulate grads" is autograd adding weight gradients. The floor (the same routing's three grouped matmuls
 on pre-sorted tokens, benchmarks/moe_layer.py) is timed in the same run for scale.
 
-Run: .venv/bin/python benchmarks/profile_layer.py [--shape N] [--threads 2] [--steps 5] [--ops 15]
+Run: .venv/bin/python benchmarks/profile_layer.py [--shape N] [--threads 2] [--steps 5] [--ops 15] [--quick]
      (--shape indexes benchmarks/moe_layer.py's SHAPES; the default is the fine-grained one, the last)
 """
 
@@ -23,7 +23,14 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
-from moe_layer import SHAPES, floor_step, layer_input, layer_step, our_layer  # the sibling script (sys.path[0])
+from moe_layer import (  # the sibling script (sys.path[0])
+    QUICK_SHAPES,
+    SHAPES,
+    floor_step,
+    layer_input,
+    layer_step,
+    our_layer,
+)
 from torch.autograd.profiler_util import FunctionEvent
 
 import moe.dispatcher
@@ -140,10 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--steps", type=int, default=5, help="profiled steps (after 3 warmup)")
     parser.add_argument("--ops", type=int, default=15, help="rows of the op table (0: none)")
+    parser.add_argument("--quick", action="store_true", help="moe_layer's tiny shape, 1 step: a smoke run")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    shape, device = SHAPES[args.shape], torch.device("cpu")
+    shape, device = QUICK_SHAPES[0] if args.quick else SHAPES[args.shape], torch.device("cpu")
+    if args.quick:
+        args.steps = 1
     x, grad = layer_input(shape, device, torch.float32)
     ours = our_layer(shape, "on", device, torch.float32)
     step, floor = layer_step(ours, x, grad), floor_step(ours, x, grad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -11,10 +12,11 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from launch.config import compose, write_resolved
 from launch.launchers import launch
+from launch.plan.command import cmd_plan
 from launch.validate import ConfigError, launcher_world_size, validate
 from profiling.dashboard import cmd_dashboard
 from train.data import prepare
-from train.hf import export, overrides_from_hf, read_hf_config
+from train.hf import export, hydra_overrides, read_hf_config
 
 
 def compose_error_line(err: Exception, overrides: list[str]) -> str:
@@ -79,30 +81,31 @@ def cmd_export(argv: list[str]) -> int:
     """`moeyard export RUN_DIR|CKPT --out DIR`."""
     parser = argparse.ArgumentParser(
         prog="moeyard export",
-        description="Write a checkpoint as Hugging Face Mixtral safetensors with a config.json.",
+        description="Write a checkpoint as safetensors with a config.json of its Hugging Face family "
+        "(Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 or OLMoE).",
     )
     parser.add_argument("source", type=Path, help="a run directory (its latest checkpoint) or a step_N directory")
     parser.add_argument("--out", type=Path, required=True, help="new or empty output directory")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args(argv)
     path = export(args.source, args.out, args.dtype)
-    print(f"exported {path} to {args.out} (MixtralForCausalLM: safetensors + config.json)")
+    architecture = json.loads((args.out / "config.json").read_text())["architectures"][0]
+    print(f"exported {path} to {args.out} ({architecture}: safetensors + config.json)")
     return 0
 
 
 def cmd_import(argv: list[str]) -> int:
-    """`moeyard import HF_DIR [overrides]`: trains from Mixtral weights, shaped by their config.json."""
+    """`moeyard import HF_DIR [overrides]`: trains from Hugging Face weights, shaped by their config.json."""
     parser = argparse.ArgumentParser(
         prog="moeyard import",
-        description="Start training from Hugging Face "
-        "Mixtral weights (sets model.*, moe.* and train.init_from=HF_DIR).",
+        description="Start training from Hugging Face Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 or OLMoE "
+        "weights (sets model.*, moe.* and train.init_from=HF_DIR).",
     )
     parser.add_argument("hf_dir", type=Path, help="directory with config.json and safetensors")
     parser.add_argument("overrides", nargs="*", help="further Hydra overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
     hf = read_hf_config(args.hf_dir, "import")
-    derived = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides_from_hf(hf).items()]
-    return cmd_train([*derived, f"train.init_from={args.hf_dir.resolve()}", *args.overrides])
+    return cmd_train([*hydra_overrides(hf), f"train.init_from={args.hf_dir.resolve()}", *args.overrides])
 
 
 COMMANDS = {
@@ -111,6 +114,7 @@ COMMANDS = {
     "export": cmd_export,
     "import": cmd_import,
     "dashboard": cmd_dashboard,
+    "plan": cmd_plan,
 }
 
 

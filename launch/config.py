@@ -18,6 +18,7 @@ from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from launch.plan.cluster import ClusterConfig
 from moe.config import choice
 from train.config import TrainerConfig
 
@@ -81,6 +82,8 @@ class JobConfig(TrainerConfig):
     """Everything one training job needs: what each rank reads, plus how the ranks start."""
 
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """The machines the job runs on: `moeyard plan` and the pre-flight memory check (launch/plan/cluster.py)."""
 
 
 ConfigStore.instance().store(name="moeyard_schema", node=JobConfig)

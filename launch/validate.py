@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 from launch.config import JobConfig
+from launch.plan.planner import preflight as memory_preflight
 from moe.experts import HAS_GROUPED_MM
 from parallel.dims import ParallelDims
 from profiling.trace import check_trace_ranks
@@ -167,7 +168,18 @@ def validate(cfg: JobConfig, world_size: int) -> ParallelDims:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _check_checkpointing(cfg)
+    _check_memory(cfg, world_size)
     return dims
+
+
+def _check_memory(cfg: JobConfig, world_size: int) -> None:
+    """The pre-flight: the layout's predicted peak memory per rank against the device's (launch/plan/)."""
+    try:
+        error = memory_preflight(cfg, world_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if error:
+        raise ConfigError(error)
 
 
 def launcher_request(cfg: JobConfig) -> str:

@@ -161,4 +161,6 @@ class MoEConfig:
         if width is not None and width < 1:
             raise ValueError(f"moe.shared_expert_hidden={width} must be >= 1 (or null: num_shared * expert_hidden)")
         if self.shared_expert_gate and self.num_shared_experts == 0:
-            raise ValueError("moe.shared_expert_gate=True needs moe.num_shared_experts >= 1 (it gates the shared experts)")
+            raise ValueError(
+                "moe.shared_expert_gate=True needs moe.num_shared_experts >= 1 (it gates the shared experts)"
+            )

@@ -176,8 +176,14 @@ def probe_shards(model_cfg: ModelConfig, moe_cfg: MoEConfig, pcfg: ParallelConfi
     """Builds a model of one dense and/or one MoE block (the kinds `model_cfg` has) on the meta device under
     tensor parallelism tp and expert parallelism ep, and reads the shapes of its rank-0 shards."""
     kinds = sorted({model_cfg.is_moe_layer(i) for i in range(model_cfg.n_layers)})
+    # Two blocks, and a short rotary table (its length changes no parameter): the build takes a fraction of a
+    # second whatever the model.
     probe_model = replace(
-        model_cfg, n_layers=len(kinds), first_dense_layers=int(not kinds[-1] or len(kinds) == 2), moe_every=1
+        model_cfg,
+        n_layers=len(kinds),
+        first_dense_layers=int(not kinds[-1] or len(kinds) == 2),
+        moe_every=1,
+        max_seq_len=2,
     )
     dp = ep // gcd(ep, tp)  # the fewest dp ranks that fold ep (ep divides dp * tp)
     probe_pcfg = replace(pcfg, tp=tp, ep=ep, pp=1, dp=dp, dp_mode="replicate", pp_layers=[], pp_stages_per_rank=1)
@@ -200,25 +206,43 @@ def fsdp_chunk_numel(shape: tuple[int, ...], ways: int) -> int:
     return rows * prod(shape[1:])
 
 
+def _stage_shards(
+    probe: ShardProbe, model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDims, pp_rank: int
+) -> tuple[list[tuple[LocalShape, ...]], tuple[LocalShape, ...]]:
+    """(the blocks' shards, the embedding's and head's shards) of a rank at pipeline position `pp_rank`."""
+    stages = dims.pp * pcfg.pp_stages_per_rank
+    ranges = stage_layer_ranges(model_cfg.n_layers, stages, pcfg.pp_layers)
+    stage_ids = local_stage_ids(pp_rank, dims.pp, pcfg.pp_stages_per_rank) if dims.pp > 1 else [0]
+    blocks = [probe.blocks[model_cfg.is_moe_layer(i)] for sid in stage_ids for i in range(*ranges[sid])]
+    root = (probe.embedding if 0 in stage_ids else ()) + (probe.head if stages - 1 in stage_ids else ())
+    return blocks, root
+
+
 def stage_memory(
     probe: ShardProbe, model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDims, pp_rank: int, bf16: bool
 ) -> RankMemory:
     """`rank_memory` of any rank at pipeline position `pp_rank`, from the probe's shapes (module docstring)."""
-    stages = dims.pp * pcfg.pp_stages_per_rank
-    ranges = stage_layer_ranges(model_cfg.n_layers, stages, pcfg.pp_layers)
-    stage_ids = local_stage_ids(pp_rank, dims.pp, pcfg.pp_stages_per_rank) if dims.pp > 1 else [0]
+    blocks, root = _stage_shards(probe, model_cfg, pcfg, dims, pp_rank)
     fsdp = pcfg.dp_mode == "fsdp" and dims.dp > 1
     ways = {False: dims.dp if fsdp else 1, True: dims.edp if fsdp else 1}
-    parts = [probe.blocks[model_cfg.is_moe_layer(i)] for sid in stage_ids for i in range(*ranges[sid])]
-    root = (probe.embedding if 0 in stage_ids else ()) + (probe.head if stages - 1 in stage_ids else ())
     gathered = lambda shards: sum(prod(s.shape) for s in shards)
     return RankMemory(
-        params=sum(fsdp_chunk_numel(s.shape, ways[s.expert]) for shards in (*parts, root) for s in shards),
+        params=sum(fsdp_chunk_numel(s.shape, ways[s.expert]) for shards in (*blocks, root) for s in shards),
         gathered_root=gathered(root),
-        gathered_block=max((gathered(block) for block in parts), default=0),
+        gathered_block=max((gathered(block) for block in blocks), default=0),
         bf16=bf16,
-        tensors=sum(len(shards) for shards in (*parts, root)),
+        tensors=sum(len(shards) for shards in (*blocks, root)),
     )
+
+
+def stage_param_split(
+    probe: ShardProbe, model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDims, pp_rank: int
+) -> tuple[int, int]:
+    """(dense, expert) parameter elements a rank at `pp_rank` holds before FSDP: what data parallelism
+    reduces over dp and over edp."""
+    blocks, root = _stage_shards(probe, model_cfg, pcfg, dims, pp_rank)
+    shards = [s for group in (*blocks, root) for s in group]
+    return sum(prod(s.shape) for s in shards if not s.expert), sum(prod(s.shape) for s in shards if s.expert)
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:

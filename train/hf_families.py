@@ -1,13 +1,13 @@
 """The Hugging Face model families moeyard reads and writes: for each, the HF class, its config.json both ways,
 the names of its tensors, and the configs it cannot represent (refused naming the field).
 
-| family       | HF class             | attention              | MoE block                                                  |
-|--------------|----------------------|------------------------|------------------------------------------------------------|
-| mixtral      | MixtralForCausalLM   | GQA                    | softmax top-k, renormalised; every block MoE               |
-| qwen2_moe    | Qwen2MoeForCausalLM  | GQA, q/k/v biases      | softmax top-k; one shared expert behind a sigmoid gate     |
-| qwen3_moe    | Qwen3MoeForCausalLM  | GQA, per-head q/k norm | softmax top-k; no shared expert                            |
-| deepseek_v3  | DeepseekV3ForCausalLM| MLA                    | sigmoid top-k in groups, scaled, aux-free bias; shared     |
-| olmoe        | OlmoeForCausalLM     | GQA, full q/k norm     | softmax top-k, not renormalised; every block MoE           |
+| family      | HF class              | attention              | MoE block                                          |
+|-------------|-----------------------|------------------------|----------------------------------------------------|
+| mixtral     | MixtralForCausalLM    | GQA                    | softmax top-k, renormalised; every block MoE       |
+| qwen2_moe   | Qwen2MoeForCausalLM   | GQA, q/k/v biases      | softmax top-k; one shared expert, sigmoid-gated    |
+| qwen3_moe   | Qwen3MoeForCausalLM   | GQA, per-head q/k norm | softmax top-k; no shared expert                    |
+| deepseek_v3 | DeepseekV3ForCausalLM | MLA                    | sigmoid top-k in groups, scaled, aux-free bias     |
+| olmoe       | OlmoeForCausalLM      | GQA, full q/k norm     | softmax top-k, not renormalised; every block MoE   |
 
 Tensor names are given after `model.layers.{i}.`; `train/hf.py` applies them (and the RoPE row permutation and
 the expert layouts). Config translation is in Hydra override keys (`model.dim`, `moe.top_k`, ...) one way and
@@ -61,6 +61,8 @@ class Family:
     title: str
     required: tuple[str, ...]
     """config.json keys the family cannot do without."""
+    aliases = {"num_local_experts": "num_experts"}
+    """Other spellings of a key (transformers' attribute_map: a config may be saved under either)."""
     moe_prefix = "mlp"
     """Prefix of the router and per-expert tensors on disk (fused 3-D experts are always under mlp.experts)."""
     expert_projs = ("gate_proj", "up_proj", "down_proj")
@@ -69,6 +71,10 @@ class Family:
     expert_bias: str | None = None
     """HF name of our aux-free selection bias (router.expert_bias), if the family has one."""
     default_rope_theta = 10000.0
+
+    def normalise(self, hf: dict) -> dict:
+        """`hf` with each alias spelled the canonical way."""
+        return {**{canon: hf[alias] for alias, canon in self.aliases.items() if alias in hf}, **hf}
 
     def rotate_half(self, hf: dict) -> bool:
         """Whether HF rotates (i, i + R/2) rather than our (2i, 2i+1) pairs: q/k rows are then permuted."""
@@ -87,7 +93,8 @@ class Family:
         raise NotImplementedError
 
     def specs(self, m: ModelConfig, hf: dict) -> dict[str, Spec]:
-        """Our block tensors (name after `layers.{i}.`) and where each lives; routed experts are separate."""
+        """Our block tensors (name after `layers.{i}.`) and where each lives, for the RoPE layout config.json
+        `hf` names ({}: the one our export writes); routed experts are separate."""
         specs = {
             "attention_norm.weight": Spec("input_layernorm.weight"),
             "ffn_norm.weight": Spec("post_attention_layernorm.weight"),
@@ -278,6 +285,7 @@ class Mixtral(Family):
     model_type, architecture, title = "mixtral", "MixtralForCausalLM", "Mixtral"
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "max_position_embeddings", "rms_norm_eps", "num_local_experts", "num_experts_per_tok")  # fmt: skip
+    aliases = {"num_experts": "num_local_experts"}
     moe_prefix = "block_sparse_moe"  # on disk; transformers 5 renames it mlp in memory
     expert_projs = ("w1", "w3", "w2")
     default_rope_theta = 1e6
@@ -407,6 +415,7 @@ class DeepseekV3(Family):
                 "num_attention_heads", "max_position_embeddings", "rms_norm_eps", "n_routed_experts",
                 "num_experts_per_tok", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
                 "v_head_dim")  # fmt: skip
+    aliases = {"num_local_experts": "n_routed_experts"}
     expert_bias = "mlp.gate.e_score_correction_bias"
     LATENT_EPS = 1e-6
     """HF's MLA latent norms (q_a_layernorm, kv_a_layernorm) use this eps whatever rms_norm_eps says."""
@@ -481,7 +490,7 @@ class DeepseekV3(Family):
 
     def rules(self, m: ModelConfig, e: MoEConfig) -> list[Rule]:
         width = e.num_shared_experts * e.expert_hidden
-        eps = f"must be 1e-06 (HF's MLA latent norms use 1e-06; ours use model.norm_eps)"
+        eps = "must be 1e-06 (HF's MLA latent norms use 1e-06; ours use model.norm_eps)"
         groups = "must leave >= 2 experts per group (HF's group score is the sum of the best two)"
         return [
             (m.attention == "mla", "model.attention", m.attention, "must be mla"),

@@ -33,8 +33,8 @@ Megatron scales the expert weights by g^(1/3) instead of the combine weights; th
 positively homogeneous activation, and SiLU is not one, so we scale the combine weights (exact for SwiGLU).
 Not zeros: a zero router ties every expert, every token would take the same top-k (torch.topk's tie order)
 and only those experts would train until the balancing loss spread the tokens; random rows spread the tokens
-from the first step. Parity also needs dropless routing (or no token over capacity) and holds at step 0
-only: the aux-free bias starts at zero. Shared experts are refused (the dense FFN becomes the routed ones).
+from the first step. Parity also needs dropless routing (or no token over capacity); the aux-free selection
+bias starts at zero. Shared experts are refused (the dense FFN becomes the routed ones).
 
 Every rank reads only the boxes of the safetensors that its shards hold (`parallel.shards.shard_extent`), as
 train/hf.py does for Mixtral; an expert shard reads each dense slice it needs once. No rank builds the
@@ -136,8 +136,8 @@ def read_dense_config(hf_dir: Path, field: str = "train.init_from") -> dict:
         (
             rope.get("rope_type", rope.get("type", "default")) == "default",
             "rope_type",
-            rope.get("rope_type"),
-            "default (moeyard's RoPE has no scaling)",
+            rope.get("rope_type", rope.get("type")),
+            "default (moeyard's RoPE has no scaling: Llama-3's llama3 and YaRN are refused)",
         ),
         (not hf.get("attention_bias", False), "attention_bias", hf.get("attention_bias"), "false"),
         (not hf.get("mlp_bias", False), "mlp_bias", hf.get("mlp_bias"), "false"),
@@ -237,6 +237,9 @@ class _Safetensors:
             )
         return part[box].float()
 
+    def close(self) -> None:
+        self.opened.close()
+
 
 def _rope_rows(hf_name: str, full_shape: torch.Size, box: tuple[slice, ...], read: _Read, hd: int) -> torch.Tensor:
     """Rows `box[0]` of a per-head tensor (q/k projection or head norm) in our RoPE order: the whole heads the
@@ -313,9 +316,8 @@ def load_upcycled_weights(pm, hf_dir: Path, model: ModelConfig, moe: MoEConfig, 
     g = hf["intermediate_size"] // moe.expert_hidden
     assert g * moe.expert_hidden == hf["intermediate_size"] and moe.num_experts % g == 0, (g, moe)
     assert moe.num_shared_experts == 0, "validation refuses shared experts with train.upcycle"
-    with ExitStack() as stack:
-        reader = _Safetensors(hf_dir)
-        stack.callback(reader.opened.close)
+    reader = _Safetensors(hf_dir)
+    try:
         for name, t in ckpt.model_tensors(pm):
             if name.endswith("expert_bias"):
                 t.zero_()
@@ -323,3 +325,5 @@ def load_upcycled_weights(pm, hf_dir: Path, model: ModelConfig, moe: MoEConfig, 
             full_shape, offset, local = shard_extent(name, t, pm.dims, pm.expert_mesh)
             if local.numel():
                 local.copy_(read_upcycled_part(name, full_shape, offset, local.shape, reader.read, model, g, seed))
+    finally:
+        reader.close()

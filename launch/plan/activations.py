@@ -171,19 +171,22 @@ def block_bytes(m: ModelConfig, e: MoEConfig, s: Shape, is_moe: bool) -> dict[st
 
 
 def embedding_bytes(s: Shape) -> int:
-    """The token ids the embedding's backward reads (vocab-parallel: its mask and shifted ids too)."""
-    return s.tokens * INDEX * (2 if s.tp > 1 else 1) + (s.tokens if s.tp > 1 else 0)
+    """The token ids the embedding's backward reads (vocab-parallel: also the ids shifted into the shard)."""
+    return s.tokens * INDEX * (2 if s.tp > 1 else 1)
 
 
 def head_bytes(m: ModelConfig, s: Shape) -> int:
-    """Final norm, the output projection's input, the fp32 log-softmax over this rank's vocabulary."""
+    """Final norm, the output projection's input, the fp32 log-softmax over this rank's vocabulary (and, for
+    the vocab-parallel loss, its per-token statistics)."""
     vocab = m.vocab_size // s.tp
-    return norm_bytes(m.dim, s.norm_tokens, s.res) + s.tokens * (m.dim * s.cast + vocab * FP32)
+    stats = 4 * FP32 if s.tp > 1 else 0
+    return norm_bytes(m.dim, s.norm_tokens, s.res) + s.tokens * (m.dim * s.cast + vocab * FP32 + stats)
 
 
 def head_backward_bytes(m: ModelConfig, s: Shape) -> int:
-    """Held on top of everything saved while the loss's backward runs: two fp32 [T, V/tp] gradients."""
-    return 2 * s.tokens * (m.vocab_size // s.tp) * FP32
+    """Held on top of everything saved while the loss's backward runs: two fp32 [T, V/tp] gradients (three
+    for the vocab-parallel loss, whose backward rebuilds the softmax)."""
+    return (3 if s.tp > 1 else 2) * s.tokens * (m.vocab_size // s.tp) * FP32
 
 
 def block_backward_bytes(m: ModelConfig, e: MoEConfig, s: Shape, is_moe: bool) -> int:

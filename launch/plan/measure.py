@@ -10,6 +10,10 @@ tensors at the end. "Activation memory" is the total minus the state that is ali
 forward, backward and gradient synchronisation (the optimizer step, which runs after the activations are
 freed, is outside these windows). Parameters were allocated before profiling and are not in the total.
 
+One gap: the profiler records an allocator event only on threads it profiles, and gloo's worker threads
+sometimes drop the last reference to a collective's tensors. `FreeWatch` fills it: it keeps a weak reference
+to the storage of every tensor an op returns and records, with the time, when that storage dies on any thread.
+
 Time. `time_steps` runs steps with the trainer's own step timer (train_step's wall clock) and returns their
 median after warmup.
 
@@ -24,6 +28,7 @@ import statistics
 import tempfile
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass
@@ -34,8 +39,11 @@ import torch.multiprocessing as mp
 from torch._C._profiler import _EventType
 from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from launch.config import compose
+from parallel.dims import ParallelDims
 from train.trainer import Trainer
 
 
@@ -59,6 +67,36 @@ class MemoryMeasurement:
     @property
     def state(self) -> int:
         return self.params + self.grads + self.optimizer
+
+
+class FreeWatch(TorchDispatchMode):
+    """Records (time_ns, address) when the storage of any tensor an op returned is freed, on any thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frees: list[tuple[int, int]] = []
+        self._refs: dict[int, weakref.ref] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # DTensor runs its local ops, which come back through this mode
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if type(t) is torch.Tensor and t.device.type != "meta":
+                self._watch(t.untyped_storage())
+        return out
+
+    def _watch(self, storage: torch.UntypedStorage) -> None:
+        key = id(storage)
+        if key in self._refs or storage.nbytes() == 0:
+            return
+        ptr = storage.data_ptr()
+
+        def freed(_, key=key, ptr=ptr):
+            self._refs.pop(key, None)
+            self.frees.append((time.time_ns(), ptr))
+
+        self._refs[key] = weakref.ref(storage, freed)
 
 
 class MemoryTimeline:
@@ -89,30 +127,31 @@ class MemoryTimeline:
         self.grad_bytes = sum(grads.values())
 
     def run(self, steps: int) -> MemoryMeasurement:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        watch = FreeWatch()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, watch:
             for _ in range(steps):
                 self.trainer.train_step()
         # One entry per storage: FSDP's sharded gradients are views of one flat buffer per unit.
         params = dict(_storage(p) for _, p in self.trainer.pm.named_parameters())
         opt_state = dict(_storage(v) for s in self.trainer.optimizer.state.values() for v in s.values())
         return MemoryMeasurement(
-            activation_peak=self._peak(prof, set(params) | set(opt_state)),
+            activation_peak=self._peak(prof, set(params) | set(opt_state), watch.frees),
             params=sum(params.values()),
             grads=self.grad_bytes,
             optimizer=sum(opt_state.values()),
         )
 
-    def _peak(self, prof, state_ptrs: set[int]) -> int:
+    def _peak(self, prof, state_ptrs: set[int], frees: list[tuple[int, int]]) -> int:
         events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
         while stack:
             event = stack.pop()
             events.append(event)
             stack.extend(event.children)
         marks = sorted((e.start_time_ns, e.name.split(":", 1)[1]) for e in events if e.name.startswith("plan_mark:"))
+        allocator = [e for e in events if e.tag == _EventType.Allocation]
         allocs = sorted(
-            (e.start_time_ns, e.extra_fields.ptr, e.extra_fields.alloc_size)
-            for e in events
-            if e.tag == _EventType.Allocation
+            [(e.start_time_ns, e.extra_fields.ptr, e.extra_fields.alloc_size) for e in allocator]
+            + [(t, ptr, -1) for t, ptr in frees]  # a free seen twice is counted once
         )
         stops = [t for t, name in marks if name == "stop"]
         windows = list(zip([t for t, name in marks if name == "start"], stops, strict=True))
@@ -172,12 +211,15 @@ class Job:
     time_steps: int = 0
     """Timed steps after `warmup` (0: none)."""
     warmup: int = 1
+    solo: bool = False
+    """Every rank trains the whole job as one process would (no parallelism), all at once: a one-process
+    reference measured with every core busy, inside a group of spawned ranks."""
 
 
 def run_job(job: Job, run_dir: str) -> dict:
     """This rank's measurements of `job`: memory and/or the median step time."""
     cfg = compose([*job.overrides, f"run.dir={run_dir}", "profiling=off", "train.eval_every=0"])
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, dims=ParallelDims(pp=1, dp=1, tp=1, ep=1, world_size=1) if job.solo else None)
     out: dict = {"name": job.name}
     if job.memory_steps:
         timeline = MemoryTimeline(trainer)

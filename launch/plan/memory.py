@@ -47,6 +47,8 @@ class RankPeak:
     """Pipeline receive buffers and kept stage outputs, FSDP's gathered copies."""
     parts: dict[str, int] = field(default_factory=dict)
     """activations by part, summed over the micro-batches in flight (for the table's breakdown)."""
+    extra_grads: int = 0
+    """Gradient bytes beyond one per parameter element (`replicated_embedding_grad`)."""
 
     @property
     def params(self) -> int:
@@ -54,16 +56,29 @@ class RankPeak:
 
     @property
     def grads(self) -> int:
-        return FP32 * self.state.params
+        return FP32 * self.state.params + self.extra_grads
 
     @property
     def optimizer(self) -> int:
-        return self.state.state_bytes - self.params - self.grads
+        return self.state.state_bytes - 2 * self.params
+
+    @property
+    def model_state(self) -> int:
+        return self.state.state_bytes + self.extra_grads
 
     @property
     def total(self) -> int:
         """Everything but the fixed device overheads."""
-        return self.state.state_bytes + self.activations + self.working + self.buffers
+        return self.model_state + self.activations + self.working + self.buffers
+
+
+def replicated_embedding_grad(model: ModelConfig, pcfg: ParallelConfig, dims: ParallelDims, first: bool) -> int:
+    """Extra gradient bytes of the vocab-parallel embedding without FSDP: its weight is sharded over tp, but
+    DTensor's embedding backward gives a replicated gradient, the whole [V, D] on every tp rank (seen on CPU
+    in torch 2.13; tests/multiproc/test_plan_cpu.py checks the state to the byte and will flag a fix)."""
+    if dims.tp == 1 or not first or (pcfg.dp_mode == "fsdp" and dims.dp > 1):
+        return 0
+    return FP32 * (model.vocab_size - model.vocab_size // dims.tp) * model.dim
 
 
 def in_flight(schedule: str, pp: int, pp_rank: int, micro: int, vpp: int) -> list[int]:
@@ -81,9 +96,15 @@ def in_flight(schedule: str, pp: int, pp_rank: int, micro: int, vpp: int) -> lis
     return counts
 
 
-def _checkpointed(pcfg: ParallelConfig, layer: int) -> bool:
+def checkpointed(pcfg: ParallelConfig, layer: int) -> bool:
+    """Whether activation checkpointing wraps block `layer`."""
     mode = pcfg.activation_checkpoint
     return mode == "full" or (mode == "selective" and layer % pcfg.ac_every == 0)
+
+
+def signature(model: ModelConfig, pcfg: ParallelConfig, layers: tuple[int, int]) -> tuple:
+    """What a stage's cost depends on besides the layout: each block's kind and whether it is checkpointed."""
+    return tuple((model.is_moe_layer(i), checkpointed(pcfg, i)) for i in range(*layers))
 
 
 def rank_peak(
@@ -96,8 +117,11 @@ def rank_peak(
     pp_rank: int,
     state: RankMemory,
     fsdp_bf16: bool = False,
+    cache: dict | None = None,
 ) -> RankPeak:
-    """The predicted peak of the ranks at pipeline position `pp_rank` (module docstring)."""
+    """The predicted peak of the ranks at pipeline position `pp_rank` (module docstring); `cache` may carry
+    stage results between the pipeline ranks of one layout."""
+    cache = {} if cache is None else cache
     vpp = pcfg.pp_stages_per_rank if dims.pp > 1 else 1
     n_stages = dims.pp * vpp
     ranges = stage_layer_ranges(model.n_layers, n_stages, pcfg.pp_layers)
@@ -108,7 +132,11 @@ def rank_peak(
     gathered = _fsdp_gathered(model, shape, state, fsdp_bf16) if pcfg.dp_mode == "fsdp" and dims.dp > 1 else None
     working, buffers, parts = 0, 0, {}
     for sid, count in zip(stage_ids, counts, strict=True):
-        saved, over = _stage(model, moe, pcfg, shape, ranges[sid], sid == 0, sid == n_stages - 1, gathered)
+        first, last = sid == 0, sid == n_stages - 1
+        key = ("stage", signature(model, pcfg, ranges[sid]), first, last, gathered)
+        if key not in cache:
+            cache[key] = _stage(model, moe, pcfg, shape, ranges[sid], first, last, gathered)
+        saved, over = dict(cache[key][0]), cache[key][1]
         if sid > 0:  # the first block's input is its receive buffer, counted below; the gradient sent back
             saved["norm"] -= hidden
             buffers += micro * hidden + (hidden if pcfg.pp_schedule != "gpipe" else 0)
@@ -119,7 +147,8 @@ def rank_peak(
         for name, value in saved.items():
             parts[name] = parts.get(name, 0) + count * value
         working = max(working, over)
-    return RankPeak(pp_rank, state, sum(parts.values()), working, buffers, parts)
+    extra = replicated_embedding_grad(model, pcfg, dims, 0 in stage_ids)
+    return RankPeak(pp_rank, state, sum(parts.values()), working, buffers, parts, extra)
 
 
 def _fsdp_gathered(model: ModelConfig, shape: Shape, state: RankMemory, bf16: bool) -> tuple[int, int]:
@@ -130,11 +159,6 @@ def _fsdp_gathered(model: ModelConfig, shape: Shape, state: RankMemory, bf16: bo
     root = per * state.gathered_root
     output_grad = per * (model.vocab_size // shape.tp) * model.dim if state.gathered_root else 0
     return root, root + output_grad + 2 * per * state.gathered_block
-
-
-def _checkpointed(pcfg: ParallelConfig, layer: int) -> bool:
-    mode = pcfg.activation_checkpoint
-    return mode == "full" or (mode == "selective" and layer % pcfg.ac_every == 0)
 
 
 def _stage(
@@ -157,11 +181,10 @@ def _stage(
     block_input = shape.norm_tokens * model.dim * shape.res
     parts = {"embedding": embedding_bytes(shape) if first else 0, "norm": 0}
     kept = []  # per block: (what it keeps until its backward, what its backward holds at most)
+    kinds = {k: (block_bytes(model, moe, shape, k), block_backward_bytes(model, moe, shape, k)) for k in (False, True)}
     for layer in range(*layers):
-        is_moe = model.is_moe_layer(layer)
-        full = block_bytes(model, moe, shape, is_moe)
-        backward = block_backward_bytes(model, moe, shape, is_moe)
-        if _checkpointed(pcfg, layer):
+        full, backward = kinds[model.is_moe_layer(layer)]
+        if checkpointed(pcfg, layer):
             parts["checkpointed"] = parts.get("checkpointed", 0) + block_input
             kept.append((block_input, sum(full.values()) + backward))
             continue

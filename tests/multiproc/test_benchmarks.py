@@ -65,6 +65,14 @@ def test_moe_layer_benchmark_prints_ratios_to_the_floor() -> None:
     assert all(ms > 0 and ratio > 0 for ms, ratio in rows.values())
 
 
+@pytest.mark.timeout(120)
+def test_layer_profile_charges_time_to_phases() -> None:
+    out = run_quick("profile_layer.py", timeout=110)
+    assert "not found in moe/" not in out, out  # benchmarks/profile_layer.py PHASES must follow moe/ renames
+    phases = {line[:42].strip() for line in out.splitlines()}
+    assert {"experts: grouped_mm", "router (linear, scores, top-k weights)", "gather rows (index_select)"} <= phases
+
+
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
 def test_layouts_benchmark_prints_ratios_to_one_process() -> None:

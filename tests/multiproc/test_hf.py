@@ -1,8 +1,10 @@
 """Hugging Face interop: `moeyard export` writes Mixtral safetensors + config.json that `transformers` loads
 (MixtralForCausalLM, local files, CPU) with logits equal to ours; `train.init_from` / `moeyard import` read
 them back bit for bit, on one process, under ep2 FSDP and under tp2*pp2; `--dtype bfloat16` writes the fp32
-weights rounded to bf16, which transformers runs close to our fp32 model; configs outside the Mixtral family
-are refused naming the field.
+weights rounded to bf16, which transformers runs close to our fp32 model; configs no family represents
+are refused naming the field. Every family (tiny random transformers models, as in
+tests/unit/test_hf_families.py) imports under tp2*ep2 (FSDP) and under pp2 with the weights one process reads,
+bit for bit, and the same losses (Mixtral: the exported model above).
 Run: .venv/bin/pytest -q tests/multiproc/test_hf.py
 """
 
@@ -13,12 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors import safe_open
 
+import train.hf
 from launch.cli import main
 from launch.config import compose
+from parallel import checkpoint as ckpt
+from parallel.shards import shard_extent
 from parallel.state import full_state_dict
-from tests.helpers import TINY, free_port, run_layout
+from tests.helpers import TINY, free_port, layout_facts, local_rank_env, run_layout
+from tests.unit.test_hf_families import TINY as FAMILIES
+from tests.unit.test_hf_families import import_overrides, save_tiny
 from train.trainer import Trainer
 
 HF_TINY = [*TINY, "moe.bias_update_rate=0", "train.steps=2", "checkpoint.enabled=true"]
@@ -95,7 +104,8 @@ def test_moeyard_import_trains_from_the_weights(exported, tmp_path: Path) -> Non
     assert first["loss"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_non_mixtral_configs_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_configs_no_family_represents_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """GQA attention with sigmoid routing: Mixtral by structure, whose router is softmax."""
     run = tmp_path / "sigmoid"
     trainer = Trainer(compose([*HF_TINY, "moe=deepseek", "train.steps=1", f"run.dir={run}"]))
     trainer.fit()
@@ -221,3 +231,130 @@ def test_bfloat16_export_runs_in_transformers_close_to_fp32(exported, exported_b
     upcast = MixtralForCausalLM.from_pretrained(bf16, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(upcast(input_ids=tokens).logits, rounded.pm.parts[0](tokens), rtol=1e-5, atol=1e-5)
+
+
+# --- every family under tp2*ep2 and pp2 ---------------------------------------------------------------------
+
+FAMILY_RUN = [
+    "data.max_files=20",
+    "train.seq_len=32",
+    "profiling=off",
+    "train.eval_every=0",
+    "train.steps=2",
+    "checkpoint.enabled=false",
+]
+
+
+@pytest.fixture(scope="module")
+def family_imports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[list[str], dict]]:
+    """Per family: the overrides `moeyard import` derives for a tiny random transformers model, and what one
+    process training from it gives: the weights it read and the losses of two steps."""
+    root = tmp_path_factory.mktemp("families")
+    imports = {}
+    for family in [f for f in FAMILIES if f != "mixtral"]:  # Mixtral's layouts are tested above
+        save_tiny(family, root / family)
+        overrides = [*import_overrides(root / family), *FAMILY_RUN]
+        trainer = Trainer(compose([*overrides, f"run.dir={root / f'run_{family}'}"]))
+        initial = full_state_dict(trainer.pm)
+        losses = [h["loss"] for h in trainer.fit()]
+        imports[family] = (overrides, {"initial": initial, "losses": losses, "state": full_state_dict(trainer.pm)})
+    return imports
+
+
+def _counting_safe_open(reads: list[int]):
+    """safe_open that lists names and hands out slices only (no whole-tensor reads), counting sliced elements."""
+    real = train.hf.safe_open
+
+    class Slice:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def get_shape(self) -> list[int]:
+            return self.inner.get_shape()
+
+        def __getitem__(self, box) -> torch.Tensor:
+            t = self.inner[box]
+            reads.append(t.numel())
+            return t
+
+    class Handle:
+        def __init__(self, path: str, framework: str) -> None:
+            self.inner = real(path, framework=framework)
+
+        def __enter__(self):
+            self.f = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self) -> list[str]:
+            return self.f.keys()
+
+        def get_slice(self, name: str) -> Slice:
+            return Slice(self.f.get_slice(name))
+
+    return Handle
+
+
+def _families_rank(rank: int, world: int, port: int, runs: dict[str, list[str]], out: str) -> None:
+    """One rank of a group that trains every family in turn; rank 0 saves what each gave."""
+    local_rank_env(rank, world, port)
+    results = {}
+    for family, overrides in runs.items():
+        reads: list[int] = []
+        real, train.hf.safe_open = train.hf.safe_open, _counting_safe_open(reads)
+        try:
+            trainer = Trainer(compose(overrides))
+        finally:
+            train.hf.safe_open = real
+        pm = trainer.pm
+        kept = sum(shard_extent(n, t, pm.dims, pm.expert_mesh)[2].numel() for n, t in ckpt.model_tensors(pm))
+        counts = [None] * world
+        dist.all_gather_object(counts, (sum(reads), kept))
+        initial = full_state_dict(pm)
+        losses = [h["loss"] for h in trainer.fit()]
+        state, facts = full_state_dict(pm), layout_facts(trainer)
+        results[family] = {"initial": initial, "losses": losses, "state": state, "facts": facts, "counts": counts}
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+FAMILY_LAYOUTS = [
+    ("tp2_ep2_fsdp", 4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp_mode=fsdp"]),
+    ("pp2", 2, ["parallel.pp=2"]),
+]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize(("name", "world", "layout"), FAMILY_LAYOUTS, ids=[x[0] for x in FAMILY_LAYOUTS])
+def test_every_family_imports_under_the_layout(family_imports, tmp_path: Path, name: str, world: int, layout) -> None:
+    """Each rank reads only the slices of every family's weights that it keeps (counted through safe_open):
+    gathered, they are one process's bit for bit; the two steps' losses and the trained weights are one
+    process's (fp32), which checks the gradients too, e.g. the sum over tp of Qwen2-MoE's shared-expert gate."""
+    runs = {f: [*overrides, *layout, f"run.dir={tmp_path / f}"] for f, (overrides, _) in family_imports.items()}
+    out = str(tmp_path / "result.pt")
+    mp.start_processes(_families_rank, args=(world, free_port(), runs, out), nprocs=world, start_method="spawn")
+    results = torch.load(out, weights_only=True)
+    for family, (_, want) in family_imports.items():
+        got = results[family]
+        if name == "pp2":
+            assert got["facts"]["blocks"] == [0], family
+        else:
+            params = got["facts"]["params"]
+            assert any(p[0] == "dtensor" and "tp" in p[2] for p in params.values()), family
+            assert params["layers.1.moe.experts.w1"][3][0] < 8, family  # experts split over ep (and FSDP)
+        assert got["initial"].keys() == want["initial"].keys(), family
+        for key, value in want["initial"].items():
+            assert torch.equal(got["initial"][key], value), (family, key)
+        assert got["losses"] == pytest.approx(want["losses"], rel=1e-5), family
+        for key, value in want["state"].items():  # fp32 rounding only (as the golden suite's EXACT layouts)
+            torch.testing.assert_close(got["state"][key], value, rtol=1e-4, atol=1e-5, msg=f"{family} {key}")
+        full = sum(t.numel() for t in want["initial"].values())
+        for read, kept in got["counts"]:
+            # Only its shards' slices, up to the rest of a head whose rows FSDP cuts (Qwen2-MoE's k rows under
+            # tp2 x dp2: 3% more than kept, measured).
+            assert kept < full and read <= 1.05 * kept, (family, read, kept, full)

@@ -2,7 +2,8 @@
 
 The reference recomputes everything from the layer's weights with plain Python loops: per token its scores,
 its top-k (with groups and bias), capacity per sequence by sorting each expert's candidates, then each
-chosen expert's SwiGLU as three plain matmuls. Run: `.venv/bin/pytest -q tests/unit/test_moe_layer.py`.
+chosen expert's SwiGLU as three plain matmuls, plus the shared experts (scaled by their sigmoid gate).
+Run: `.venv/bin/pytest -q tests/unit/test_moe_layer.py`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from moe.config import MoEConfig
 from moe.experts import GroupedExperts
 from moe.layer import MoELayer
+from parallel.tensor import is_tp_partial
 
 G, S, D, F_HIDDEN = 2, 8, 16, 8  # D and F divisible by 8 so grouped_mm "on" is allowed
 
@@ -91,7 +93,8 @@ def reference(layer: MoELayer, x_BSD: torch.Tensor) -> torch.Tensor:
     for t, x in enumerate(x_TD):
         y = sum(w * swiglu(x, ex.w1[e], ex.w3[e], ex.w2[e]) for e, w in kept[t]) if kept[t] else 0 * x
         if sh is not None:
-            y = y + swiglu(x, sh.w1.weight.T, sh.w3.weight.T, sh.w2.weight.T)
+            gate = torch.sigmoid(x @ layer.shared_expert_gate.weight[0]) if cfg.shared_expert_gate else 1.0
+            y = y + gate * swiglu(x, sh.w1.weight.T, sh.w3.weight.T, sh.w2.weight.T)
         rows.append(y)
     return torch.stack(rows).view_as(x_BSD)
 
@@ -134,6 +137,9 @@ CASES = {
     "expert_choice_small": {"router": "expert_choice", "capacity_factor": 0.5, "route_scale": 2.0},
     "shared_experts": {"router": "softmax_topk", "num_shared_experts": 2, "capacity_factor": 0.75},
     "sigmoid_shared": {"router": "sigmoid_topk", "num_shared_experts": 1},
+    "qwen2_gated_shared": {  # one shared expert of its own width, scaled per token by sigmoid(x . w)
+        "num_shared_experts": 1, "shared_expert_hidden": 24, "shared_expert_gate": True, "norm_topk_prob": False,
+    },
 }  # fmt: skip
 
 
@@ -220,3 +226,17 @@ def test_experts_with_empty_groups_and_no_tokens(grouped_mm):
     assert empty.shape == (0, D)
     empty.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in experts.parameters())
+
+
+def test_shared_expert_width_and_gate_defaults_keep_the_layer_as_it_was():
+    """No gate and num_shared * expert_hidden wide unless asked; the gate is one [1, D] row, tp-partial."""
+    plain = make_layer(num_shared_experts=2)
+    assert plain.shared_expert_gate is None and plain.shared_experts.w1.weight.shape == (2 * F_HIDDEN, D)
+    assert not any("gate" in name and "router" not in name for name, _ in plain.named_parameters())
+    gated = make_layer(num_shared_experts=2, shared_expert_hidden=24, shared_expert_gate=True)
+    assert gated.shared_experts.w1.weight.shape == (24, D) and gated.shared_expert_gate.weight.shape == (1, D)
+    assert is_tp_partial("layers.1.moe.shared_expert_gate.weight")
+    with pytest.raises(ValueError, match="moe.shared_expert_gate=True needs moe.num_shared_experts >= 1"):
+        make_layer(shared_expert_gate=True)
+    with pytest.raises(ValueError, match="moe.shared_expert_hidden=0 must be >= 1"):
+        make_layer(num_shared_experts=1, shared_expert_hidden=0)

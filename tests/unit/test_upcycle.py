@@ -1,9 +1,9 @@
 """train.upcycle: tiny random Hugging Face Llama and Qwen3 models (local configs, saved with save_pretrained)
 are upcycled through the Trainer, and our step-0 logits equal the dense model's (fp32, 1e-4) for normalised
 top-k softmax routing, with every expert a copy of the dense FFN (granularity 1) or a slice of it
-(granularity 2 and 4, moe.route_scale = g); the CLI trains two steps from it; validation names the field
-that keeps a config from upcycling; two gloo ranks (ep2 with FSDP, tp2 with sequence parallelism) read
-their own slices and start from the one-process weights bit for bit.
+(granularity 2 and 4, moe.route_scale = g; a dense first block keeps the dense FFN); the CLI trains two
+steps from it; validation names the field that keeps a config from upcycling; two gloo ranks (ep2 with
+FSDP, tp2 with sequence parallelism) read their own slices and start from the one-process weights bit for bit.
 Run: .venv/bin/pytest -q tests/unit/test_upcycle.py  (the two-rank runs are marked multiproc)
 """
 
@@ -87,15 +87,20 @@ def overrides(hf_dir: Path, g: int, num_experts: int, top_k: int, run_dir: Path)
     ]
 
 
-@pytest.mark.parametrize(("g", "num_experts", "top_k"), [(1, 4, 2), (2, 8, 4), (4, 8, 4)])
-def test_step0_logits_equal_the_dense_models(dense, g: int, num_experts: int, top_k: int, tmp_path: Path) -> None:
+CASES = [(1, 4, 2, []), (2, 8, 4, []), (4, 8, 4, []), (2, 8, 4, ["model.first_dense_layers=1"])]
+
+
+@pytest.mark.parametrize(("g", "num_experts", "top_k", "extra"), CASES, ids=["g1", "g2", "g4", "g2-dense-first"])
+def test_step0_logits_equal_the_dense_models(
+    dense, g: int, num_experts: int, top_k: int, extra: list[str], tmp_path: Path
+) -> None:
     family, path, model = dense
-    cfg = compose(overrides(path, g, num_experts, top_k, tmp_path))
+    cfg = compose([*overrides(path, g, num_experts, top_k, tmp_path), *extra])
     validate(cfg, 1)
     trainer = Trainer(cfg)
     assert trainer.step == 0
     ours_model = trainer.pm.parts[0]
-    moe = ours_model.layers["0"].moe
+    moe = ours_model.layers["1"].moe  # block 0 is dense in the dense-first case
     w1, router = moe.experts.w1.detach(), moe.router.gate.weight.detach()
     for e in range(num_experts):  # expert c*g + j is slice j of the dense FFN; copy c's g experts share a row
         torch.testing.assert_close(w1[e], w1[e % g], rtol=0, atol=0)
@@ -131,7 +136,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 BAD = [
-    ("train.upcycle_granularity=3", "moe.expert_hidden=64 x train.upcycle_granularity=3 must equal"),
+    ("moe.expert_hidden=64", "moe.expert_hidden=64 x train.upcycle_granularity=4 must equal intermediate_size=128"),
     ("moe.num_experts=6", "moe.num_experts=6 must be divisible by train.upcycle_granularity=4"),
     ("moe.top_k=2", "moe.top_k=2 must be a multiple of 4"),
     ("moe.route_scale=1.0", "moe.route_scale=1.0 must be 4"),
@@ -166,3 +171,26 @@ def test_two_ranks_read_their_slices(llama: Path, layout: list[str], tmp_path: P
     assert result["initial"].keys() == want.keys()
     for name, value in want.items():
         assert torch.equal(result["initial"][name], value), name
+
+
+def test_any_box_is_that_box_of_the_whole(llama: Path) -> None:
+    """A shard's read (router rows cutting through a copy, expert columns, q rows inside a head) is exactly
+    the box of the one-process tensor."""
+    from train.upcycle import _Safetensors, read_upcycled_part
+
+    cfg = compose(overrides(llama, 4, 8, 4, llama / "unused"))
+    reader = _Safetensors(llama)
+    m, g = cfg.model, 4
+    shapes = {
+        "layers.1.moe.router.gate.weight": (8, 64),
+        "layers.1.moe.experts.w1": (8, 64, 32),
+        "layers.1.moe.experts.w2": (8, 32, 64),
+        "layers.1.attention.wq.weight": (64, 64),
+    }
+    for name, shape in shapes.items():
+        full = read_upcycled_part(name, torch.Size(shape), (0,) * len(shape), torch.Size(shape), reader.read, m, g, 3)
+        offset, size = (3, 5, 7)[: len(shape)], (4, 9, 11)[: len(shape)]
+        part = read_upcycled_part(name, torch.Size(shape), offset, torch.Size(size), reader.read, m, g, 3)
+        box = tuple(slice(o, o + n) for o, n in zip(offset, size, strict=True))
+        assert torch.equal(part, full[box]), name
+    reader.close()

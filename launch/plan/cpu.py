@@ -1,0 +1,165 @@
+"""A CPU rank's rates, measured once, and the one-off calibration of the time model to the real trainer.
+
+Rates (`cpu_rates`, cached per CPU model and torch version in profiling.flops.cache_dir()/plan_cpu.json): the
+fp32 GEMM rate of one torch thread, the bandwidth of a large copy, and gloo over loopback between two spawned
+ranks (an all-reduce of 8 MB for bandwidth, of 4 bytes for latency).
+
+Calibration (`calibrate`): the real trainer runs a few calibration jobs, and one scale on the compute
+efficiencies (gemm_eff, attn_eff and mem_eff together) and the fixed costs (per block, and what tensor and
+expert parallelism, FSDP and pipelining add per block or stage) are fitted by non-negative least squares so
+that the time model's predictions of those jobs match their median step times. The time model is linear in
+these parameters on a CPU, so each job's prediction is written exactly as coefficients times parameters.
+The validation (tests/multiproc/test_plan_cpu.py) fits on other jobs than it predicts: a smaller model for
+the per-feature costs, other micro-batch counts for the one-process ones.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from launch.plan.calibration import Calibration
+from launch.plan.cluster import DeviceSpec
+from profiling.flops import _cpu_key, cache_dir, measure_cpu_tflops
+
+
+def _measure_copy_gbps(n: int = 8 * 2**20, reps: int = 5) -> float:
+    a = torch.empty(n)
+    b = torch.empty(n)
+    b.copy_(a)
+    best = min(_timed(lambda: b.copy_(a)) for _ in range(reps))
+    return 2 * 4 * n / best / 1e9  # read + write
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _gloo_rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    small, big = torch.zeros(1), torch.zeros(2 * 2**20)
+    for t in (small, big):
+        dist.all_reduce(t)
+    lat = statistics.median(_timed(lambda: dist.all_reduce(small)) for _ in range(20))
+    bw_t = statistics.median(_timed(lambda: dist.all_reduce(big)) for _ in range(5))
+    if rank == 0:
+        # Two ranks' ring all-reduce moves 2 (n - 1) / n = 1 time the bytes per rank.
+        rates = {"latency_s": lat, "link_gbps": big.numel() * 4 / max(bw_t - lat, 1e-9) / 1e9}
+        Path(out).write_text(json.dumps(rates))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure_rates() -> dict[str, float]:
+    """This CPU's single-thread GEMM rate, copy bandwidth and two-rank gloo loopback (module docstring)."""
+    import tempfile
+
+    from launch.plan.measure import _spawn
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        peak = max(measure_cpu_tflops(n=512, reps=6) for _ in range(2))
+        copy = _measure_copy_gbps()
+    finally:
+        torch.set_num_threads(before)
+    with tempfile.TemporaryDirectory() as tmp:
+        _spawn(_gloo_rank, (f"{tmp}/gloo.json",), 2, 120)
+        gloo = json.loads(Path(f"{tmp}/gloo.json").read_text())
+    return {"peak_tflops": peak, "hbm_gbps": copy, **gloo}
+
+
+def cpu_rates() -> dict[str, float]:
+    """`measure_rates`, cached (ranks starting together take a file lock)."""
+    path = cache_dir() / "plan_cpu.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = _cpu_key().replace("threads=" + str(torch.get_num_threads()), "threads=1")
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        table = json.loads(path.read_text()) if path.exists() else {}
+        if key not in table:
+            table[key] = measure_rates()
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(table, indent=1))
+            os.replace(tmp, path)
+    return table[key]
+
+
+PARAMS = ("scale", "layer_s", "tp_layer_s", "ep_layer_s", "fsdp_layer_s", "pp_micro_s", "step_s")
+"""What the calibration fits: a scale on the compute time (the three efficiencies divided by it) and the
+fixed costs."""
+
+
+def nnls(x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Non-negative least squares by trying every subset of columns (there are seven)."""
+    n = x.shape[1]
+    best, best_err = [0.0] * n, float(y.pow(2).sum())
+    for mask in range(1, 2**n):
+        cols = [j for j in range(n) if mask >> j & 1 and x[:, j].abs().sum() > 0]
+        if len(cols) != bin(mask).count("1"):
+            continue
+        sol = torch.linalg.lstsq(x[:, cols], y.unsqueeze(1)).solution.squeeze(1)
+        if (sol < 0).any():
+            continue
+        err = float((x[:, cols] @ sol - y).pow(2).sum())
+        if err < best_err:
+            best_err, best = err, [0.0] * n
+            for j, v in zip(cols, sol.tolist(), strict=True):
+                best[j] = v
+    return best
+
+
+def features(planner, layout) -> tuple[list[float], float]:
+    """The prediction of `layout` as a linear function of PARAMS: (coefficients, constant). Exact, because
+    the time model is linear in them on a CPU (no overlap): it is evaluated at zero and at each unit."""
+    base = planner.cal
+    zero = replace(base, gemm_eff=1e12, attn_eff=1e12, mem_eff=1e12, layer_s=0.0, step_s=0.0)
+    zero = replace(zero, tp_layer_s=0.0, ep_layer_s=0.0, fsdp_layer_s=0.0, pp_micro_s=0.0)
+    units = [replace(zero, gemm_eff=base.gemm_eff, attn_eff=base.attn_eff, mem_eff=base.mem_eff)]
+    units += [replace(zero, **{name: 1.0}) for name in PARAMS[1:]]
+    totals = []
+    for cal in [zero, *units]:
+        planner.cal = cal
+        totals.append(planner.predict(layout).time.total)
+    planner.cal = base
+    return [t - totals[0] for t in totals[1:]], totals[0]
+
+
+def calibrate(planner, runs: list[tuple[object, float]]) -> Calibration:
+    """Fits `planner`'s calibration to measured runs, (Layout, median step seconds) pairs, and installs it."""
+    rows, consts = [], []
+    for layout, _ in runs:
+        coefficients, const = features(planner, layout)
+        rows.append(coefficients)
+        consts.append(const)
+    x = torch.tensor(rows, dtype=torch.float64)
+    y = torch.tensor([t - c for (_, t), c in zip(runs, consts, strict=True)], dtype=torch.float64)
+    fitted = dict(zip(PARAMS, nnls(x, y), strict=True))
+    scale = fitted.pop("scale") or 1.0
+    base = planner.cal
+    planner.cal = replace(
+        base,
+        gemm_eff=base.gemm_eff / scale,
+        attn_eff=base.attn_eff / scale,
+        mem_eff=base.mem_eff / scale,
+        **fitted,
+        source=f"fitted to {len(runs)} CPU runs",
+    )
+    return planner.cal
+
+
+def profile_json(device: DeviceSpec, cal: Calibration) -> dict:
+    """The JSON `--calibration` reads for cluster.gpu=cpu."""
+    return {"kind": "cpu", "device": asdict(device), "calibration": cal.to_json()}
