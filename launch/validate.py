@@ -79,6 +79,7 @@ def validate(cfg: JobConfig, world_size: int) -> ParallelDims:
     )
     try:
         m.check_attention()
+        cfg.moe.check_shared()
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _check(

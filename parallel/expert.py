@@ -81,9 +81,7 @@ def source_to_expert_order(counts_PEl: torch.Tensor, total: int) -> torch.Tensor
     src_start_EP = (flat_PEl.cumsum(0) - flat_PEl).view(P, El).t().flatten()
     counts_EP = counts_PEl.t().flatten()
     dst_start_EP = counts_EP.cumsum(0) - counts_EP
-    segment_R = torch.repeat_interleave(
-        torch.arange(P * El, device=counts_PEl.device), counts_EP, output_size=total
-    )
+    segment_R = torch.repeat_interleave(torch.arange(P * El, device=counts_PEl.device), counts_EP, output_size=total)
     return src_start_EP[segment_R] + torch.arange(total, device=counts_PEl.device) - dst_start_EP[segment_R]
 
 
@@ -138,9 +136,7 @@ class AllToAllDispatcher:
     def reduce_load(self, counts_E: torch.Tensor) -> torch.Tensor:
         return _sum_over(self.token_group, counts_E)
 
-    def run(
-        self, x_TD: torch.Tensor, routing: Routing, experts: ExpertsFn, alongside: AlongsideFn | None
-    ) -> MoEOutput:
+    def run(self, x_TD: torch.Tensor, routing: Routing, experts: ExpertsFn, alongside: AlongsideFn | None) -> MoEOutput:
         plans = self._plan(routing, x_TD.shape[0])
         in_flight = [self._send(gather_rows(x_TD, routing, plan.order_N), plan) for plan in plans]
         side = alongside() if alongside is not None and self.overlap != "none" else None

@@ -69,8 +69,8 @@ def ffn_flops_per_token(model: ModelConfig, moe: MoEConfig, layer_id: int) -> in
     d = model.dim
     if not model.is_moe_layer(layer_id):
         return 2 * 3 * d * model.ffn_hidden
-    router = 2 * d * moe.num_experts
-    return router + 2 * 3 * d * moe.expert_hidden * (moe.top_k + moe.num_shared_experts)
+    router = 2 * d * (moe.num_experts + moe.shared_expert_gate)  # the gate: one more output column
+    return router + 2 * 3 * d * (moe.expert_hidden * moe.top_k + moe.shared_hidden)
 
 
 def forward_flops_per_token(model: ModelConfig, moe: MoEConfig, seq_len: int) -> int:

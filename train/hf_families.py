@@ -90,6 +90,7 @@ class Family:
         raise NotImplementedError
 
     def rules(self, m: ModelConfig, e: MoEConfig) -> list[Rule]:
+        """What our config must meet to export as this family (the first that fails is refused)."""
         raise NotImplementedError
 
     def specs(self, m: ModelConfig, hf: dict) -> dict[str, Spec]:
@@ -414,7 +415,9 @@ class DeepseekV3(Family):
     required = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "max_position_embeddings", "rms_norm_eps", "n_routed_experts",
                 "num_experts_per_tok", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
-                "v_head_dim")  # fmt: skip
+                "v_head_dim", "q_lora_rank", "n_group", "topk_group", "routed_scaling_factor",
+                "first_k_dense_replace", "n_shared_experts")  # fmt: skip
+    """(HF's defaults for the routing and shape keys are DeepSeek-V3's own, not a plain model's: required.)"""
     aliases = {"num_local_experts": "n_routed_experts"}
     expert_bias = "mlp.gate.e_score_correction_bias"
     LATENT_EPS = 1e-6
@@ -433,10 +436,9 @@ class DeepseekV3(Family):
         require(eps == self.LATENT_EPS, "rms_norm_eps", eps, "must be 1e-06 (HF's MLA latent norms use 1e-06)")
         freq = hf.get("moe_layer_freq", 1)
         require(freq == 1, "moe_layer_freq", freq, "must be 1 (every block after first_k_dense_replace is MoE)")
-        groups, top_groups = hf.get("n_group") or 1, hf.get("topk_group") or 1
+        groups, top_groups = hf["n_group"], hf["topk_group"]
         pair = "must divide n_routed_experts into groups of >= 2 (a group scores its best two)"
         require(experts % groups == 0 and experts // groups >= 2, "n_group", groups, pair)
-        shared = hf.get("n_shared_experts") or 0
         return {
             **_base_overrides(hf, self),
             "model.n_kv_heads": heads,
@@ -444,23 +446,23 @@ class DeepseekV3(Family):
             "model.head_dim_override": None,
             "model.qk_norm": "none",
             "model.qkv_bias": False,
-            "model.q_lora_rank": hf.get("q_lora_rank") or 0,
+            "model.q_lora_rank": hf["q_lora_rank"] or 0,  # null: one plain query projection
             "model.kv_lora_rank": hf["kv_lora_rank"],
             "model.qk_rope_head_dim": hf["qk_rope_head_dim"],
             "model.qk_nope_head_dim": hf["qk_nope_head_dim"],
             "model.v_head_dim": hf["v_head_dim"],
             "model.ffn_hidden": hf["intermediate_size"],
-            "model.first_dense_layers": hf.get("first_k_dense_replace") or 0,
+            "model.first_dense_layers": hf["first_k_dense_replace"],
             "model.moe_every": 1,
             "moe.num_experts": experts,
             "moe.top_k": hf["num_experts_per_tok"],
             "moe.expert_hidden": hf["moe_intermediate_size"],
             "moe.router": "sigmoid_topk",
             "moe.norm_topk_prob": bool(hf.get("norm_topk_prob", True)),
-            "moe.route_scale": float(hf.get("routed_scaling_factor", 1.0)),
+            "moe.route_scale": float(hf["routed_scaling_factor"]),
             "moe.n_groups": groups,
             "moe.topk_groups": top_groups,
-            "moe.num_shared_experts": shared,
+            "moe.num_shared_experts": hf["n_shared_experts"],
             "moe.shared_expert_hidden": None,
             "moe.shared_expert_gate": False,
         }

@@ -137,10 +137,11 @@ def features(planner, layout) -> tuple[list[float], float]:
     return [t - totals[0] for t in totals[1:]], totals[0]
 
 
-def calibrate(planner, runs: list[tuple[object, float]]) -> Calibration:
-    """Fits `planner`'s calibration to measured runs, (Layout, median step seconds) pairs, and installs it."""
+def calibrate(planners: list, runs: list[tuple[object, float]]) -> Calibration:
+    """Fits one calibration to measured runs, (Layout, median step seconds) pairs, each predicted by the
+    planner of its job (same device and calibration); returns it, installed in every planner."""
     rows, consts = [], []
-    for layout, _ in runs:
+    for planner, (layout, _) in zip(planners, runs, strict=True):
         coefficients, const = features(planner, layout)
         rows.append(coefficients)
         consts.append(const)
@@ -148,8 +149,8 @@ def calibrate(planner, runs: list[tuple[object, float]]) -> Calibration:
     y = torch.tensor([t - c for (_, t), c in zip(runs, consts, strict=True)], dtype=torch.float64)
     fitted = dict(zip(PARAMS, nnls(x, y), strict=True))
     scale = fitted.pop("scale") or 1.0
-    base = planner.cal
-    planner.cal = replace(
+    base = planners[0].cal
+    cal = replace(
         base,
         gemm_eff=base.gemm_eff / scale,
         attn_eff=base.attn_eff / scale,
@@ -157,7 +158,9 @@ def calibrate(planner, runs: list[tuple[object, float]]) -> Calibration:
         **fitted,
         source=f"fitted to {len(runs)} CPU runs",
     )
-    return planner.cal
+    for planner in planners:
+        planner.cal = cal
+    return cal
 
 
 def profile_json(device: DeviceSpec, cal: Calibration) -> dict:

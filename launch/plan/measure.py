@@ -24,6 +24,7 @@ thread each), so a validation pays the process start-up once per world size.
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -217,7 +218,8 @@ class Job:
 
 
 def run_job(job: Job, run_dir: str) -> dict:
-    """This rank's measurements of `job`: memory and/or the median step time."""
+    """This rank's measurements of `job`: memory and/or the median step time, and the wall seconds."""
+    start = time.perf_counter()
     cfg = compose([*job.overrides, f"run.dir={run_dir}", "profiling=off", "train.eval_every=0"])
     trainer = Trainer(cfg, dims=ParallelDims(pp=1, dp=1, tp=1, ep=1, world_size=1) if job.solo else None)
     out: dict = {"name": job.name}
@@ -227,6 +229,7 @@ def run_job(job: Job, run_dir: str) -> dict:
         out["window_peaks"] = timeline.window_peaks
     if job.time_steps:
         out["step_s"] = time_steps(trainer, job.time_steps, job.warmup)
+    out["wall_s"] = time.perf_counter() - start
     return out
 
 
@@ -239,7 +242,7 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[Job], out_dir: str) 
     with open(f"{out_dir}/rank{rank}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
         for job in jobs:
             try:
-                results.append(run_job(job, f"{out_dir}/{job.name.replace(' ', '_')}"))
+                results.append(run_job(job, f"{out_dir}/{re.sub('[^A-Za-z0-9]+', '_', job.name)}"))
             except Exception:
                 results.append({"name": job.name, "error": traceback.format_exc()})
     torch.save(results, f"{out_dir}/rank{rank}.pt")

@@ -26,8 +26,6 @@ from parallel import checkpoint as ckpt
 from parallel.shards import shard_extent
 from parallel.state import full_state_dict
 from tests.helpers import TINY, free_port, layout_facts, local_rank_env, run_layout
-from tests.unit.test_hf_families import TINY as FAMILIES
-from tests.unit.test_hf_families import import_overrides, save_tiny
 from train.trainer import Trainer
 
 HF_TINY = [*TINY, "moe.bias_update_rate=0", "train.steps=2", "checkpoint.enabled=true"]
@@ -249,6 +247,9 @@ FAMILY_RUN = [
 def family_imports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[list[str], dict]]:
     """Per family: the overrides `moeyard import` derives for a tiny random transformers model, and what one
     process training from it gives: the weights it read and the losses of two steps."""
+    from tests.unit.test_hf_families import TINY as FAMILIES  # (transformers: here, not in every rank)
+    from tests.unit.test_hf_families import import_overrides, save_tiny
+
     root = tmp_path_factory.mktemp("families")
     imports = {}
     for family in [f for f in FAMILIES if f != "mixtral"]:  # Mixtral's layouts are tested above

@@ -50,8 +50,10 @@ def test_formula_equals_flop_counter_on_debug_model(grouped_mm: str) -> None:
     assert by_op["aten.bmm"] > 0  # attention scores are part of the count
 
 
-def test_formula_equals_flop_counter_with_shared_experts_and_dense_blocks() -> None:
+@pytest.mark.parametrize("gated", [[], ["moe.shared_expert_hidden=48", "moe.shared_expert_gate=true"]])
+def test_formula_equals_flop_counter_with_shared_experts_and_dense_blocks(gated: list[str]) -> None:
     overrides = ["model.first_dense_layers=1", "moe.num_shared_experts=1", "moe.top_k=3", "moe.grouped_mm=off"]
+    overrides += gated  # Qwen2-MoE: a shared expert of its own width behind a sigmoid gate
     counted, _ = counted_train_flops(overrides, 2, 32)
     cfg = compose(["model=debug", *overrides])
     assert counted == train_flops_per_token(cfg.model, cfg.moe, 32) * 2 * 32

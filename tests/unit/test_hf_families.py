@@ -4,7 +4,7 @@ it (with the overrides `moeyard import` derives from its config.json) and our lo
 1e-4; two training steps later `moeyard export` writes the same family, which transformers loads with
 nothing missing and with our logits. Both on-disk expert layouts import: per-expert Linear weights (what
 save_pretrained writes) and transformers 5's fused 3-D `gate_up_proj`/`down_proj`. Configs a family cannot
-represent are refused both ways, naming the field.
+represent are refused both ways, naming the field; the published-model presets export as their family.
 
 Run: .venv/bin/pytest -q tests/unit/test_hf_families.py
 """
@@ -261,3 +261,17 @@ def test_export_refuses_what_the_family_cannot_represent(model: dict, moe: dict,
     with pytest.raises(ValueError, match=f"has no Hugging Face {title} equivalent") as err:
         check_exportable(ModelConfig(**model), MoEConfig(**moe))
     assert str(err.value).startswith(field), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("preset", "title"),
+    [
+        ("mixtral_8x7b", "Mixtral"),
+        ("qwen3_30b_a3b", "Qwen3-MoE"),
+        ("olmoe_1b_7b", "OLMoE"),
+        ("deepseek_v3", "DeepSeek-V3"),
+    ],
+)
+def test_presets_export_as_their_family(preset: str, title: str) -> None:
+    cfg = compose([f"model={preset}"])
+    assert check_exportable(cfg.model, cfg.moe).title == title

@@ -18,6 +18,7 @@ from moe.router import (
     Routing,
     capacity_keep_mask,
     capacity_per_sequence,
+    count_per_expert,
     sequence_aux_loss,
     switch_aux_loss,
     z_loss,
@@ -215,12 +216,13 @@ def test_capacity_is_counted_per_sequence(policy):
 # --- dispatch ------------------------------------------------------------------------------------------
 
 
-def hand_routing(token, expert, weight, num_kept=None) -> Routing:
+def hand_routing(token, expert, weight, num_experts=3, per_token=None) -> Routing:
     zero = torch.zeros(())
+    kept_E = count_per_expert(torch.tensor(expert), num_experts)
     return Routing(
-        token_idx_A=torch.tensor(token), expert_idx_A=torch.tensor(expert), weight_A=torch.tensor(weight),
-        num_kept=num_kept, routed_E=zero, kept_E=zero, mean_prob_E=zero, entropy=zero, aux_loss=zero,
-        seq_aux_loss=zero, z_loss=zero,
+        token_idx_A=torch.tensor(token), expert_idx_A=torch.tensor(expert), weight_A=torch.as_tensor(weight),
+        num_kept=None, per_token=per_token, routed_E=zero, kept_E=kept_E, mean_prob_E=zero, entropy=zero,
+        aux_loss=zero, seq_aux_loss=zero, z_loss=zero,
     )  # fmt: skip
 
 
@@ -244,6 +246,21 @@ def test_local_dispatcher_round_trip():
     # Identity experts give back each token times the sum of its kept weights.
     identity = d.run(x_TD, routing, lambda x_ND, counts_E: x_ND, alongside=None)
     assert identity.out_TD.tolist() == [[0.75, 0.0], [0.0, 1.0], [2.0, 2.0]] and identity.alongside is None
+
+
+def test_token_major_dispatch_gathers_forward_and_backward():
+    # K = 2 per token, token-major: t0 -> (e2, e0), t1 -> (e2, dropped), t2 -> (e1, e0).
+    x_TD = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], requires_grad=True)
+    weight = torch.tensor([0.5, 0.25, 1.0, 9.0, 2.0, 3.0], requires_grad=True)
+    routing = hand_routing([0, 0, 1, 1, 2, 2], [2, 0, 2, 3, 1, 0], weight, per_token=2)
+    scale = torch.tensor([[1.0], [10.0], [100.0], [1000.0], [1e4]])  # tells the rows apart
+    out = LocalDispatcher(num_experts=3).run(x_TD, routing, lambda x_ND, counts_E: x_ND * scale[: len(x_ND)], None)
+    # Expert order: (t0, e0) x1, (t2, e0) x10, (t2, e1) x100, (t0, e2) x1000, (t1, e2) x1e4.
+    want = [[0.25 * 1 + 0.5 * 1000, 0.0], [0.0, 1.0 * 1e4], [3.0 * 10 + 2.0 * 100] * 2]
+    assert out.out_TD.tolist() == want and out.received_E.tolist() == [2, 1, 2]
+    out.out_TD.sum().backward()
+    assert x_TD.grad.tolist() == [[500.25] * 2, [1e4] * 2, [230.0] * 2]
+    assert weight.grad.tolist() == [1000.0, 1.0, 1e4, 0.0, 200.0, 20.0]  # the dropped one: no gradient
 
 
 # --- balancing losses ----------------------------------------------------------------------------------

@@ -1,0 +1,250 @@
+"""The planner against the real trainer on this CPU: activation memory of >= 6 layouts, step time of >= 8.
+
+Memory: each layout trains a few steps under the allocation timeline (measure.py) on 1 or 2 gloo ranks; the
+measured activation peak of a rank is the median over the profiled steps (a step in which gloo released a
+tensor late would otherwise count it twice), compared with the prediction for its pipeline position. Model
+state is compared to the byte: parameters, gradients and AdamW state.
+
+Time: all runs happen in one group of 2 spawned ranks, one torch thread each, so both cores are busy in every
+run. One-process runs ("solo": each rank trains the whole job alone) serve as references and calibration.
+  1. calibration: the fixed costs per feature come from a small model (solo, tp2, FSDP, pp2, ep2 at
+     CAL_SMALL), the compute scale and the one-process costs from solo runs of the validation model at 1 and
+     4 micro-batches; the time model is fitted to these (cpu.calibrate), once;
+  2. validation: the layouts below at the validation model, each between two solo reference runs of it (2
+     micro-batches). A layout's measured time is scaled by the references' overall median over the mean of
+     its two neighbours, so that a change in the machine's load between the calibration and the layout
+     cancels; on a quiet machine the factor is 1.
+The predicted time of each layout is compared with that; MAPE over the layouts, and whether the measured
+fastest layout is among the three predicted fastest.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass, field
+
+from launch.config import compose
+from launch.plan.calibration import Calibration
+from launch.plan.cpu import calibrate, measure_rates
+from launch.plan.measure import Job, run_layouts
+from launch.plan.planner import Planner, layout_of, make_planner
+
+MEMORY_WORKLOAD = (
+    "model=debug",
+    "train.seq_len=64",
+    "train.batch_size=8",
+    "train.micro_batches=2",
+    "data.max_files=20",
+    "train.steps=10",
+    "cluster.gpu=cpu",
+)
+"""The debug model (4 blocks, 8 experts of width 32), 8 sequences of 64 tokens per step."""
+MEMORY_LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "single": (1, ()),
+    "single full AC": (1, ("parallel.activation_checkpoint=full",)),
+    "single selective AC": (1, ("parallel.activation_checkpoint=selective",)),
+    "dp2": (2, ()),
+    "dp2 FSDP": (2, ("parallel.dp_mode=fsdp",)),
+    "ep2": (2, ("parallel.ep=2",)),
+    "tp2": (2, ("parallel.tp=2",)),
+    "tp2 SP": (2, ("parallel.tp=2", "parallel.sequence_parallel=true")),
+    "pp2 1F1B": (2, ("parallel.pp=2",)),
+    "pp2 GPipe": (2, ("parallel.pp=2", "parallel.pp_schedule=gpipe")),
+}
+"""Layout -> (ranks, overrides) of the memory validation."""
+
+TIME_WORKLOAD = (
+    "model=debug",
+    "model.dim=256",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=512",
+    "moe.expert_hidden=512",
+    "train.seq_len=128",
+    "train.batch_size=8",
+    "data.max_files=20",
+    "train.steps=1000",
+    "cluster.gpu=cpu",
+    "cluster.gpus_per_node=2",
+)
+"""The time validation's model: 4 blocks of dim 256, 8 experts of width 512 (top-2), 8 x 128 tokens a step."""
+CAL_SMALL = ("model.dim=64", "moe.expert_hidden=64", "model.ffn_hidden=128", "train.seq_len=32")
+"""Overrides on TIME_WORKLOAD for the small model the per-feature fixed costs are fitted to."""
+REFERENCE = ("train.micro_batches=2",)
+TIME_LAYOUTS: dict[str, tuple[bool, tuple[str, ...]]] = {
+    "one process, full AC": (True, ("train.micro_batches=2", "parallel.activation_checkpoint=full")),
+    "dp2": (False, ("train.micro_batches=2",)),
+    "dp2 m1": (False, ("train.micro_batches=1",)),
+    "dp2 FSDP": (False, ("train.micro_batches=2", "parallel.dp_mode=fsdp")),
+    "ep2": (False, ("train.micro_batches=2", "parallel.ep=2")),
+    "ep2 selective AC": (False, ("train.micro_batches=2", "parallel.ep=2", "parallel.activation_checkpoint=selective")),
+    "tp2": (False, ("train.micro_batches=2", "parallel.tp=2")),
+    "tp2 SP": (False, ("train.micro_batches=2", "parallel.tp=2", "parallel.sequence_parallel=true")),
+    "pp2 1F1B": (False, ("train.micro_batches=2", "parallel.pp=2")),
+    "pp2 GPipe m4": (False, ("train.micro_batches=4", "parallel.pp=2", "parallel.pp_schedule=gpipe")),
+    "pp2 interleaved v2": (
+        False,
+        ("train.micro_batches=2", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b")
+        + ("parallel.pp_stages_per_rank=2",),
+    ),
+}
+"""Layout -> (one process?, overrides) of the time validation."""
+CAL_JOBS: dict[str, tuple[bool, tuple[str, ...]]] = {
+    "small solo": (True, (*CAL_SMALL, "train.micro_batches=2")),
+    "small tp2": (False, (*CAL_SMALL, "train.micro_batches=2", "parallel.tp=2")),
+    "small FSDP": (False, (*CAL_SMALL, "train.micro_batches=2", "parallel.dp_mode=fsdp")),
+    "small pp2": (False, (*CAL_SMALL, "train.micro_batches=2", "parallel.pp=2")),
+    "small ep2": (False, (*CAL_SMALL, "train.micro_batches=2", "parallel.ep=2")),
+    "solo m1": (True, ("train.micro_batches=1",)),
+    "solo m4": (True, ("train.micro_batches=4",)),
+}
+
+
+@dataclass
+class Row:
+    name: str
+    measured: float
+    predicted: float
+    detail: str = ""
+
+    @property
+    def error(self) -> float:
+        return self.predicted / self.measured - 1
+
+
+@dataclass
+class MemoryReport:
+    rows: list[Row] = field(default_factory=list)
+    """Activation peak per layout and pipeline position (bytes)."""
+    state: list[tuple[str, int, int]] = field(default_factory=list)
+    """(layout, measured, predicted) model-state bytes of each rank."""
+
+
+def memory_validation(steps: int = 3, layouts: dict | None = None) -> MemoryReport:
+    """Measures and predicts the activation peak of each layout (module docstring)."""
+    layouts = layouts or MEMORY_LAYOUTS
+    report = MemoryReport()
+    for world in sorted({w for w, _ in layouts.values()}):
+        names = [n for n, (w, _) in layouts.items() if w == world]
+        jobs = [Job(n, (*MEMORY_WORKLOAD, *layouts[n][1]), memory_steps=steps) for n in names]
+        for name, results in zip(names, run_layouts(jobs, world), strict=True):
+            _memory_rows(report, name, (*MEMORY_WORKLOAD, *layouts[name][1]), world, results)
+    return report
+
+
+def _memory_rows(report: MemoryReport, name: str, overrides: tuple, world: int, results: list[dict]) -> None:
+    failed = [r["error"] for r in results if "error" in r]
+    if failed:
+        raise RuntimeError(f"{name}: {failed[0]}")
+    cfg = compose(list(overrides))
+    planner = make_planner(cfg, measure=False)
+    prediction = planner.predict(layout_of(cfg, world))
+    per_pp: dict[int, list[float]] = {}
+    stage = world // len(prediction.peaks)  # ranks per pipeline position
+    for rank, result in enumerate(results):
+        per_pp.setdefault(rank // stage, []).append(statistics.median(result["window_peaks"]))
+        peak = prediction.peaks[rank // stage]
+        m = result["memory"]
+        report.state.append((name, m["params"] + m["grads"] + m["optimizer"], peak.model_state))
+    for pp_rank, measured in sorted(per_pp.items()):
+        peak = prediction.peaks[pp_rank]
+        label = name if len(per_pp) == 1 else f"{name}, stage {pp_rank}"
+        detail = f"saved {peak.activations} + working {peak.working} + buffers {peak.buffers}"
+        report.rows.append(Row(label, max(measured), peak.activations + peak.working + peak.buffers, detail))
+
+
+@dataclass
+class TimeReport:
+    rows: list[Row]
+    calibration: Calibration
+    references: list[float]
+    load: float
+    """The 1-minute load average when the runs started."""
+
+    @property
+    def mape(self) -> float:
+        return statistics.fmean(abs(r.error) for r in self.rows)
+
+    @property
+    def best_measured(self) -> str:
+        return min(self.rows, key=lambda r: r.measured).name
+
+    @property
+    def predicted_top3(self) -> list[str]:
+        return [r.name for r in sorted(self.rows, key=lambda r: r.predicted)[:3]]
+
+
+def time_validation(steps: int = 5, warmup: int = 2, layouts: dict | None = None) -> TimeReport:
+    """Calibrates on CAL_JOBS and predicts each of TIME_LAYOUTS (module docstring)."""
+    layouts = layouts or TIME_LAYOUTS
+    load = os.getloadavg()[0]
+    rates = measure_rates()  # this run's own loopback and GEMM rates, not a cached measurement
+    job = lambda name, solo, overrides: Job(
+        name, (*TIME_WORKLOAD, *overrides), time_steps=steps, warmup=warmup, solo=solo
+    )
+    ref = job("reference", True, REFERENCE)
+    jobs = [job(name, solo, overrides) for name, (solo, overrides) in CAL_JOBS.items()]
+    for name, (solo, overrides) in layouts.items():
+        jobs += [ref, job(name, solo, overrides)]
+    jobs.append(ref)
+    measured = {}
+    references = []
+    for job, results in zip(jobs, run_layouts(jobs, 2), strict=True):
+        failed = [r["error"] for r in results if "error" in r]
+        if failed:
+            raise RuntimeError(f"{job.name}: {failed[0]}")
+        seconds = max(r["step_s"] for r in results)
+        if job.name == "reference":
+            references.append(seconds)
+        else:
+            measured[job.name] = (seconds, len(references))
+    cal = _calibrated(rates, measured)
+    base = statistics.median(references)
+    rows = []
+    for name, (solo, overrides) in layouts.items():
+        seconds, after = measured[name]
+        drift = base / statistics.fmean(references[after - 1 : after + 1])
+        planner = _planner(overrides, rates)
+        planner.cal = cal
+        prediction = planner.predict(layout_of(planner.cfg, 1 if solo else 2))
+        t = prediction.time
+        detail = (
+            f"compute {t.compute:.3f} tp {t.tp:.3f} ep {t.ep:.3f} pp {t.pp:.3f} dp {t.dp:.3f} bubble {t.bubble:.3f}"
+            f" other {t.optimizer + t.overhead:.3f}; measured {seconds:.3f} x drift {drift:.2f}"
+        )
+        rows.append(Row(name, seconds * drift, t.total, detail))
+    return TimeReport(rows, cal, references, load)
+
+
+def _planner(overrides: tuple[str, ...], rates: dict) -> Planner:
+    """A planner for TIME_WORKLOAD plus `overrides`, on a CPU rank with the measured `rates`."""
+    from launch.plan.planner import cpu_device
+
+    planner = make_planner(compose([*TIME_WORKLOAD, *overrides]), measure=False)
+    planner.device = _with_rates(cpu_device(2, measure=False), rates)
+    return planner
+
+
+def _calibrated(rates: dict, measured: dict) -> Calibration:
+    planners, runs = [], []
+    for name, (solo, overrides) in CAL_JOBS.items():
+        planner = _planner(overrides, rates)
+        planners.append(planner)
+        runs.append((layout_of(planner.cfg, 1 if solo else 2), measured[name][0]))
+    return calibrate(planners, runs)
+
+
+def _with_rates(device, rates: dict):
+    from dataclasses import replace
+
+    return replace(
+        device,
+        peak_tflops=rates["peak_tflops"],
+        fp32_tflops=rates["peak_tflops"],
+        hbm_gbps=rates["hbm_gbps"],
+        intra_gbps=rates["link_gbps"],
+        inter_gbps=rates["link_gbps"],
+        intra_latency_s=rates["latency_s"],
+        inter_latency_s=rates["latency_s"],
+    )
