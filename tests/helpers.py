@@ -176,3 +176,39 @@ def run_layout(overrides: list[str], world: int, out: str, port: int) -> dict:
 if __name__ == "__main__":
     result = run_layout(sys.argv[3:], int(sys.argv[2]), sys.argv[1], free_port())
     print([round(h["loss"], 6) for h in result["history"]])
+
+
+def slice_only_safe_open(real, on_read):
+    """A safe_open whose handles list names and hand out slices only (a whole-tensor read fails), calling
+    `on_read(name, tensor)` for every slice read: for the tests that a rank reads only what it keeps."""
+
+    class Slice:
+        def __init__(self, inner, name: str) -> None:
+            self.inner, self.name = inner, name
+
+        def get_shape(self) -> list[int]:
+            return self.inner.get_shape()
+
+        def __getitem__(self, box) -> torch.Tensor:
+            t = self.inner[box]
+            on_read(self.name, t)
+            return t
+
+    class Handle:
+        def __init__(self, path: str, framework: str) -> None:
+            self.inner = real(path, framework=framework)
+
+        def __enter__(self):
+            self.f = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self) -> list[str]:
+            return self.f.keys()
+
+        def get_slice(self, name: str) -> Slice:
+            return Slice(self.f.get_slice(name), name)
+
+    return Handle

@@ -64,6 +64,9 @@ class DeviceSpec:
     inter_latency_s: float
     fp8_tflops: float = 0.0
     """Dense FP8 peak (0 = none); only the published comparison uses it (MoEyard trains in bf16 or fp32)."""
+    collective_gbps: tuple[tuple[str, float], ...] = ()
+    """Per kind of collective (all_reduce, all_gather, reduce_scatter, all_to_all, send), its own bus
+    bandwidth inside a node where it differs from intra_gbps: gloo's differ by up to 6x on a CPU."""
 
     @property
     def usable_bytes(self) -> float:

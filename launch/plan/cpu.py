@@ -2,7 +2,8 @@
 
 Rates (`cpu_rates`, cached per CPU model and torch version in profiling.flops.cache_dir()/plan_cpu.json): the
 fp32 GEMM rate of one torch thread, the bandwidth of a large copy, and gloo over loopback between two spawned
-ranks (an all-reduce of 8 MB for bandwidth, of 4 bytes for latency).
+ranks, kind by kind (4 MB all_reduce, all_gather, reduce_scatter, all_to_all and send; a 4-byte all_reduce
+for latency): gloo's all_gather and reduce_scatter run several times slower per byte than its all_reduce.
 
 Calibration (`calibrate`): the real trainer runs a few calibration jobs, and one scale on the compute
 efficiencies (gemm_eff, attn_eff and mem_eff together) and the fixed costs (per block, and what tensor and
@@ -46,18 +47,32 @@ def _timed(fn) -> float:
 
 
 def _gloo_rank(rank: int, world: int, port: int, out: str) -> None:
+    """Times each kind of collective between two ranks; rank 0 writes their bus bandwidths (ring shares:
+    all_reduce moves the buffer once per rank at two ranks, all_gather and reduce_scatter half the whole
+    buffer, all_to_all half its input, a send all of it) and the latency of a 4-byte all_reduce."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    small, big = torch.zeros(1), torch.zeros(2 * 2**20)
-    for t in (small, big):
-        dist.all_reduce(t)
-    lat = statistics.median(_timed(lambda: dist.all_reduce(small)) for _ in range(20))
-    bw_t = statistics.median(_timed(lambda: dist.all_reduce(big)) for _ in range(5))
+    n = 2**20  # 4 MB of fp32 per rank
+    x, whole = torch.zeros(n), torch.zeros(2 * n)
+    peer = 1 - rank
+    ops = {
+        "all_reduce": (lambda: dist.all_reduce(x), n),
+        "all_gather": (lambda: dist.all_gather_single(whole, x), n),
+        "reduce_scatter": (lambda: dist.reduce_scatter_single(x, whole), n),
+        "all_to_all": (lambda: dist.all_to_all_single(torch.empty(n), x), n // 2),
+        "send": (lambda: dist.send(x, peer) if rank == 0 else dist.recv(x, peer), n),
+    }
+    small = torch.zeros(1)
+    dist.all_reduce(small)
+    latency = statistics.median(_timed(lambda: dist.all_reduce(small)) for _ in range(20))
+    rates = {}
+    for name, (op, moved) in ops.items():
+        op()
+        seconds = statistics.median(_timed(op) for _ in range(5))
+        rates[name] = moved * 4 / max(seconds - latency, 1e-9) / 1e9
     if rank == 0:
-        # Two ranks' ring all-reduce moves 2 (n - 1) / n = 1 time the bytes per rank.
-        rates = {"latency_s": lat, "link_gbps": big.numel() * 4 / max(bw_t - lat, 1e-9) / 1e9}
-        Path(out).write_text(json.dumps(rates))
+        Path(out).write_text(json.dumps({"latency_s": latency, "collective_gbps": rates}))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -78,14 +93,14 @@ def measure_rates() -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         _spawn(_gloo_rank, (f"{tmp}/gloo.json",), 2, 120)
         gloo = json.loads(Path(f"{tmp}/gloo.json").read_text())
-    return {"peak_tflops": peak, "hbm_gbps": copy, **gloo}
+    return {"peak_tflops": peak, "hbm_gbps": copy, "link_gbps": gloo["collective_gbps"]["all_reduce"], **gloo}
 
 
 def cpu_rates() -> dict[str, float]:
     """`measure_rates`, cached (ranks starting together take a file lock)."""
     path = cache_dir() / "plan_cpu.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = _cpu_key().replace("threads=" + str(torch.get_num_threads()), "threads=1")
+    key = _cpu_key().replace("threads=" + str(torch.get_num_threads()), "threads=1") + "|plan=2"
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         table = json.loads(path.read_text()) if path.exists() else {}

@@ -242,13 +242,17 @@ def make_planner(cfg: JobConfig, calibration: str | None = None, measure: bool =
     return Planner(cfg, device, cal, per_node, kind)
 
 
+NOMINAL_CPU = {"peak_tflops": 0.05, "hbm_gbps": 10.0, "link_gbps": 1.0, "latency_s": 1e-4}
+"""Stand-in rates when only memory matters (the pre-flight)."""
+
+
 def cpu_device(per_node: int, measure: bool = True) -> DeviceSpec:
     """A CPU rank: one core with one torch thread, its share of the host's memory; its rates measured once
     and cached (calibration.py), or nominal ones without `measure`."""
     from launch.plan.cpu import cpu_rates
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    rates = cpu_rates() if measure else {"peak_tflops": 0.05, "hbm_gbps": 10.0, "link_gbps": 1.0, "latency_s": 1e-4}
+    rates = cpu_rates() if measure else NOMINAL_CPU
     return DeviceSpec(
         name="cpu",
         memory_bytes=ram / max(1, per_node),
@@ -261,22 +265,21 @@ def cpu_device(per_node: int, measure: bool = True) -> DeviceSpec:
         inter_gbps=rates["link_gbps"],
         intra_latency_s=rates["latency_s"],
         inter_latency_s=rates["latency_s"],
+        collective_gbps=tuple(sorted(rates.get("collective_gbps", {}).items())),
     )
 
 
 def _preflight_kind(cfg: JobConfig) -> str | None:
-    """The device the ranks will use: cluster.gpu, else this machine's (None: unknown here, e.g. a Slurm
-    job submitted from a login node without GPUs, where cluster.gpu says what the nodes have)."""
+    """The device to check against: cluster.gpu when set, else this machine's GPU when the job trains on
+    it; None (no check) for a CPU job with cluster.gpu=auto, and for a GPU job submitted from a machine
+    without one (set cluster.gpu to what the nodes have)."""
     import torch
 
     if cfg.cluster.gpu != "auto":
         return cfg.cluster.gpu
-    if cfg.train.device == "cpu":
-        return "cpu"
-    if torch.cuda.is_available():
+    if cfg.train.device != "cpu" and torch.cuda.is_available():
         return resolve_kind(cfg.cluster)
-    gpu_job = cfg.launcher.name == "slurm" and cfg.launcher.gpus_per_node > 0
-    return None if gpu_job or cfg.train.device == "cuda" else "cpu"
+    return None
 
 
 def _local_ranks(cfg: JobConfig, world: int) -> int:

@@ -13,12 +13,12 @@ counted; TFLOP/s per GPU is printed in this repository's convention (profiling/f
   8X7B bf16 training" with MCore v0.9; the layout of Megatron-MoE-ModelZoo's runtime_configs/benchmarking/
   runtime.conf: TP1 PP4 EP8 VPP8, micro-batch 1, global batch 256, sequence 4096): 468 TFLOP/s per GPU in
   Megatron's FLOP formula, which for Mixtral equals ours: 82.9 GFLOP per token, so 5,645 tokens/s per GPU.
-  Megatron overlaps gradient reduce-scatter and parameter all-gather (distributed optimizer); its
-  all-to-all dispatcher does not overlap.
+  Megatron overlaps gradient reduce-scatter and parameter all-gather (distributed optimizer) and fuses
+  token permutation; its all-to-all dispatcher does not overlap.
 - Qwen3-30B-A3B, 16 H100 (NVIDIA Megatron-Bridge docs/performance-summary.md, 25.09 container, DGX-H100:
   TP1 PP2 VP24 EP8, micro-batch 2, global batch 512, sequence 4096): 10,494 tokens/s per GPU, 241 TFLOP/s
   per GPU (the issue quotes 206-241 across releases). That row's precision is not stated and the runs are
-  token-dropping with forced balance; Megatron overlaps gradient reduction.
+  token-dropping with forced balance; Megatron overlaps gradient reduction and fuses token permutation.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ RUNS = (
             dedup_ib=True,
             comm_sms=20 / 132,
             mtp_depth=1,
+            fused_permute=True,
         ),
         tokens_per_s_per_gpu=1e12 / (180e3 * 3600),
         published_tflops=386.0,
@@ -98,7 +99,7 @@ RUNS = (
         nodes=8,
         gpus_per_node=8,
         gpu="h100",
-        features=Features(overlap_dp=True),
+        features=Features(overlap_dp=True, fused_permute=True),
         tokens_per_s_per_gpu=468e12 / 82.9e9,
         published_tflops=468.0,
         derivation="468 TFLOP/s / 82.9 GFLOP per token",
@@ -122,7 +123,7 @@ RUNS = (
         nodes=2,
         gpus_per_node=8,
         gpu="h100",
-        features=Features(overlap_dp=True),
+        features=Features(overlap_dp=True, fused_permute=True),
         tokens_per_s_per_gpu=10494.0,
         published_tflops=241.0,
         derivation="published tokens/s per GPU",

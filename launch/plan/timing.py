@@ -63,6 +63,8 @@ class Features:
     """Fraction of the GPU's SMs that communication kernels take while they overlap compute."""
     mtp_depth: int = 0
     """Multi-token prediction modules on the last stage: one more block and output head per token each."""
+    fused_permute: bool = False
+    """Token permutation fused into few kernels (Megatron's --moe-permute-fusion, DeepEP)."""
 
 
 @dataclass(frozen=True)
@@ -95,20 +97,22 @@ class Topology:
     bf16: bool
     features: Features = Features()
 
-    def link(self, ranks: list[int]) -> tuple[float, float]:
-        """(bytes/s, latency) of a collective over `ranks`: InfiniBand if they span nodes, else NVLink."""
+    def link(self, ranks: list[int], kind: str = "all_reduce") -> tuple[float, float]:
+        """(bytes/s, latency) of a collective of `kind` over `ranks`: InfiniBand if they span nodes, else
+        NVLink (or, on a CPU, gloo's measured rate of that kind of collective)."""
         G, d = self.ranks_per_node, self.device
         if len({r // G for r in ranks}) > 1:
             return d.inter_gbps * 1e9, d.inter_latency_s
-        return d.intra_gbps * 1e9, d.intra_latency_s
+        return dict(d.collective_gbps).get(kind, d.intra_gbps) * 1e9, d.intra_latency_s
 
-    def ring(self, ranks: list[int], nbytes: float, all_reduce: bool) -> float:
+    def ring(self, ranks: list[int], nbytes: float, kind: str) -> float:
+        """A ring all_reduce, all_gather or reduce_scatter of `nbytes` (the whole buffer) over `ranks`."""
         n = len(ranks)
         if n == 1 or nbytes == 0:
             return 0.0
-        bw, lat = self.link(ranks)
-        share = (2 if all_reduce else 1) * (n - 1) / n
-        return share * nbytes / (bw * self.cal.coll_eff) + (2 if all_reduce else 1) * ceil(log2(n)) * lat
+        bw, lat = self.link(ranks, kind)
+        rounds = 2 if kind == "all_reduce" else 1
+        return rounds * (n - 1) / n * nbytes / (bw * self.cal.coll_eff) + rounds * ceil(log2(n)) * lat
 
     def all_to_all(self, ranks: list[int], nbytes: float, inter_scale: float = 1.0) -> float:
         """`nbytes` leaving each rank, spread evenly over the group (its own share stays); `inter_scale`
@@ -118,7 +122,7 @@ class Topology:
             return 0.0
         G, d, eff = self.ranks_per_node, self.device, self.cal.a2a_eff
         local = sum(1 for r in ranks if r // G == ranks[0] // G)
-        intra = nbytes * (local - 1) / n / (d.intra_gbps * 1e9 * eff)
+        intra = nbytes * (local - 1) / n / (self.link(ranks[:local], "all_to_all")[0] * eff)
         inter = inter_scale * nbytes * (n - local) / n / (d.inter_gbps * 1e9 * eff)
         return max(intra, inter) + (d.inter_latency_s if n > local else d.intra_latency_s)
 
@@ -165,9 +169,13 @@ def attention_work(m: ModelConfig, s: Shape) -> tuple[float, float, float]:
     return gemm, core, moved + 3 * s.norm_tokens * D * s.res * 2  # + the norm and the residual add
 
 
-def ffn_work(m: ModelConfig, e: MoEConfig, s: Shape, is_moe: bool) -> tuple[float, float, float]:
-    """Forward (linear-layer FLOPs, router FLOPs, bytes moved) of one block's feed-forward half on one rank
-    (balanced routing)."""
+def ffn_work(
+    m: ModelConfig, e: MoEConfig, s: Shape, is_moe: bool, fused_permute: bool = False
+) -> tuple[float, float, float]:
+    """Forward (linear-layer FLOPs, router FLOPs, bytes moved) of one block's feed-forward half on one rank,
+    balanced routing. MoEyard's dispatcher moves each routed row about 6 times D (gather, weighted combine,
+    scatter-add) and under EP 8 more (regrouped by expert and back, copied for each all-to-all); fused
+    permutation kernels (Megatron's, DeepEP's) read and write it about 4 times in all."""
     D, b = m.dim, s.act
     norm = 3 * s.norm_tokens * D * s.res * 2
     if not is_moe:
@@ -177,7 +185,8 @@ def ffn_work(m: ModelConfig, e: MoEConfig, s: Shape, is_moe: bool) -> tuple[floa
     sent, _ = routed_rows(e, replace(s, headroom=1.0))
     Fs = e.num_shared_experts * Fe
     linear = 6 * sent * D * Fe + 6 * T * D * Fs
-    moved = T * (8 * E * FP32 + D * FP32) + sent * (6 * D + 5 * Fe) * b + T * (2 * D + 5 * Fs) * b
+    row = 4 * D if fused_permute else 6 * D + (8 * D if s.ep > 1 else 0)
+    moved = T * (8 * E * FP32 + D * FP32) + sent * (row + 5 * Fe) * b + T * (2 * D + 5 * Fs) * b
     return linear, 2 * T * D * E, moved + norm
 
 
@@ -208,14 +217,17 @@ def chunk_work(
     tp_ranks, ep_ranks = list(range(dims.tp)), list(range(dims.ep))
     hidden = s.tokens * m.dim * s.act
     compute = tp_time = ep_time = 0.0
-    all_reduce = topo.ring(tp_ranks, hidden, all_reduce=True)
-    all_gather = topo.ring(tp_ranks, hidden, all_reduce=False)
+    all_gather = topo.ring(tp_ranks, hidden, "all_gather")
+    # Sequence parallelism turns each all-reduce into a reduce-scatter and an all-gather: the same bytes on
+    # NVLink, but gloo runs those two kinds several times slower per byte.
+    reduce_scatter = topo.ring(tp_ranks, hidden, "reduce_scatter")
+    all_reduce = all_gather + reduce_scatter if s.sp else topo.ring(tp_ranks, hidden, "all_reduce")
     a_gemm, a_core, a_bytes = attention_work(m, s)
     sent, _ = routed_rows(e, replace(s, headroom=1.0))
     a2a = topo.all_to_all(ep_ranks, sent * m.dim * s.act, _dedup_scale(e, topo, ep_ranks)) if dims.ep > 1 else 0.0
     per_kind = {}
     for is_moe in {m.is_moe_layer(layer) for layer in range(*layers)}:
-        f_linear, f_router, f_bytes = ffn_work(m, e, s, is_moe)
+        f_linear, f_router, f_bytes = ffn_work(m, e, s, is_moe, topo.features.fused_permute)
         matmul = (a_gemm + f_linear) / rate.linear + f_router / rate.gemm
         forward = matmul + a_core / rate.attention + (a_bytes + f_bytes) / rate.memory
         backward = 2 * matmul + 2.5 * a_core / rate.attention + 2 * (a_bytes + f_bytes) / rate.memory
@@ -239,8 +251,9 @@ def chunk_work(
         compute += 3 * hidden / rate.memory
     if dims.pp > 1:
         compute += topo.cal.pp_micro_s
-        tp_time += 2 * topo.ring(tp_ranks, hidden, all_reduce=True)  # the vocab-parallel embedding's output
-    return Work(compute, tp_time, ep_time, _fsdp_comm(pcfg, dims, topo, state, layers))
+        tp_time += 2 * topo.ring(tp_ranks, hidden, "all_reduce")  # the vocab-parallel embedding's output
+    fsdp_comm, fsdp_copies = _fsdp_comm(pcfg, dims, topo, state, layers)
+    return Work(compute + fsdp_copies / rate.memory, tp_time, ep_time, fsdp_comm)
 
 
 def _fixed_per_block(pcfg: ParallelConfig, dims: ParallelDims, cal: Calibration) -> float:
@@ -263,15 +276,21 @@ def _dedup_scale(e: MoEConfig, topo: Topology, ep_ranks: list[int]) -> float:
     return distinct * (1 - 1 / nodes) / (K * (1 - 1 / nodes))
 
 
-def _fsdp_comm(pcfg: ParallelConfig, dims: ParallelDims, topo: Topology, state: RankMemory, layers) -> float:
-    """FSDP's per-micro-batch traffic of one chunk: parameters gathered twice, gradients reduce-scattered."""
+def _fsdp_comm(
+    pcfg: ParallelConfig, dims: ParallelDims, topo: Topology, state: RankMemory, layers
+) -> tuple[float, float]:
+    """FSDP's per-micro-batch cost of one chunk: (seconds of collectives: parameters gathered in forward and
+    backward, gradients reduce-scattered; bytes its copies move: each gather's output copied into the
+    parameters, the gradients copied into the reduce-scatter's input)."""
     if pcfg.dp_mode != "fsdp" or dims.dp == 1:
-        return 0.0
+        return 0.0, 0.0
     dp_ranks = [i * dims.tp for i in range(dims.dp)]
     per = 2 if topo.bf16 else FP32
     blocks = state.gathered_block * (layers[1] - layers[0])
     gathered = blocks + state.gathered_root
-    return 2 * topo.ring(dp_ranks, per * gathered, all_reduce=False) + topo.ring(dp_ranks, FP32 * gathered, False)
+    gather = topo.ring(dp_ranks, per * gathered, "all_gather")
+    seconds = 2 * gather + topo.ring(dp_ranks, FP32 * gathered, "reduce_scatter")
+    return seconds, gathered * (2 * 2 * per + 2 * FP32)
 
 
 def step_time(
@@ -348,7 +367,7 @@ def _p2p(m: ModelConfig, s: Shape, dims: ParallelDims, topo: Topology) -> float:
     if dims.pp == 1:
         return 0.0
     nbytes = s.rows * (s.seq // s.tp if s.sp else s.seq) * m.dim * s.res
-    bw, lat = topo.link([0, dims.dp * dims.tp])
+    bw, lat = topo.link([0, dims.dp * dims.tp], "send")
     return nbytes / (bw * topo.cal.coll_eff) + lat
 
 
@@ -359,7 +378,7 @@ def _dp_time(pcfg, dims, topo: Topology, state: RankMemory, split: tuple[int, in
     dense, expert = split
     dp_ranks = [i * dims.tp for i in range(dims.dp)]
     edp_ranks = [i * dims.ep for i in range(dims.edp)]
-    t = topo.ring(dp_ranks, FP32 * dense, all_reduce=True) + topo.ring(edp_ranks, FP32 * expert, all_reduce=True)
+    t = topo.ring(dp_ranks, FP32 * dense, "all_reduce") + topo.ring(edp_ranks, FP32 * expert, "all_reduce")
     if topo.features.overlap_dp:
         return max(0.0, t - 2 / 3 * backward)
     return t

@@ -161,6 +161,8 @@ class TimeReport:
     references: list[float]
     load: float
     """The 1-minute load average when the runs started."""
+    rates: dict
+    """This CPU's measured rates (cpu.measure_rates)."""
 
     @property
     def mape(self) -> float:
@@ -205,7 +207,7 @@ def time_validation(steps: int = 5, warmup: int = 2, layouts: dict | None = None
     for name, (solo, overrides) in layouts.items():
         seconds, after = measured[name]
         drift = base / statistics.fmean(references[after - 1 : after + 1])
-        planner = _planner(overrides, rates)
+        planner = planner_for(overrides, rates)
         planner.cal = cal
         prediction = planner.predict(layout_of(planner.cfg, 1 if solo else 2))
         t = prediction.time
@@ -214,10 +216,10 @@ def time_validation(steps: int = 5, warmup: int = 2, layouts: dict | None = None
             f" other {t.optimizer + t.overhead:.3f}; measured {seconds:.3f} x drift {drift:.2f}"
         )
         rows.append(Row(name, seconds * drift, t.total, detail))
-    return TimeReport(rows, cal, references, load)
+    return TimeReport(rows, cal, references, load, rates)
 
 
-def _planner(overrides: tuple[str, ...], rates: dict) -> Planner:
+def planner_for(overrides: tuple[str, ...], rates: dict) -> Planner:
     """A planner for TIME_WORKLOAD plus `overrides`, on a CPU rank with the measured `rates`."""
     from launch.plan.planner import cpu_device
 
@@ -229,7 +231,7 @@ def _planner(overrides: tuple[str, ...], rates: dict) -> Planner:
 def _calibrated(rates: dict, measured: dict) -> Calibration:
     planners, runs = [], []
     for name, (solo, overrides) in CAL_JOBS.items():
-        planner = _planner(overrides, rates)
+        planner = planner_for(overrides, rates)
         planners.append(planner)
         runs.append((layout_of(planner.cfg, 1 if solo else 2), measured[name][0]))
     return calibrate(planners, runs)
@@ -247,4 +249,5 @@ def _with_rates(device, rates: dict):
         inter_gbps=rates["link_gbps"],
         intra_latency_s=rates["latency_s"],
         inter_latency_s=rates["latency_s"],
+        collective_gbps=tuple(sorted(rates["collective_gbps"].items())),
     )

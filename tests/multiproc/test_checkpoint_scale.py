@@ -37,7 +37,7 @@ from moe.config import ModelConfig
 from parallel import checkpoint as ckpt
 from parallel.shards import shard_extent
 from tests.ckpt_faults import saved_tensors
-from tests.helpers import MOEYARD, REPO, TINY, free_port, local_rank_env
+from tests.helpers import MOEYARD, REPO, TINY, free_port, local_rank_env, slice_only_safe_open
 from train.hf import export
 from train.trainer import Trainer
 
@@ -170,45 +170,11 @@ def test_save_and_load_never_gather_an_expert_shard(tmp_path: Path) -> None:
 # --- Hugging Face import reads slices -------------------------------------------------------------------
 
 
-class _RecordingSlice:
-    def __init__(self, inner, name: str, reads: list) -> None:
-        self.inner, self.name, self.reads = inner, name, reads
-
-    def get_shape(self) -> list[int]:
-        return self.inner.get_shape()
-
-    def __getitem__(self, box):
-        t = self.inner[box]
-        self.reads.append((self.name, tuple(t.shape)))
-        return t
-
-
-def _recording_safe_open(reads: list):
-    """safe_open whose handles offer only get_slice (no whole-tensor reads), recording each slice read."""
-    real = train.hf.safe_open
-
-    class Handle:
-        def __init__(self, path: str, framework: str) -> None:
-            self.inner = real(path, framework=framework)
-
-        def __enter__(self):
-            self.f = self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def get_slice(self, name: str) -> _RecordingSlice:
-            return _RecordingSlice(self.f.get_slice(name), name, reads)
-
-    return Handle
-
-
 def _hf_rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
     local_rank_env(rank, world, port)
     reads: list[tuple[str, tuple[int, ...]]] = []
     real = train.hf.safe_open
-    train.hf.safe_open = _recording_safe_open(reads)
+    train.hf.safe_open = slice_only_safe_open(real, lambda name, t: reads.append((name, tuple(t.shape))))
     try:
         trainer = Trainer(compose(overrides))
     finally:

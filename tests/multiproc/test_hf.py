@@ -25,7 +25,7 @@ from launch.config import compose
 from parallel import checkpoint as ckpt
 from parallel.shards import shard_extent
 from parallel.state import full_state_dict
-from tests.helpers import TINY, free_port, layout_facts, local_rank_env, run_layout
+from tests.helpers import TINY, free_port, layout_facts, local_rank_env, run_layout, slice_only_safe_open
 from train.trainer import Trainer
 
 HF_TINY = [*TINY, "moe.bias_update_rate=0", "train.steps=2", "checkpoint.enabled=true"]
@@ -262,49 +262,14 @@ def family_imports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[
     return imports
 
 
-def _counting_safe_open(reads: list[int]):
-    """safe_open that lists names and hands out slices only (no whole-tensor reads), counting sliced elements."""
-    real = train.hf.safe_open
-
-    class Slice:
-        def __init__(self, inner) -> None:
-            self.inner = inner
-
-        def get_shape(self) -> list[int]:
-            return self.inner.get_shape()
-
-        def __getitem__(self, box) -> torch.Tensor:
-            t = self.inner[box]
-            reads.append(t.numel())
-            return t
-
-    class Handle:
-        def __init__(self, path: str, framework: str) -> None:
-            self.inner = real(path, framework=framework)
-
-        def __enter__(self):
-            self.f = self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def keys(self) -> list[str]:
-            return self.f.keys()
-
-        def get_slice(self, name: str) -> Slice:
-            return Slice(self.f.get_slice(name))
-
-    return Handle
-
-
 def _families_rank(rank: int, world: int, port: int, runs: dict[str, list[str]], out: str) -> None:
     """One rank of a group that trains every family in turn; rank 0 saves what each gave."""
     local_rank_env(rank, world, port)
     results = {}
     for family, overrides in runs.items():
         reads: list[int] = []
-        real, train.hf.safe_open = train.hf.safe_open, _counting_safe_open(reads)
+        real = train.hf.safe_open
+        train.hf.safe_open = slice_only_safe_open(real, lambda name, t, reads=reads: reads.append(t.numel()))
         try:
             trainer = Trainer(compose(overrides))
         finally:

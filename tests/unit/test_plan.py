@@ -1,0 +1,113 @@
+"""`moeyard plan` and the pre-flight of `moeyard train`, on paper (no process is spawned).
+
+- the command prints a ranked table for Mixtral-8x7B on 8 x 8 H100 (the issue's example), recommends three
+  layouts, and `--json` carries every layout with its memory and time parts;
+- every enumerated layout passes the trainer's validation, and the config's own layout is among them;
+- a layout predicted not to fit stops `moeyard train` with one line naming the figure and the limit, and
+  `cluster.preflight=false` lets it through; the shipped GPU experiments pass;
+- `--calibration` reads benchmarks/gpu_check.py's JSON (the keys calibration.py documents) and changes the
+  efficiencies; a CPU profile (benchmarks/plan_cpu.py's) sets the device too.
+
+Run: .venv/bin/pytest -q tests/unit/test_plan.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launch.config import compose
+from launch.plan.calibration import GPU_DEFAULT, load_calibration
+from launch.plan.command import cmd_plan
+from launch.plan.cpu import profile_json
+from launch.plan.layouts import enumerate_layouts, plan
+from launch.plan.planner import apply_layout, cpu_device, layout_of
+from launch.validate import ConfigError, launcher_world_size, validate
+
+MIXTRAL_64 = ["model=mixtral_8x7b", "cluster.nodes=8", "cluster.gpus_per_node=8", "cluster.gpu=h100"]
+
+
+def test_plan_prints_the_ranked_table(capsys):
+    assert cmd_plan(MIXTRAL_64 + ["--top", "10"]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    lines = out.splitlines()
+    assert lines[0].startswith("moeyard plan: mixtral_8x7b on 8 node(s) x 8 H100 SXM 80GB (64 ranks)")
+    header = next(line for line in lines if line.strip().startswith("#"))
+    for column in ("layout", "fits", "peak GB", "state", "act", "step s", "comp", "ep", "bubble", "tokens/s", "MFU"):
+        assert column in header
+    rows = [line for line in lines if line[:4].strip().isdigit() and line.startswith(" ")]
+    assert len(rows) == 10
+    assert "recommended:" in out and out.count("parallel.tp=") == 3
+
+
+def test_plan_json_has_every_layout_and_its_parts(capsys):
+    assert cmd_plan(MIXTRAL_64 + ["--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    layouts = data["layouts"]
+    assert data["world"] == 64 and len(layouts) > 100
+    first = layouts[0]
+    assert first["fits"] and set(first["memory_bytes"]) >= {"peak", "params", "grads", "optimizer", "activations"}
+    assert abs(sum(v for k, v in first["step_s"].items() if k != "total") - first["step_s"]["total"]) < 1e-9
+    rates = [x["tokens_per_s"] for x in layouts if x["fits"]]
+    assert rates == sorted(rates, reverse=True)
+    assert all(not x["fits"] for x in layouts[len(rates) :])
+
+
+def test_enumerated_layouts_validate_and_include_the_configured_one():
+    cfg = compose(["experiment=mixtral_8x7b_h100", "run.dir=unused", "cluster.gpu=h100", "cluster.preflight=false"])
+    world = launcher_world_size(cfg)
+    layouts = enumerate_layouts(cfg, world, 8, 4)
+    assert layout_of(cfg, world) in layouts
+    for layout in layouts[:: max(1, len(layouts) // 40)]:  # a spread of them through the full validation
+        validate(apply_layout(cfg, layout), world)
+
+
+def test_train_refuses_a_layout_predicted_not_to_fit():
+    base = ["experiment=mixtral_8x7b_h100", "run.dir=unused", "cluster.gpu=h100", "launcher.dry_run=true"]
+    cfg = compose(base)
+    validate(cfg, launcher_world_size(cfg))  # the shipped preset fits
+    greedy = compose(base + ["parallel.activation_checkpoint=none", "train.micro_batches=4"])
+    with pytest.raises(ConfigError) as err:
+        validate(greedy, launcher_world_size(greedy))
+    line = str(err.value)
+    print(line)
+    assert "\n" not in line and line.startswith("predicted peak memory ")
+    assert "GB usable on cluster.gpu=h100" in line and "cluster.preflight=false" in line
+    expert = compose(base + ["parallel.activation_checkpoint=none", "train.micro_batches=4", "cluster.preflight=false"])
+    validate(expert, launcher_world_size(expert))
+
+
+def test_deepseek_preset_fits_its_cluster():
+    cfg = compose(["experiment=deepseek_v3_h100", "run.dir=unused", "cluster.gpu=h100"])
+    validate(cfg, launcher_world_size(cfg))
+
+
+def test_gpu_check_json_recalibrates(tmp_path):
+    run = lambda model, batch, seq_len, ms: dict(
+        model=model, precision="autocast", batch=batch, seq_len=seq_len, step_ms_median=ms
+    )
+    report = {
+        "peak_tflops": 989.0,
+        "models": [run("mixtral_8x7b_2blocks", 2, 4096, 900), run("debug", 8, 128, 40)],
+        "layers": [{"dtype": "bfloat16", "variants": [{"variant": "floor (grouped_mm)", "expert_tflops": 550.0}]}],
+    }
+    path = tmp_path / "gpu_check.json"
+    path.write_text(json.dumps(report))
+    cal, device = load_calibration(path, "h100")
+    assert device is None and cal.source == str(path)
+    assert cal.gemm_eff == pytest.approx(550 / 989)
+    assert cal.attn_eff != GPU_DEFAULT.attn_eff and cal.layer_s > 0
+    default = plan(compose(MIXTRAL_64)).predictions[0].time.total
+    calibrated = plan(compose(MIXTRAL_64), str(path)).predictions[0].time.total
+    assert calibrated != default
+
+
+def test_cpu_profile_sets_device_and_calibration(tmp_path):
+    device = cpu_device(2, measure=False)
+    cal = GPU_DEFAULT
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(profile_json(device, cal)))
+    got_cal, got_device = load_calibration(path, "cpu")
+    assert got_device == device and got_cal.gemm_eff == cal.gemm_eff
