@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.no_time:
         report = time_validation(steps=args.steps)
-        print(f"step time, {' '.join(TIME_WORKLOAD[:6])}; load average {report.load:.1f} at start")
+        print(f"step time, {' '.join(TIME_WORKLOAD[:6])}; {report.idle:.0%} of the CPUs idle before the runs")
         print(f"calibration: {report.calibration}")
         print(f"{'layout':<22} {'measured s':>10} {'predicted s':>11} {'error':>7}")
         for r in report.rows:

@@ -174,7 +174,7 @@ def validate(cfg: JobConfig, world_size: int) -> ParallelDims:
 
 
 def _check_memory(cfg: JobConfig, world_size: int) -> None:
-    """The pre-flight: the layout's predicted peak memory per rank against the device's (launch/plan/)."""
+    """The pre-flight: the layout's predicted peak memory per rank against the device's (launch/plan/planner.py)."""
     try:
         error = memory_preflight(cfg, world_size)
     except ValueError as err:

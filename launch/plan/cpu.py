@@ -32,7 +32,7 @@ from launch.plan.cluster import DeviceSpec
 from profiling.flops import _cpu_key, cache_dir, measure_cpu_tflops
 
 
-def _measure_copy_gbps(n: int = 8 * 2**20, reps: int = 5) -> float:
+def _measure_copy_gbps(n: int = 16 * 2**20, reps: int = 7) -> float:
     a = torch.empty(n)
     b = torch.empty(n)
     b.copy_(a)
@@ -100,7 +100,7 @@ def cpu_rates() -> dict[str, float]:
     """`measure_rates`, cached (ranks starting together take a file lock)."""
     path = cache_dir() / "plan_cpu.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = _cpu_key().replace("threads=" + str(torch.get_num_threads()), "threads=1") + "|plan=2"
+    key = _cpu_key().replace("threads=" + str(torch.get_num_threads()), "threads=1") + "|plan=3"
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         table = json.loads(path.read_text()) if path.exists() else {}
@@ -112,13 +112,13 @@ def cpu_rates() -> dict[str, float]:
     return table[key]
 
 
-PARAMS = ("scale", "layer_s", "tp_layer_s", "ep_layer_s", "fsdp_layer_s", "pp_micro_s", "step_s")
+PARAMS = ("scale", "layer_s", "tp_layer_s", "sp_layer_s", "ep_layer_s", "fsdp_layer_s", "pp_micro_s", "step_s")
 """What the calibration fits: a scale on the compute time (the three efficiencies divided by it) and the
 fixed costs."""
 
 
 def nnls(x: torch.Tensor, y: torch.Tensor) -> list[float]:
-    """Non-negative least squares by trying every subset of columns (there are seven)."""
+    """Non-negative least squares by trying every subset of columns (there are eight)."""
     n = x.shape[1]
     best, best_err = [0.0] * n, float(y.pow(2).sum())
     for mask in range(1, 2**n):
@@ -141,7 +141,7 @@ def features(planner, layout) -> tuple[list[float], float]:
     the time model is linear in them on a CPU (no overlap): it is evaluated at zero and at each unit."""
     base = planner.cal
     zero = replace(base, gemm_eff=1e12, attn_eff=1e12, mem_eff=1e12, layer_s=0.0, step_s=0.0)
-    zero = replace(zero, tp_layer_s=0.0, ep_layer_s=0.0, fsdp_layer_s=0.0, pp_micro_s=0.0)
+    zero = replace(zero, tp_layer_s=0.0, sp_layer_s=0.0, ep_layer_s=0.0, fsdp_layer_s=0.0, pp_micro_s=0.0)
     units = [replace(zero, gemm_eff=base.gemm_eff, attn_eff=base.attn_eff, mem_eff=base.mem_eff)]
     units += [replace(zero, **{name: 1.0}) for name in PARAMS[1:]]
     totals = []

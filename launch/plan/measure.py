@@ -264,7 +264,7 @@ def run_layouts(jobs: list[Job], world: int, timeout_s: float = 600.0) -> list[l
                 torch.set_num_threads(before)
         else:
             _spawn(_rank_main, (jobs, tmp), world, timeout_s)
-            per_rank = [torch.load(f"{tmp}/rank{r}.pt", weights_only=False) for r in range(world)]
+            per_rank = [torch.load(f"{tmp}/rank{r}.pt", weights_only=True) for r in range(world)]
     return [list(results) for results in zip(*per_rank, strict=True)]
 
 

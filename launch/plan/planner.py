@@ -1,23 +1,26 @@
-"""One layout's predicted memory and step time (`Planner.predict`), and `moeyard train`'s pre-flight.
+"""One layout's predicted memory and step time (`Planner.predict`), calibration files, and the pre-flight.
 
 A layout is (tp, pp, ep, dp, virtual stages, micro-batches, recomputation, FSDP or replicate, schedule);
-layouts.py enumerates and ranks them. The pre-flight predicts the configured layout before any process
-starts and stops a job whose worst rank is predicted over the device's usable memory, with one line naming
-the figure and the limit; `cluster.preflight=false` lets it proceed.
+layouts.py enumerates and ranks them. The pre-flight predicts the configured layout before any process starts
+and stops a job whose worst rank is predicted over the device's usable memory, with one line naming the figure
+and the limit; `cluster.preflight=false` lets it proceed.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+import statistics
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from launch.config import JobConfig
 from launch.plan.activations import FP32, Shape
-from launch.plan.calibration import Calibration, default_calibration, load_calibration
+from launch.plan.calibration import Calibration, default_calibration
 from launch.plan.cluster import GPUS, ClusterConfig, DeviceSpec, check_cluster, ranks_per_node, resolve_kind
 from launch.plan.memory import RankPeak, rank_peak
-from launch.plan.timing import Features, StepTime, Topology, step_time
+from launch.plan.timing import Features, StepTime, Topology, one_device_step_s, step_time
 from moe.config import ModelConfig, MoEConfig
 from parallel.dims import ParallelDims
 from parallel.memory import ShardProbe, probe_shards, stage_memory, stage_param_split
@@ -328,3 +331,70 @@ def _small(cfg: JobConfig, world: int, limit: float) -> bool:
     tokens = t.batch_size * t.seq_len
     per_token = 64 * cfg.model.dim * cfg.model.n_layers + 16 * cfg.model.vocab_size
     return 20 * params + per_token * tokens < limit / 4
+
+
+GPU_CHECK_MODELS: dict[str, tuple[ModelConfig, MoEConfig]] = {
+    "debug": (ModelConfig(), MoEConfig(expert_hidden=32)),
+    "mixtral_8x7b_2blocks": (
+        ModelConfig(
+            name="mixtral_8x7b_2blocks",
+            vocab_size=32000,
+            dim=4096,
+            n_layers=2,
+            n_heads=32,
+            n_kv_heads=8,
+            ffn_hidden=14336,
+            max_seq_len=4096,
+        ),
+        MoEConfig(num_experts=8, top_k=2, expert_hidden=14336),
+    ),
+}
+"""The model shapes benchmarks/gpu_check.py trains (its DEBUG and MIXTRAL_2 cases)."""
+
+
+def load_calibration(path: str | Path, kind: str) -> tuple[Calibration, DeviceSpec | None]:
+    """The calibration in `path` (gpu_check output, or a CPU profile) and, for a CPU profile, its device."""
+    data = json.loads(Path(path).read_text())
+    if data.get("kind") == "cpu":
+        rates = tuple((kind, float(gbps)) for kind, gbps in data["device"].get("collective_gbps", ()))
+        device = DeviceSpec(**{**data["device"], "collective_gbps": rates})
+        return Calibration(**{**data["calibration"], "source": str(path)}), device
+    if "models" in data or "layers" in data:
+        return from_gpu_check(data, kind, str(path)), None
+    raise ValueError(f"--calibration {path}: neither benchmarks/gpu_check.py output nor a CPU profile")
+
+
+def from_gpu_check(data: dict, kind: str, source: str) -> Calibration:
+    """Efficiencies from benchmarks/gpu_check.py's JSON (module docstring)."""
+    cal = replace(default_calibration(kind), source=source)
+    peak = float(data.get("peak_tflops") or GPUS.get(kind, GPUS["h100"]).peak_tflops)
+    floors = [
+        v["expert_tflops"]
+        for layer in data.get("layers", [])
+        if layer.get("dtype") == "bfloat16"
+        for v in layer.get("variants", [])
+        if str(v.get("variant", "")).startswith("floor") and v.get("expert_tflops")
+    ]
+    if floors:
+        cal = replace(cal, gemm_eff=min(0.95, statistics.median(floors) / peak))
+    device = replace(GPUS.get(kind, GPUS["h100"]), peak_tflops=peak)
+    runs = {r["model"]: r for r in data.get("models", []) if r.get("precision") == "autocast" and "error" not in r}
+    big = runs.get("mixtral_8x7b_2blocks")
+    if big:
+        model, moe = GPU_CHECK_MODELS["mixtral_8x7b_2blocks"]
+        no_overhead = replace(cal, layer_s=0.0, step_s=0.0)
+        predicted = one_device_step_s(model, moe, big["batch"], big["seq_len"], device, no_overhead, bf16=True)
+        gemm = one_device_step_s(model, moe, big["batch"], big["seq_len"], device, no_overhead, True, gemm_only=True)
+        rest = predicted - gemm
+        measured = big["step_ms_median"] / 1e3
+        if rest > 0 and measured > gemm:
+            scale = rest / (measured - gemm)
+            cal = replace(cal, attn_eff=min(0.95, cal.attn_eff * scale), mem_eff=min(0.95, cal.mem_eff * scale))
+    small = runs.get("debug")
+    if small:
+        model, moe = GPU_CHECK_MODELS["debug"]
+        no_overhead = replace(cal, layer_s=0.0, step_s=0.0)
+        compute = one_device_step_s(model, moe, small["batch"], small["seq_len"], device, no_overhead, bf16=True)
+        spare = small["step_ms_median"] / 1e3 - compute - cal.step_s
+        cal = replace(cal, layer_s=max(0.0, spare / model.n_layers))
+    return cal

@@ -24,7 +24,7 @@ counted; TFLOP/s per GPU is printed in this repository's convention (profiling/f
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from launch.config import compose
 from launch.plan.planner import Prediction, layout_of, make_planner
@@ -168,8 +168,3 @@ def table(comparisons: list[Comparison]) -> str:
             f" {c.run.published_tflops:>17.0f}"
         )
     return "\n".join(lines)
-
-
-def with_features(run: PublishedRun, **changes: bool) -> PublishedRun:
-    """`run` with some of its system's features switched (what the prediction owes to each)."""
-    return replace(run, features=replace(run.features, **changes))

@@ -239,7 +239,8 @@ def chunk_work(
         forward, backward, tp_pass, ep_pass = per_kind[is_moe]
         passes = 3 if checkpointed(pcfg, layer) else 2  # forward, backward, and the recomputed forward
         ep_fixed = topo.cal.ep_layer_s if is_moe and dims.ep > 1 else 0.0
-        compute += forward * (passes - 2) + forward + backward + fixed + ep_fixed
+        # The fixed costs split about evenly between forward and backward; recomputation repeats the forward's.
+        compute += (forward + (fixed + ep_fixed) / 2) * (passes - 2) + forward + backward + fixed + ep_fixed
         tp_time += passes * tp_pass
         ep_time += passes * ep_pass
     if last:
@@ -257,8 +258,9 @@ def chunk_work(
 
 
 def _fixed_per_block(pcfg: ParallelConfig, dims: ParallelDims, cal: Calibration) -> float:
-    """Fixed seconds per block and micro-batch: the base and what tensor parallelism and FSDP add."""
-    tp = cal.tp_layer_s if dims.tp > 1 else 0.0
+    """Fixed seconds per block and micro-batch: the base and what tensor (and sequence) parallelism and FSDP
+    add."""
+    tp = (cal.tp_layer_s + (cal.sp_layer_s if pcfg.sequence_parallel else 0.0)) if dims.tp > 1 else 0.0
     fsdp = cal.fsdp_layer_s if pcfg.dp_mode == "fsdp" and dims.dp > 1 else 0.0
     return cal.layer_s + tp + fsdp
 
@@ -372,13 +374,16 @@ def _p2p(m: ModelConfig, s: Shape, dims: ParallelDims, topo: Topology) -> float:
 
 
 def _dp_time(pcfg, dims, topo: Topology, state: RankMemory, split: tuple[int, int], backward: float) -> float:
-    """Replicated gradients all-reduced once per step (FSDP's traffic is per micro-batch, in chunk_work)."""
+    """Replicated gradients all-reduced once per step (FSDP's traffic is per micro-batch, in chunk_work), in
+    buckets that are copied in, divided and copied back (6 passes over the bytes)."""
     if dims.dp == 1 and dims.edp == 1 or (pcfg.dp_mode == "fsdp" and dims.dp > 1):
         return 0.0
     dense, expert = split
     dp_ranks = [i * dims.tp for i in range(dims.dp)]
     edp_ranks = [i * dims.ep for i in range(dims.edp)]
     t = topo.ring(dp_ranks, FP32 * dense, "all_reduce") + topo.ring(edp_ranks, FP32 * expert, "all_reduce")
+    reduced = (dense if dims.dp > 1 else 0) + (expert if dims.edp > 1 else 0)
+    t += 6 * FP32 * reduced / _rates(topo).memory
     if topo.features.overlap_dp:
         return max(0.0, t - 2 / 3 * backward)
     return t

@@ -7,12 +7,13 @@ state is compared to the byte: parameters, gradients and AdamW state.
 
 Time: all runs happen in one group of 2 spawned ranks, one torch thread each, so both cores are busy in every
 run. One-process runs ("solo": each rank trains the whole job alone) serve as references and calibration.
-  1. calibration: the fixed costs per feature come from a small model (solo, tp2, FSDP, pp2, ep2 at
-     CAL_SMALL), the compute scale and the one-process costs from solo runs of the validation model at 1 and
-     4 micro-batches; the time model is fitted to these (cpu.calibrate), once;
-  2. validation: the layouts below at the validation model, each between two solo reference runs of it (2
-     micro-batches). A layout's measured time is scaled by the references' overall median over the mean of
-     its two neighbours, so that a change in the machine's load between the calibration and the layout
+  1. calibration: the fixed costs per feature come from a small model (solo, tp2, tp2 with sequence
+     parallelism, FSDP, pp2, ep2 at CAL_SMALL), the compute scale and the one-process costs from solo runs
+     of the validation model at 1 and 4 micro-batches; the time model is fitted to these (cpu.calibrate),
+     once;
+  2. validation: the layouts below at the validation model, two at a time between solo reference runs of
+     it (2 micro-batches). A layout's measured time is scaled by the references' overall median over the mean
+     of the two around it, so that a change in the machine's load between the calibration and the layout
      cancels; on a quiet machine the factor is 1.
 The predicted time of each layout is compared with that; MAPE over the layouts, and whether the measured
 fastest layout is among the three predicted fastest.
@@ -20,9 +21,10 @@ fastest layout is among the three predicted fastest.
 
 from __future__ import annotations
 
-import os
 import statistics
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from launch.config import compose
 from launch.plan.calibration import Calibration
@@ -93,6 +95,10 @@ TIME_LAYOUTS: dict[str, tuple[bool, tuple[str, ...]]] = {
 CAL_JOBS: dict[str, tuple[bool, tuple[str, ...]]] = {
     "small solo": (True, (*CAL_SMALL, "train.micro_batches=2")),
     "small tp2": (False, (*CAL_SMALL, "train.micro_batches=2", "parallel.tp=2")),
+    "small tp2 SP": (
+        False,
+        (*CAL_SMALL, "train.micro_batches=2", "parallel.tp=2", "parallel.sequence_parallel=true"),
+    ),
     "small FSDP": (False, (*CAL_SMALL, "train.micro_batches=2", "parallel.dp_mode=fsdp")),
     "small pp2": (False, (*CAL_SMALL, "train.micro_batches=2", "parallel.pp=2")),
     "small ep2": (False, (*CAL_SMALL, "train.micro_batches=2", "parallel.ep=2")),
@@ -159,8 +165,8 @@ class TimeReport:
     rows: list[Row]
     calibration: Calibration
     references: list[float]
-    load: float
-    """The 1-minute load average when the runs started."""
+    idle: float
+    """Fraction of the machine's CPU time that was idle over 2 s before the runs (other work's share)."""
     rates: dict
     """This CPU's measured rates (cpu.measure_rates)."""
 
@@ -180,15 +186,15 @@ class TimeReport:
 def time_validation(steps: int = 5, warmup: int = 2, layouts: dict | None = None) -> TimeReport:
     """Calibrates on CAL_JOBS and predicts each of TIME_LAYOUTS (module docstring)."""
     layouts = layouts or TIME_LAYOUTS
-    load = os.getloadavg()[0]
+    idle = idle_fraction()
     rates = measure_rates()  # this run's own loopback and GEMM rates, not a cached measurement
     job = lambda name, solo, overrides: Job(
         name, (*TIME_WORKLOAD, *overrides), time_steps=steps, warmup=warmup, solo=solo
     )
     ref = job("reference", True, REFERENCE)
     jobs = [job(name, solo, overrides) for name, (solo, overrides) in CAL_JOBS.items()]
-    for name, (solo, overrides) in layouts.items():
-        jobs += [ref, job(name, solo, overrides)]
+    for i, (name, (solo, overrides)) in enumerate(layouts.items()):
+        jobs += [ref] * (i % 2 == 0) + [job(name, solo, overrides)]
     jobs.append(ref)
     measured = {}
     references = []
@@ -216,7 +222,24 @@ def time_validation(steps: int = 5, warmup: int = 2, layouts: dict | None = None
             f" other {t.optimizer + t.overhead:.3f}; measured {seconds:.3f} x drift {drift:.2f}"
         )
         rows.append(Row(name, seconds * drift, t.total, detail))
-    return TimeReport(rows, cal, references, load, rates)
+    return TimeReport(rows, cal, references, idle, rates)
+
+
+def idle_fraction(seconds: float = 2.0) -> float:
+    """The share of all cores' time spent idle over `seconds` (Linux /proc/stat; 1.0 where it is absent). A
+    load average would still count the memory validation that ran just before."""
+
+    def sample() -> tuple[int, int]:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except OSError:
+            return 0, 0
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    idle0, total0 = sample()
+    time.sleep(seconds)
+    idle1, total1 = sample()
+    return (idle1 - idle0) / (total1 - total0) if total1 > total0 else 1.0
 
 
 def planner_for(overrides: tuple[str, ...], rates: dict) -> Planner:

@@ -9,16 +9,15 @@ moments and step counters) equal to the prediction to the byte.
 Time: after a one-off calibration on other runs (a smaller model for the fixed costs of each kind of
 parallelism, and one-process runs at other micro-batch counts), eleven layouts of a larger model on two
 ranks are predicted and measured: the mean absolute percentage error must be at most 15%, and the measured
-fastest layout must be among the three predicted fastest. On a machine busier than its core count at the
-start (other jobs), step times mean little: the table is printed and the time assertions are skipped.
+fastest layout must be among the three predicted fastest. On a machine where other work already takes more
+than a fifth of the CPUs before the runs, step times swing by 20-30% from run to run: the table is printed
+and the time assertions are skipped.
 
 Both tables are printed (`pytest -s`) and written to the test's tmp_path. About 3 minutes on 2 idle cores.
 Run: .venv/bin/pytest -q -s tests/multiproc/test_plan_cpu.py
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 
@@ -28,6 +27,8 @@ pytestmark = pytest.mark.multiproc
 
 MEMORY_GOAL = 0.10
 TIME_GOAL = 0.15
+QUIET = 0.8
+"""Idle share of the CPUs before the time runs below which other work makes step times incomparable."""
 
 
 def test_activation_memory_and_model_state(tmp_path):
@@ -48,7 +49,7 @@ def test_activation_memory_and_model_state(tmp_path):
 
 def test_step_time(tmp_path):
     report = time_validation()
-    lines = [f"calibration: {report.calibration}", f"load average at start {report.load:.1f}"]
+    lines = [f"calibration: {report.calibration}", f"idle before the runs: {report.idle:.0%} of the CPUs"]
     lines.append(f"{'layout':<22} {'measured s':>10} {'predicted s':>11} {'error':>7}  predicted parts")
     for r in report.rows:
         lines.append(f"{r.name:<22} {r.measured:>10.3f} {r.predicted:>11.3f} {r.error:>+7.1%}  {r.detail}")
@@ -58,7 +59,7 @@ def test_step_time(tmp_path):
     print("\n" + text)
     (tmp_path / "time.txt").write_text(text + "\n")
     assert len(report.rows) >= 8
-    if report.load > (os.cpu_count() or 1):
-        pytest.skip(f"load average {report.load:.1f} over {os.cpu_count()} cores: step times are not comparable")
+    if report.idle < QUIET:
+        pytest.skip(f"only {report.idle:.0%} of the CPUs idle before the runs: not a quiet machine")
     assert report.mape <= TIME_GOAL, f"MAPE {report.mape:.1%}"
     assert report.best_measured in report.predicted_top3

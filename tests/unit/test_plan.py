@@ -5,7 +5,7 @@
 - every enumerated layout passes the trainer's validation, and the config's own layout is among them;
 - a layout predicted not to fit stops `moeyard train` with one line naming the figure and the limit, and
   `cluster.preflight=false` lets it through; the shipped GPU experiments pass;
-- `--calibration` reads benchmarks/gpu_check.py's JSON (the keys calibration.py documents) and changes the
+- `--calibration` reads benchmarks/gpu_check.py's JSON (the keys launch/plan/calibration.py documents) and changes the
   efficiencies; a CPU profile (benchmarks/plan_cpu.py's) sets the device too.
 
 Run: .venv/bin/pytest -q tests/unit/test_plan.py
@@ -18,11 +18,11 @@ import json
 import pytest
 
 from launch.config import compose
-from launch.plan.calibration import GPU_DEFAULT, load_calibration
+from launch.plan.calibration import GPU_DEFAULT
 from launch.plan.command import cmd_plan
 from launch.plan.cpu import profile_json
 from launch.plan.layouts import enumerate_layouts, plan
-from launch.plan.planner import apply_layout, cpu_device, layout_of
+from launch.plan.planner import apply_layout, cpu_device, layout_of, load_calibration
 from launch.validate import ConfigError, launcher_world_size, validate
 
 MIXTRAL_64 = ["model=mixtral_8x7b", "cluster.nodes=8", "cluster.gpus_per_node=8", "cluster.gpu=h100"]

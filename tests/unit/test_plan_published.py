@@ -19,7 +19,7 @@ KNOWN_MISSES = {
     "DeepSeek-V3, 2048 H800": (
         "over-predicted: the model runs DeepSeek's FP8 linear layers at the GEMM efficiency of bf16 (70% of the "
         "FP8 peak, as DeepGEMM's published rates) and hides the all-to-all wholly behind DualPipe; the report's "
-        "180K GPU hours per trillion tokens come to about 70% of that"
+        "180K GPU hours per trillion tokens come to about two thirds of that"
     ),
 }
 
