@@ -53,7 +53,7 @@ _TOP = {
 _EXPERT_WEIGHTS = ("w1", "w3", "w2")
 
 
-class _Reader:
+class SafetensorsReader:
     """Reads boxes of tensors by name from model.safetensors or an indexed set of shards (files opened once,
     memory-mapped: only the bytes of a requested box are read)."""
 
@@ -131,7 +131,7 @@ class TensorMap:
     # --- import: a box of our tensor <- slices of HF tensors (either expert layout) ---
 
     def read(
-        self, name: str, full_shape: torch.Size, offset: tuple[int, ...], shape: torch.Size, reader: _Reader
+        self, name: str, full_shape: torch.Size, offset: tuple[int, ...], shape: torch.Size, reader: SafetensorsReader
     ) -> torch.Tensor:
         """The box [offset, offset + shape) of our tensor `name` (full shape `full_shape`), reading only the
         slices of the HF tensors it needs: the box's experts (each at the transposed box), and for permuted
@@ -154,7 +154,7 @@ class TensorMap:
         return rows[start : start + shape[0]]
 
     def _read_experts(
-        self, prefix: str, w: str, full_shape: torch.Size, box: tuple[slice, ...], reader: _Reader
+        self, prefix: str, w: str, full_shape: torch.Size, box: tuple[slice, ...], reader: SafetensorsReader
     ) -> torch.Tensor:
         E, rows, cols = full_shape  # w1/w3: [E, D, F]; w2: [E, F, D]
         experts = range(box[0].start, box[0].stop)
@@ -351,7 +351,7 @@ def load_hf_weights(pm, hf_dir: Path, model: ModelConfig) -> None:
     layout), reading only the slices of the HF tensors that those shards hold."""
     hf = json.loads((hf_dir / "config.json").read_text())
     tmap = TensorMap(FAMILIES[hf["model_type"]], model, hf)
-    reader = _Reader(hf_dir)
+    reader = SafetensorsReader(hf_dir)
     try:
         for name, t in ckpt.model_tensors(pm):
             if not tmap.maps(name):  # the aux-free bias of a family without one

@@ -45,16 +45,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from moe.config import ModelConfig, MoEConfig
 from moe.init import init_slice_
 from parallel import checkpoint as ckpt
 from parallel.shards import shard_extent
+from train.hf import SafetensorsReader
 
 DENSE_FAMILIES = ("llama", "qwen3")
 """Hugging Face model_type values of the dense models that upcycle (LlamaForCausalLM, Qwen3ForCausalLM)."""
@@ -208,43 +207,10 @@ def check_dense_dir(hf_dir: Path, model: ModelConfig, moe: MoEConfig, granularit
         raise ValueError(f"{field}={hf_dir} has no {INDEX} or model.safetensors (rule: weights as safetensors)")
 
 
-class _Safetensors:
-    """Boxes of named tensors from model.safetensors or an indexed set of files (memory-mapped: only the bytes
-    of a requested box are read)."""
-
-    def __init__(self, hf_dir: Path) -> None:
-        self.dir = hf_dir
-        if (hf_dir / INDEX).is_file():
-            self.files = json.loads((hf_dir / INDEX).read_text())["weight_map"]
-        else:
-            with safe_open(str(hf_dir / "model.safetensors"), framework="pt") as f:
-                self.files = dict.fromkeys(f.keys(), "model.safetensors")
-        self.opened = ExitStack()
-        self.handles: dict[str, object] = {}
-
-    def read(self, name: str, box: tuple[slice, ...], shape: torch.Size) -> torch.Tensor:
-        """The `box` of tensor `name` as fp32, after checking that its full shape is `shape`."""
-        if name not in self.files:
-            raise ValueError(f"train.init_from={self.dir} lacks tensor {name} (rule: complete dense weights)")
-        file = self.files[name]
-        if file not in self.handles:
-            self.handles[file] = self.opened.enter_context(safe_open(str(self.dir / file), framework="pt"))
-        part = self.handles[file].get_slice(name)
-        if tuple(part.get_shape()) != tuple(shape):
-            raise ValueError(
-                f"train.init_from={self.dir}: {name} has shape {tuple(part.get_shape())}, the model needs "
-                f"{tuple(shape)} (rule: the weights must match config.json)"
-            )
-        return part[box].float()
-
-    def close(self) -> None:
-        self.opened.close()
-
-
 def _rope_rows(hf_name: str, full_shape: torch.Size, box: tuple[slice, ...], read: _Read, hd: int) -> torch.Tensor:
     """Rows `box[0]` of a per-head tensor (q/k projection or head norm) in our RoPE order: the whole heads the
     rows fall in are read, each head's rows go HF (i, i + hd/2) -> ours (2i, 2i+1), and the box is cut out.
-    (train/hf.py's `_rope_rows_from_hf` does the same; kept local while that module is being split up.)"""
+    Whole heads, because a box may cut a head's rows where the HF layout splits them in halves."""
     first, last = box[0].start // hd, -(-box[0].stop // hd)
     rows = read(hf_name, (slice(first * hd, last * hd), *box[1:]), full_shape)
     ours = rows.reshape(last - first, 2, hd // 2, -1).transpose(1, 2).reshape(rows.shape)
@@ -316,7 +282,7 @@ def load_upcycled_weights(pm, hf_dir: Path, model: ModelConfig, moe: MoEConfig, 
     g = hf["intermediate_size"] // moe.expert_hidden
     assert g * moe.expert_hidden == hf["intermediate_size"] and moe.num_experts % g == 0, (g, moe)
     assert moe.num_shared_experts == 0, "validation refuses shared experts with train.upcycle"
-    reader = _Safetensors(hf_dir)
+    reader = SafetensorsReader(hf_dir)
     try:
         for name, t in ckpt.model_tensors(pm):
             if name.endswith("expert_bias"):

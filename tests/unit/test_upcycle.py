@@ -176,10 +176,11 @@ def test_two_ranks_read_their_slices(llama: Path, layout: list[str], tmp_path: P
 def test_any_box_is_that_box_of_the_whole(llama: Path) -> None:
     """A shard's read (router rows cutting through a copy, expert columns, q rows inside a head) is exactly
     the box of the one-process tensor."""
-    from train.upcycle import _Safetensors, read_upcycled_part
+    from train.hf import SafetensorsReader
+    from train.upcycle import read_upcycled_part
 
     cfg = compose(overrides(llama, 4, 8, 4, llama / "unused"))
-    reader = _Safetensors(llama)
+    reader = SafetensorsReader(llama)
     m, g = cfg.model, 4
     shapes = {
         "layers.1.moe.router.gate.weight": (8, 64),
