@@ -68,6 +68,23 @@ class DeviceSpec:
     """Per kind of collective (all_reduce, all_gather, reduce_scatter, all_to_all, send), its own bus
     bandwidth inside a node where it differs from intra_gbps: gloo's differ by up to 6x on a CPU."""
 
+    def with_cpu_rates(self, rates: dict) -> DeviceSpec:
+        """This spec with a CPU's measured (or nominal) rates: its fp32 GEMM rate as the peak, copy
+        bandwidth as memory bandwidth, gloo loopback as every link."""
+        from dataclasses import replace
+
+        return replace(
+            self,
+            peak_tflops=rates["peak_tflops"],
+            fp32_tflops=rates["peak_tflops"],
+            hbm_gbps=rates["hbm_gbps"],
+            intra_gbps=rates["link_gbps"],
+            inter_gbps=rates["link_gbps"],
+            intra_latency_s=rates["latency_s"],
+            inter_latency_s=rates["latency_s"],
+            collective_gbps=tuple(sorted(rates.get("collective_gbps", {}).items())),
+        )
+
     @property
     def usable_bytes(self) -> float:
         return (self.memory_bytes - self.reserved_bytes) * (1.0 - self.fragmentation)

@@ -256,20 +256,20 @@ def cpu_device(per_node: int, measure: bool = True) -> DeviceSpec:
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     rates = cpu_rates() if measure else NOMINAL_CPU
-    return DeviceSpec(
+    spec = DeviceSpec(
         name="cpu",
         memory_bytes=ram / max(1, per_node),
         reserved_bytes=0.4e9,  # Python, torch and gloo per process (README: about 370 MB)
         fragmentation=0.0,
-        peak_tflops=rates["peak_tflops"],
-        fp32_tflops=rates["peak_tflops"],
-        hbm_gbps=rates["hbm_gbps"],
-        intra_gbps=rates["link_gbps"],
-        inter_gbps=rates["link_gbps"],
-        intra_latency_s=rates["latency_s"],
-        inter_latency_s=rates["latency_s"],
-        collective_gbps=tuple(sorted(rates.get("collective_gbps", {}).items())),
+        peak_tflops=0.0,
+        fp32_tflops=0.0,
+        hbm_gbps=0.0,
+        intra_gbps=0.0,
+        inter_gbps=0.0,
+        intra_latency_s=0.0,
+        inter_latency_s=0.0,
     )
+    return spec.with_cpu_rates(rates)
 
 
 def _preflight_kind(cfg: JobConfig) -> str | None:

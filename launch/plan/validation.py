@@ -247,7 +247,7 @@ def planner_for(overrides: tuple[str, ...], rates: dict) -> Planner:
     from launch.plan.planner import cpu_device
 
     planner = make_planner(compose([*TIME_WORKLOAD, *overrides]), measure=False)
-    planner.device = _with_rates(cpu_device(2, measure=False), rates)
+    planner.device = cpu_device(2, measure=False).with_cpu_rates(rates)
     return planner
 
 
@@ -258,19 +258,3 @@ def _calibrated(rates: dict, measured: dict) -> Calibration:
         planners.append(planner)
         runs.append((layout_of(planner.cfg, 1 if solo else 2), measured[name][0]))
     return calibrate(planners, runs)
-
-
-def _with_rates(device, rates: dict):
-    from dataclasses import replace
-
-    return replace(
-        device,
-        peak_tflops=rates["peak_tflops"],
-        fp32_tflops=rates["peak_tflops"],
-        hbm_gbps=rates["hbm_gbps"],
-        intra_gbps=rates["link_gbps"],
-        inter_gbps=rates["link_gbps"],
-        intra_latency_s=rates["latency_s"],
-        inter_latency_s=rates["latency_s"],
-        collective_gbps=tuple(sorted(rates["collective_gbps"].items())),
-    )
