@@ -8,12 +8,6 @@ expert-parallel all-to-all dispatcher lives in `parallel/expert.py` and follows 
 
 Host synchronisations: none when the kept count is known from the shapes (dropless routing), else one
 (the kept count) per layer.
-
-Token-choice routing lays its assignments out token-major, K per token. The local dispatcher then moves rows
-with gathers only, forward and backward: a token's K outputs are gathered back beside each other and summed
-with their weights as one batched matmul, and the backward of each gather is a gather by the inverse
-permutation, not a scatter-add (no atomics, one pass over the rows; see `_GatherTokens`, `_CombineTokens`).
-`benchmarks/profile_layer.py` measured the scatter-add combine at a fifth of the layer's time on CPU.
 """
 
 from __future__ import annotations
@@ -81,51 +75,6 @@ def combine_rows(y_ND: torch.Tensor, routing: Routing, order_A: torch.Tensor, nu
     weight_N = routing.weight_A.index_select(0, order_A).to(y_ND.dtype)
     out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[-1])
     return out_TD.index_add(0, token_N, y_ND * weight_N[:, None])
-
-
-def kept_positions(order_A: torch.Tensor, num_kept: int) -> torch.Tensor:
-    """Where each assignment landed among the kept rows in expert order; `num_kept` for a dropped one [A]."""
-    pos_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(order_A.numel(), device=order_A.device))
-    return pos_A.clamp(max=num_kept)
-
-
-class _GatherTokens(torch.autograd.Function):
-    """x_TD -> the kept rows x_ND, whose token of row i is kept_N[i] // K; backward gathers each token's K
-    row gradients (a zero row for a dropped assignment) and sums them."""
-
-    @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, token_N: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(pos_TK)
-        return x_TD.index_select(0, token_N)
-
-    @staticmethod
-    def backward(ctx, grad_ND: torch.Tensor):
-        (pos_TK,) = ctx.saved_tensors
-        padded = torch.cat([grad_ND, grad_ND.new_zeros(1, grad_ND.shape[1])])
-        T, K = pos_TK.shape
-        return padded.index_select(0, pos_TK.flatten()).view(T, K, -1).sum(1), None, None
-
-
-class _CombineTokens(torch.autograd.Function):
-    """Kept rows y_ND (expert order) -> out_TD = sum_k weight_TK * y of the token's k-th assignment (zero when
-    dropped), as one batched matmul; backward gathers by the kept order again."""
-
-    @staticmethod
-    def forward(ctx, y_ND, weight_TK, pos_TK, kept_N) -> torch.Tensor:
-        T, K = pos_TK.shape
-        padded = torch.cat([y_ND, y_ND.new_zeros(1, y_ND.shape[1])])
-        rows_TKD = padded.index_select(0, pos_TK.flatten()).view(T, K, -1)
-        ctx.save_for_backward(rows_TKD, weight_TK, kept_N)
-        return torch.bmm(weight_TK.to(y_ND.dtype).unsqueeze(1), rows_TKD).squeeze(1)
-
-    @staticmethod
-    def backward(ctx, grad_TD: torch.Tensor):
-        rows_TKD, weight_TK, kept_N = ctx.saved_tensors
-        K = weight_TK.shape[1]
-        grad_weight_TK = torch.bmm(rows_TKD, grad_TD.unsqueeze(2)).squeeze(2).to(weight_TK.dtype)
-        weight_N = weight_TK.flatten().index_select(0, kept_N).to(grad_TD.dtype)
-        grad_y_ND = grad_TD.index_select(0, kept_N // K) * weight_N[:, None]
-        return grad_y_ND, grad_weight_TK, None, None
 
 
 class LocalDispatcher:

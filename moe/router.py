@@ -69,9 +69,6 @@ class Routing:
     """Combine weight of each candidate assignment (float, differentiable)."""
     num_kept: int | None
     """Kept assignments when the shapes alone tell (dropless routing); None when only the device knows."""
-    per_token: int | None
-    """K when the assignments are token-major with K per token (assignment a is token a // K): token-choice
-    routing. None for expert-choice, where a token has any number of assignments."""
     routed_E: torch.Tensor
     """Assignments chosen per expert before capacity (int64)."""
     kept_E: torch.Tensor
@@ -236,7 +233,6 @@ class Router(nn.Module):
             expert_idx_A=expert_TK.flatten(),
             weight_A=weight_TK.flatten(),
             num_kept=num_kept,
-            per_token=K,
             routed_E=routed_E,
             kept_E=count_per_expert(expert_TK, E),
             mean_prob_E=probs_TE.detach().mean(0),
@@ -294,7 +290,6 @@ class Router(nn.Module):
             expert_idx_A=torch.where(mine_GEC, e_GEC, E).flatten(),
             weight_A=(weight_GEC * self.cfg.route_scale).flatten(),
             num_kept=pos_GEC.numel() if split is None else None,
-            per_token=None,
             routed_E=count_E,
             kept_E=count_E,
             mean_prob_E=probs_TE.detach().mean(0),

@@ -216,12 +216,12 @@ def test_capacity_is_counted_per_sequence(policy):
 # --- dispatch ------------------------------------------------------------------------------------------
 
 
-def hand_routing(token, expert, weight, num_experts=3, per_token=None) -> Routing:
+def hand_routing(token, expert, weight, num_experts=3) -> Routing:
     zero = torch.zeros(())
     kept_E = count_per_expert(torch.tensor(expert), num_experts)
     return Routing(
         token_idx_A=torch.tensor(token), expert_idx_A=torch.tensor(expert), weight_A=torch.as_tensor(weight),
-        num_kept=None, per_token=per_token, routed_E=zero, kept_E=kept_E, mean_prob_E=zero, entropy=zero,
+        num_kept=None, routed_E=zero, kept_E=kept_E, mean_prob_E=zero, entropy=zero,
         aux_loss=zero, seq_aux_loss=zero, z_loss=zero,
     )  # fmt: skip
 
@@ -248,11 +248,11 @@ def test_local_dispatcher_round_trip():
     assert identity.out_TD.tolist() == [[0.75, 0.0], [0.0, 1.0], [2.0, 2.0]] and identity.alongside is None
 
 
-def test_token_major_dispatch_gathers_forward_and_backward():
+def test_local_dispatcher_gradients_reach_tokens_and_kept_weights():
     # K = 2 per token, token-major: t0 -> (e2, e0), t1 -> (e2, dropped), t2 -> (e1, e0).
     x_TD = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], requires_grad=True)
     weight = torch.tensor([0.5, 0.25, 1.0, 9.0, 2.0, 3.0], requires_grad=True)
-    routing = hand_routing([0, 0, 1, 1, 2, 2], [2, 0, 2, 3, 1, 0], weight, per_token=2)
+    routing = hand_routing([0, 0, 1, 1, 2, 2], [2, 0, 2, 3, 1, 0], weight)
     scale = torch.tensor([[1.0], [10.0], [100.0], [1000.0], [1e4]])  # tells the rows apart
     out = LocalDispatcher(num_experts=3).run(x_TD, routing, lambda x_ND, counts_E: x_ND * scale[: len(x_ND)], None)
     # Expert order: (t0, e0) x1, (t2, e0) x10, (t2, e1) x100, (t0, e2) x1000, (t1, e2) x1e4.
