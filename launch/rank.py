@@ -8,11 +8,12 @@ itself; srun tasks (launch.slurm) and MPI ranks (launch.mpi) get them translated
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from launch.config import JobConfig, load_resolved
 from launch.mpi import rank_env_from_mpi
@@ -92,5 +93,23 @@ def main() -> int:
     return status
 
 
+def leave(status: int) -> NoReturn:
+    """Ends this rank with `status`, skipping the interpreter's finalization.
+
+    torch keeps a run's process groups (and their worker threads) alive past `destroy_process_group` when
+    FSDP2 has held them. A worker that drops the last reference to a tensor while the interpreter finalizes
+    must take the GIL, is stopped by Python, and the process aborts (SIGABRT, "terminate called without an
+    active exception") after a run that succeeded. So this rank flushes what it wrote, finalizes MPI if it
+    used it (mpi4py would do that at exit), and leaves through `os._exit`.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

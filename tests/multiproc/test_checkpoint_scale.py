@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -37,7 +36,7 @@ from moe.config import ModelConfig
 from parallel import checkpoint as ckpt
 from parallel.shards import shard_extent
 from tests.ckpt_faults import saved_tensors
-from tests.helpers import MOEYARD, REPO, TINY, free_port, local_rank_env, slice_only_safe_open
+from tests.helpers import MOEYARD, REPO, TINY, free_port, local_rank_env, slice_only_safe_open, spawn
 from train.hf import export
 from train.trainer import Trainer
 
@@ -141,9 +140,9 @@ def _save_load_rank(rank: int, world: int, port: int, overrides: list[str], out:
     dist.destroy_process_group()
 
 
-def spawn(worker, world: int, overrides: list[str], out: Path) -> list[dict]:
+def run_ranks(worker, world: int, overrides: list[str], out: Path) -> list[dict]:
     """Runs `worker` on `world` gloo ranks; returns each rank's result."""
-    mp.start_processes(worker, args=(world, free_port(), overrides, str(out)), nprocs=world, start_method="spawn")
+    spawn(worker, (world, free_port(), overrides, str(out)), world)
     return [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(world)]
 
 
@@ -151,7 +150,7 @@ def spawn(worker, world: int, overrides: list[str], out: Path) -> list[dict]:
 @pytest.mark.timeout(300)
 def test_save_and_load_never_gather_an_expert_shard(tmp_path: Path) -> None:
     overrides = [*TINY, *DP4_EP2, "train.steps=2", f"run.dir={tmp_path}"]
-    results = spawn(_save_load_rank, 4, overrides, tmp_path / "result")
+    results = run_ranks(_save_load_rank, 4, overrides, tmp_path / "result")
     # Experts [8, 64, 32]: ep rank r holds experts 4r..4r+3, of which edp rank s holds 4r+2s, 4r+2s+1.
     full = 8 * 64 * 32
     assert sorted(r["coords"] for r in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -222,7 +221,7 @@ HF_LAYOUTS = [("dp4_ep2_fsdp", 4, DP4_EP2), ("tp2_ep2", 2, ["parallel.tp=2", "pa
 def test_hf_import_reads_only_the_ranks_slices(hf_dir, tmp_path: Path, name: str, world: int, layout) -> None:
     out, weights = hf_dir
     overrides = [*TINY, "moe.bias_update_rate=0", *layout, f"train.init_from={out}", f"run.dir={tmp_path}"]
-    results = spawn(_hf_rank, world, overrides, tmp_path / "result")
+    results = run_ranks(_hf_rank, world, overrides, tmp_path / "result")
     m = compose(overrides).model
     partial = 0
     for rank, r in enumerate(results):

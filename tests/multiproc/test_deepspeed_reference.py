@@ -25,12 +25,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from moe.config import MoEConfig
 from moe.experts import GroupedExperts
 from moe.layer import MoELayer, SwiGLU
-from tests.helpers import free_port, local_rank_env
+from tests.helpers import free_port, local_rank_env, spawn
 
 REPO = Path(__file__).resolve().parents[2]
 D, F, E, B, S = 32, 48, 8, 2, 16
@@ -155,9 +154,7 @@ def _spawn(world: int, out_dir: Path) -> list[dict]:
     """Runs `_worker` on `world` gloo ranks, killing them all if they outlive SPAWN_TIMEOUT_S."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     os.environ.setdefault("DS_BUILD_OPS", "0")
-    ctx = mp.start_processes(
-        _worker, args=(world, free_port(), str(out_dir)), nprocs=world, start_method="spawn", join=False
-    )
+    ctx = spawn(_worker, (world, free_port(), str(out_dir)), world, join=False)
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     try:
         while not ctx.join(timeout=1.0):

@@ -17,13 +17,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moe.config import MoEConfig
 from moe.experts import GroupedExperts
 from moe.layer import MoELayer
 from parallel.expert import AllToAllDispatcher
-from tests.helpers import free_port
+from tests.helpers import free_port, spawn
 from tests.sync_counter import SyncCounter
 
 E, D, F, EP = 8, 16, 8, 2
@@ -92,7 +91,7 @@ def test_all_to_all_matches_local(capacity_factor, starve_rank1, shared, overlap
         z_loss_coef=0.0,
     )
     out = str(tmp_path / "r")
-    mp.start_processes(_worker, args=(free_port(), cfg, starve_rank1, overlap, out), nprocs=EP, start_method="spawn")
+    spawn(_worker, (free_port(), cfg, starve_rank1, overlap, out), EP)
     results = [torch.load(f"{out}.{r}", weights_only=True) for r in range(EP)]
     for r in results:
         # One host read per layer: every chunk's all-to-all row counts, read together.

@@ -13,11 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.flop_counter import FlopCounterMode
 
 from launch.config import compose
-from tests.helpers import free_port, local_rank_env
+from tests.helpers import free_port, local_rank_env, spawn
 from train.trainer import Trainer
 
 BASE = ["model=debug", "train.seq_len=32", "train.batch_size=4", "profiling=off", "train.eval_every=0"]
@@ -46,7 +45,7 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> N
 
 
 def flops_per_rank(overrides: list[str], world: int, out: str) -> list[dict[str, int]]:
-    mp.start_processes(_rank, args=(world, free_port(), overrides, out), nprocs=world, start_method="spawn")
+    spawn(_rank, (world, free_port(), overrides, out), world)
     return [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
 
 

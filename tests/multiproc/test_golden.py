@@ -20,12 +20,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from launch.config import compose
 from parallel.dims import ParallelDims
 from tests import helpers
-from tests.helpers import free_port, run_layout
+from tests.helpers import free_port, run_layout, spawn
 
 BASE = [
     "model=debug",
@@ -344,9 +343,7 @@ def test_disabled_transform_is_caught(world, layout, variant, disabled, reported
     still trains exactly like one process, so nothing else would notice."""
     overrides = [*BASE, *variant, *layout, f"run.dir={tmp_path}"]
     out = str(tmp_path / "got.pt")
-    mp.start_processes(
-        _rank_without, args=(world, free_port(), overrides, out, [disabled]), nprocs=world, start_method="spawn"
-    )
+    spawn(_rank_without, (world, free_port(), overrides, out, [disabled]), world)
     got = torch.load(out, weights_only=True)
     if blind:
         assert_same_training(reference(variant, tmp_path_factory), got)

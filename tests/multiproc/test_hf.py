@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors import safe_open
 
 import train.hf
@@ -25,7 +24,7 @@ from launch.config import compose
 from parallel import checkpoint as ckpt
 from parallel.shards import shard_extent
 from parallel.state import full_state_dict
-from tests.helpers import TINY, free_port, layout_facts, local_rank_env, run_layout, slice_only_safe_open
+from tests.helpers import TINY, free_port, layout_facts, local_rank_env, run_layout, slice_only_safe_open, spawn
 from train.trainer import Trainer
 
 HF_TINY = [*TINY, "moe.bias_update_rate=0", "train.steps=2", "checkpoint.enabled=true"]
@@ -303,7 +302,7 @@ def test_every_family_imports_under_the_layout(family_imports, tmp_path: Path, n
     process's (fp32), which checks the gradients too, e.g. the sum over tp of Qwen2-MoE's shared-expert gate."""
     runs = {f: [*overrides, *layout, f"run.dir={tmp_path / f}"] for f, (overrides, _) in family_imports.items()}
     out = str(tmp_path / "result.pt")
-    mp.start_processes(_families_rank, args=(world, free_port(), runs, out), nprocs=world, start_method="spawn")
+    spawn(_families_rank, (world, free_port(), runs, out), world)
     results = torch.load(out, weights_only=True)
     for family, (_, want) in family_imports.items():
         got = results[family]

@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -34,7 +33,7 @@ from torch.utils._pytree import tree_leaves
 from launch.config import compose
 from moe.model import Transformer, init_weights
 from parallel.state import full_state_dict
-from tests.helpers import free_port, local_rank_env
+from tests.helpers import free_port, local_rank_env, spawn
 from tests.multiproc.test_golden import BASE, LAYOUTS
 from train.trainer import Trainer
 
@@ -123,7 +122,7 @@ def test_startup_allocates_only_local_shards(world, tmp_path):
         if w == world
     ]
     out = tmp_path / "results.json"
-    mp.start_processes(_rank, args=(world, free_port(), cases, str(out)), nprocs=world, start_method="spawn")
+    spawn(_rank, (world, free_port(), cases, str(out)), world)
     results = json.loads(out.read_text())
     for name, _ in cases:
         r = results[name]

@@ -38,7 +38,6 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
@@ -51,6 +50,7 @@ from parallel.data_parallel import finish_grads, is_expert_param
 from parallel.dims import Axis, ParallelDims
 from parallel.grads import global_grad_norm
 from parallel.parallelize import build_parallel_model
+from tests.helpers import spawn
 
 TOL = 1e-6
 """fp32 tolerance on O(1) weights and losses."""
@@ -360,7 +360,7 @@ def test_expert_grads_do_not_scale_with_ep(dp_mode, tmp_path):
     dp=2 with ep=2 on two gloo ranks against one process; balancing losses on (they reduce over dp).
     """
     out = str(tmp_path / "r")
-    mp.start_processes(_ep_grads_worker, args=(_free_port(), dp_mode, out), nprocs=WORLD, start_method="spawn")
+    spawn(_ep_grads_worker, (_free_port(), dp_mode, out), WORLD)
     for rank in range(WORLD):
         result = torch.load(f"{out}.{rank}", weights_only=True)
         assert result["local_experts"] == [MOE.num_experts // WORLD], result  # experts really sharded
