@@ -112,4 +112,10 @@ def leave(status: int) -> NoReturn:
 
 
 if __name__ == "__main__":
-    leave(main())
+    try:
+        code = main()
+    except SystemExit as stop:  # a run stopped by SIGTERM exits 143 once its checkpoint is saved (train.guard)
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    leave(code)

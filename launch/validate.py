@@ -334,13 +334,6 @@ def _check_layout(cfg: JobConfig, dims: ParallelDims) -> None:
         _check(not m.tie_embeddings, "model.tie_embeddings", True, "is not supported with parallel.pp > 1")
     if dims.tp > 1:
         _check(not m.tie_embeddings, "model.tie_embeddings", True, "is not supported with parallel.tp > 1")
-    _check(
-        not (cfg.data.document_mask and dims.pp > 1),
-        "data.document_mask",
-        True,
-        f"is not supported with parallel.pp={dims.pp} (later pipeline stages never see the tokens that mark "
-        "documents; use pp=1)",
-    )
     _check(p.ac_every >= 1, "parallel.ac_every", p.ac_every, "must be >= 1")
     _check(p.ep_chunks >= 1, "parallel.ep_chunks", p.ep_chunks, "must be >= 1")
     _check(

@@ -20,6 +20,8 @@ pairs out de-interleaved, but for q and k alike, which leaves scores unchanged).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,11 +34,44 @@ except ImportError:
     flash_attn_func = None
 
 
-def rope_table(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
-    """cos/sin table [S, Hd/2, 2] for rotary position embeddings."""
+def rope_table(head_dim: int, max_seq_len: int, theta: float, yarn: ModelConfig | None = None) -> torch.Tensor:
+    """cos/sin table [S, Hd/2, 2] for rotary position embeddings; with `yarn` (a config whose rope_scaling is
+    yarn), YaRN's frequencies and cos/sin scale (`yarn_frequencies`)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    scale = 1.0
+    if yarn is not None and yarn.rope_scaling == "yarn":
+        inv_freq, scale = yarn_frequencies(inv_freq, head_dim, theta, yarn)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+    return (scale * torch.stack([angles.cos(), angles.sin()], dim=-1)).float()
+
+
+def yarn_mscale(factor: float, a: float) -> float:
+    """YaRN's attention temperature m(s, a) = 0.1 a ln s + 1 (1 when the context is not extended)."""
+    return 1.0 if factor <= 1 else 0.1 * a * math.log(factor) + 1.0
+
+
+def yarn_frequencies(
+    inv_freq: torch.Tensor, head_dim: int, theta: float, cfg: ModelConfig
+) -> tuple[torch.Tensor, float]:
+    """YaRN ("NTK-by-parts", Peng et al., 2023): pairs whose wavelength fits many times (>= beta_fast turns)
+    into the pre-training context keep their frequency, those turning fewer than beta_slow times are divided
+    by the factor, and a linear ramp over the pair index blends the two between (its ends rounded outward, as
+    transformers and DeepSeek do). Returns the frequencies and the cos/sin scale (config field docs)."""
+    s, original = cfg.yarn_factor, cfg.yarn_original_max_seq_len
+
+    def pair_turning(turns: float) -> float:  # the pair index whose wavelength fits `turns` times
+        return head_dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(pair_turning(cfg.yarn_beta_fast)), 0)
+    high = min(math.ceil(pair_turning(cfg.yarn_beta_slow)), head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    keep = 1 - ramp
+    blended = inv_freq / s * ramp + inv_freq * keep
+    if cfg.yarn_mscale and cfg.yarn_mscale_all_dim:
+        scale = yarn_mscale(s, cfg.yarn_mscale) / yarn_mscale(s, cfg.yarn_mscale_all_dim)
+    else:
+        scale = yarn_mscale(s, 1.0)
+    return blended, scale
 
 
 def apply_rope(x_BSHd: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -61,9 +96,10 @@ def attend(
     v_BSHd: torch.Tensor,
     use_flash: bool,
     mask_B1SS: torch.Tensor | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """Causal softmax attention scaled by 1/sqrt(q/k head dim); k and v may have fewer heads (GQA) and v
-    another head dim (MLA, which flash-attn 2 does not take: SDPA runs it). -> [B, S, H, Vd].
+    """Causal softmax attention scaled by `scale` (None: 1/sqrt(q/k head dim)); k and v may have fewer heads
+    (GQA) and v another head dim (MLA, which flash-attn 2 does not take: SDPA runs it). -> [B, S, H, Vd].
 
     `mask_B1SS` (bool, True = may attend; `moe.masking.block_causal_mask`) replaces the causal mask: packed
     documents attend only within themselves. SDPA takes it (flash-attn's dense call has no mask argument).
@@ -71,10 +107,10 @@ def attend(
     same_dims = q_BSHd.shape[-1] == v_BSHd.shape[-1]
     flash_ok = use_flash and flash_attn_func is not None and q_BSHd.is_cuda and q_BSHd.dtype != torch.float32
     if flash_ok and same_dims and mask_B1SS is None:
-        return flash_attn_func(q_BSHd, k_BSHd, v_BSHd, causal=True)
+        return flash_attn_func(q_BSHd, k_BSHd, v_BSHd, causal=True, softmax_scale=scale)
     q, k, v = (t.transpose(1, 2) for t in (q_BSHd, k_BSHd, v_BSHd))
     causal = mask_B1SS is None
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1SS, is_causal=causal, enable_gqa=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1SS, is_causal=causal, enable_gqa=True, scale=scale)
     return out.transpose(1, 2)
 
 
@@ -144,7 +180,8 @@ class Attention(nn.Module):
 class MLA(nn.Module):
     """Multi-head latent attention (DeepSeek-V2/V3): keys and values are expanded from one L-wide latent per
     token, plus one R-wide rotary key that every head shares; queries come through an optional low-rank
-    bottleneck. Each q/k head is [N non-rotary | R rotary] channels; the softmax scale is 1/sqrt(N + R).
+    bottleneck. Each q/k head is [N non-rotary | R rotary] channels; the softmax scale is 1/sqrt(N + R),
+    times m(s, yarn_mscale_all_dim)^2 under YaRN (DeepSeek-V3's context extension: (0.1 ln 40 + 1)^2 = 1.87).
 
     Parameters and their Hugging Face DeepseekV3Attention names (`model.layers.{i}.self_attn.` prefix):
         q_lora_rank = 0:  wq [H*(N+R), D]                  q_proj
@@ -158,8 +195,7 @@ class MLA(nn.Module):
     No permutation with `rope_interleave=True` (see the module docstring); with False, the R rotary rows of
     each head of q_proj/q_b_proj and the last R rows of kv_a_proj_with_mqa go (i, i + R/2) -> (2i, 2i+1).
     HF's latent norms use eps 1e-6 whatever rms_norm_eps says; ours use model.norm_eps (DeepSeek-V3: 1e-6).
-    Not implemented: attention_bias=true (no published model), and YaRN rope scaling, whose softmax scale
-    would carry an extra mscale^2 (DeepSeek-V3's context extension: 0.1 ln 40 + 1 squared = 1.87).
+    Not implemented: attention_bias=true (no published model).
 
     Tensor parallelism (parallel/tensor.py): wq / wq_b and wkv_b column-parallel over heads, wo row-parallel;
     wq_a, wkv_a and the two latent norms are replicated. The rotary key is shared by all heads, so on each
@@ -174,6 +210,9 @@ class MLA(nn.Module):
         self.latent = cfg.kv_lora_rank
         self.use_flash = cfg.attn_impl == "flash"
         qk = self.nope + self.rope
+        self.scale = qk**-0.5
+        if cfg.rope_scaling == "yarn" and cfg.yarn_mscale_all_dim:
+            self.scale *= yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
         q_rank = cfg.q_lora_rank
         self.wq = nn.Linear(D, H * qk, bias=False) if q_rank == 0 else None
         self.wq_a = nn.Linear(D, q_rank, bias=False) if q_rank > 0 else None
@@ -195,7 +234,7 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope_BSR.unsqueeze(2), rope).expand(-1, -1, k_nope.shape[2], -1)
         q = torch.cat([q_nope, apply_rope(q_rope, rope)], dim=-1)
         k = torch.cat([k_nope, k_rope], dim=-1)
-        return self.wo(attend(q, k, v, self.use_flash, mask).reshape(B, S, -1))
+        return self.wo(attend(q, k, v, self.use_flash, mask, self.scale).reshape(B, S, -1))
 
 
 def build_attention(cfg: ModelConfig) -> Attention | MLA:

@@ -33,6 +33,22 @@ class ModelConfig:
     """Longest sequence the RoPE tables cover."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
+    rope_scaling: str = choice("none", "yarn")
+    """RoPE context extension: none, or YaRN (Peng et al., 2023) with the yarn_* fields below, as DeepSeek-V3
+    and Qwen3's long-context configs use it (`moe.attention.rope_table`)."""
+    yarn_factor: float = 1.0
+    """yarn: how many times the pre-training context is extended (s; DeepSeek-V3: 40)."""
+    yarn_original_max_seq_len: int = 4096
+    """yarn: the pre-training context whose short wavelengths are kept as they were."""
+    yarn_beta_fast: float = 32.0
+    """yarn: pairs turning more than this many times within the original context keep their frequency."""
+    yarn_beta_slow: float = 1.0
+    """yarn: pairs turning fewer times than this are interpolated by the factor (a linear ramp between)."""
+    yarn_mscale: float = 1.0
+    """yarn: with both yarn_mscale and yarn_mscale_all_dim > 0, cos/sin are scaled by m(s, mscale) /
+    m(s, mscale_all_dim), where m(s, a) = 0.1 a ln s + 1; otherwise by m(s, 1) (the paper's temperature)."""
+    yarn_mscale_all_dim: float = 0.0
+    """yarn, mla: DeepSeek's softmax scale 1/sqrt(q/k head dim) times m(s, mscale_all_dim)^2 (0: unscaled)."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     tie_embeddings: bool = False
@@ -77,7 +93,7 @@ class ModelConfig:
         return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
     def check_attention(self) -> None:
-        """Raises ValueError naming the first attention field whose value breaks a rule."""
+        """Raises ValueError naming the first attention or RoPE field whose value breaks a rule."""
         pairs = "must be even and >= 2 (RoPE rotates channel pairs)"
         if self.attention == "gqa":
             name = "head_dim_override" if self.head_dim_override is not None else "dim/n_heads"
@@ -94,6 +110,13 @@ class ModelConfig:
                 (self.qk_nope_head_dim >= 1, "qk_nope_head_dim", "must be >= 1"),
                 (self.v_head_dim >= 1, "v_head_dim", "must be >= 1"),
                 (rope >= 2 and rope % 2 == 0, "qk_rope_head_dim", pairs),
+            ]
+        if self.rope_scaling == "yarn":
+            rules += [
+                (self.yarn_factor >= 1, "yarn_factor", "must be >= 1 (the context extension factor)"),
+                (self.yarn_original_max_seq_len >= 1, "yarn_original_max_seq_len", "must be >= 1"),
+                (self.yarn_beta_fast > self.yarn_beta_slow > 0, "yarn_beta_fast", "must be > yarn_beta_slow > 0"),
+                (self.yarn_mscale_all_dim >= 0, "yarn_mscale_all_dim", "must be >= 0 (0: no softmax scaling)"),
             ]
         for ok, name, rule in rules:
             if not ok:

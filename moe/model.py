@@ -11,8 +11,8 @@ Packed documents (data.document_mask): `forward(tokens, doc_ids)` turns the docu
 positions and a block-causal mask once (moe/masking.py) and hands both to every block, so a token attends
 only within its document and its rotary position counts from the document's start. Tensor parallelism
 keeps that correct as it is: every tp rank holds the whole sequence of tokens, and attention runs on the
-whole sequence (the sequence-parallel slices are all-gathered before it). Pipeline stages after the first
-never see tokens, so the launcher refuses document masking with pp > 1.
+whole sequence (the sequence-parallel slices are all-gathered before it). A pipeline stage after the first
+takes hidden states, and the trainer hands it the document ids as well (`Trainer._stage_kwargs`).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Transformer(nn.Module):
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("rope", rope_table(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
+        self.register_buffer("rope", rope_table(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, cfg), persistent=False)
 
     def forward(self, tokens_or_h: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, S] (or hidden states); doc_ids [B, S] int (`train.data.document_ids`) keeps packed
@@ -83,7 +83,7 @@ class Transformer(nn.Module):
 
     def reset_buffers(self, device: torch.device | str) -> None:
         """Recomputes non-persistent buffers (after building on the meta device)."""
-        self.rope = rope_table(self.cfg.rope_dim, self.cfg.max_seq_len, self.cfg.rope_theta).to(device)
+        self.rope = rope_table(self.cfg.rope_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.cfg).to(device)
 
 
 @torch.no_grad()

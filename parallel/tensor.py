@@ -54,7 +54,7 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
     between_blocks = Shard(1) if sequence_parallel else Replicate()
     top_plan = {}
     if model.tok_embeddings is not None:
-        top_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=between_blocks)
+        top_plan["tok_embeddings"] = VocabParallelEmbedding(between_blocks)
     if model.norm is not None:
         top_plan["norm"] = SequenceParallel() if sequence_parallel else None
         top_plan["output"] = ColwiseParallel(
@@ -116,6 +116,39 @@ def _block_plan(cfg: ModelConfig, is_moe: bool, sequence_parallel: bool) -> dict
         plan["feed_forward.w3"] = ColwiseParallel()
         plan["feed_forward.w2"] = RowwiseParallel(output_layouts=between_blocks)
     return plan
+
+
+class VocabParallelEmbedding(ParallelStyle):
+    """An nn.Embedding split over tp by rows (vocabulary) whose gradient stays split; output `output_layout`
+    (Replicate, or Shard(1) over the sequence with sequence parallelism), as a local tensor.
+
+    torch's RowwiseParallel computes the same forward, but DTensor's embedding backward returns the table's
+    gradient Replicate: the whole [V, D] on every tp rank (torch 2.13), kept until the optimizer step. Here
+    each rank looks up only its own rows (other ids read row 0 and are zeroed) and the Partial outputs are
+    summed, or reduce-scattered over the sequence: the table's gradient is this rank's [V/tp, D] rows, and no
+    rank scatters gradients into rows it does not own (Megatron-LM's VocabParallelEmbedding).
+    """
+
+    def __init__(self, output_layout: Shard | Replicate) -> None:
+        super().__init__()
+        self.output_layout = output_layout
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        sharded = distribute_tensor(module.weight, device_mesh, [Shard(0)], src_data_rank=self.src_data_rank)
+        module.register_parameter("weight", nn.Parameter(sharded))
+        layout = self.output_layout
+
+        def forward(ids: torch.Tensor) -> torch.Tensor:
+            local = module.weight.to_local()
+            start = device_mesh.get_local_rank() * local.shape[0]  # validation: tp divides the vocabulary
+            outside = (ids < start) | (ids >= start + local.shape[0])
+            rows = nn.functional.embedding((ids - start).masked_fill(outside, 0), local)
+            rows = rows.masked_fill(outside.unsqueeze(-1), 0.0)
+            partial = DTensor.from_local(rows, device_mesh, [Partial()], run_check=False)
+            return partial.redistribute(device_mesh, [layout]).to_local()
+
+        module.forward = forward
+        return module
 
 
 class _FullWidthNorm(ParallelStyle):

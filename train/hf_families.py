@@ -146,19 +146,56 @@ def _mla_specs(m: ModelConfig, rotate: bool) -> dict[str, Spec]:
 # --- config translation shared by the families --------------------------------------------------------------
 
 
-def _rope_theta(hf: dict, default: float) -> float:
-    """RoPE base from transformers 5's rope_parameters or 4's flat rope_theta; scaled RoPE (YaRN, linear,
-    dynamic, ...) is refused: moeyard's rotary table has no scaling."""
-    params, legacy = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
-    kind = params.get("rope_type", "default")
-    require(kind == "default", "rope_parameters.rope_type", kind, "must be default (moeyard has no RoPE scaling)")
-    kind = legacy.get("rope_type", legacy.get("type", "default"))
-    require(kind == "default", "rope_scaling", kind, "must be null (moeyard has no RoPE scaling, e.g. YaRN)")
-    return float(params.get("rope_theta", hf.get("rope_theta", default)))
+def _rope_overrides(hf: dict, default_theta: float) -> dict[str, object]:
+    """RoPE base and scaling from transformers 5's rope_parameters or 4's rope_theta and rope_scaling (which
+    wins when both are there, as in transformers). YaRN maps onto the model.yarn_* fields, with transformers'
+    defaults (beta 32/1; factor = max_position_embeddings / original when absent); other scalings (linear,
+    dynamic, llama3, longrope) are refused."""
+    where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    params = hf.get(where) or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    require(kind in ("default", "yarn"), f"{where}.rope_type", kind, "must be default or yarn (moeyard's RoPE)")
+    theta = {"model.rope_theta": float(params.get("rope_theta", hf.get("rope_theta", default_theta)))}
+    if kind == "default":
+        return theta
+    original = params.get("original_max_position_embeddings")
+    require(original is not None, f"{where}.original_max_position_embeddings", None, "must be set for yarn")
+    attention_factor = params.get("attention_factor")
+    require(attention_factor is None, f"{where}.attention_factor", attention_factor, "must be unset (derived)")
+    require(params.get("truncate", True), f"{where}.truncate", params.get("truncate"), "must be true")
+    return theta | {
+        "model.rope_scaling": "yarn",
+        "model.yarn_factor": float(params.get("factor") or hf["max_position_embeddings"] / original),
+        "model.yarn_original_max_seq_len": int(original),
+        "model.yarn_beta_fast": float(params.get("beta_fast") or 32),
+        "model.yarn_beta_slow": float(params.get("beta_slow") or 1),
+        "model.yarn_mscale": float(params.get("mscale") or 0),
+        "model.yarn_mscale_all_dim": float(params.get("mscale_all_dim") or 0),
+    }
+
+
+def _rope_config(m: ModelConfig) -> dict:
+    """transformers 5's rope_parameters for our RoPE (what `_rope_overrides` reads back)."""
+    params = {"rope_type": "default", "rope_theta": m.rope_theta}
+    if m.rope_scaling == "yarn":
+        params |= {
+            "rope_type": "yarn",
+            "factor": m.yarn_factor,
+            "original_max_position_embeddings": m.yarn_original_max_seq_len,
+            "beta_fast": m.yarn_beta_fast,
+            "beta_slow": m.yarn_beta_slow,
+            "mscale": m.yarn_mscale,
+            "mscale_all_dim": m.yarn_mscale_all_dim,
+        }
+    return params
 
 
 def _base_overrides(hf: dict, family: Family) -> dict[str, object]:
     require(hf.get("hidden_act", "silu") == "silu", "hidden_act", hf.get("hidden_act"), "must be silu (SwiGLU)")
+    # Quantized weights (DeepSeek-V3's published FP8 blocks with their weight_scale_inv) would load as values
+    # without their scales: refused, so they are dequantized first.
+    quant = (hf.get("quantization_config") or {}).get("quant_method")
+    require(quant is None, "quantization_config.quant_method", quant, "must be absent (dequantize to bf16 first)")
     heads = hf["num_attention_heads"]
     return {
         "model.name": f"{family.model_type}_import",
@@ -168,7 +205,7 @@ def _base_overrides(hf: dict, family: Family) -> dict[str, object]:
         "model.n_heads": heads,
         "model.n_kv_heads": hf.get("num_key_value_heads") or heads,
         "model.max_seq_len": hf["max_position_embeddings"],
-        "model.rope_theta": _rope_theta(hf, family.default_rope_theta),
+        **_rope_overrides(hf, family.default_rope_theta),
         "model.norm_eps": hf["rms_norm_eps"],
         "model.tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
     }
@@ -231,7 +268,7 @@ def _base_config(m: ModelConfig, e: MoEConfig, family: Family) -> dict:
         "initializer_range": m.init_std,
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "rope_parameters": _rope_config(m),
         "tie_word_embeddings": m.tie_embeddings,
         "attention_dropout": 0.0,
         "num_experts_per_tok": e.top_k,

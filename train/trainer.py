@@ -198,7 +198,7 @@ class Trainer:
                 args = (x,) if self.pm.has_first_stage else ()
                 target = y if self.pm.has_last_stage else None
                 with self.prof.phase("forward_backward"):  # [profiling] a schedule interleaves the two
-                    self.pm.schedule.step(*args, target=target, losses=losses)
+                    self.pm.schedule.step(*args, target=target, losses=losses, **self._stage_kwargs(x))
                 return [_plain(loss) for loss in losses]
             model = self.pm.parts[0]
             doc = self.data.documents(x)  # data.document_mask: document ids [M * rows, S], else None
@@ -306,6 +306,13 @@ class Trainer:
         means = (torch.stack([s[name] for s in per_layer]).double().mean() for per_layer in layer_stats.values())
         return sum(means, zero)
 
+    def _stage_kwargs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What every pipeline stage's forward takes besides its input: the document ids under
+        data.document_mask. Every pp rank loads the batch's tokens, so each stage derives the ids of its own
+        micro-batch (the schedule splits them with the inputs); no stage sends them to the next."""
+        doc = self.data.documents(x)
+        return {"doc_ids": doc} if doc is not None else {}
+
     def _eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """This rank's mean LM loss over one held-out batch (zero on ranks without the last stage)."""
         m = self.cfg.train.micro_batches
@@ -319,7 +326,8 @@ class Trainer:
             else:
                 losses = []
                 first, last = self.pm.has_first_stage, self.pm.has_last_stage
-                self.pm.schedule.eval(*((x,) if first else ()), target=y if last else None, losses=losses)
+                args, target = (x,) if first else (), y if last else None
+                self.pm.schedule.eval(*args, target=target, losses=losses, **self._stage_kwargs(x))
         if not losses:
             return torch.zeros((), dtype=torch.float64)
         return torch.stack([_plain(v) for v in losses]).double().mean().cpu()

@@ -47,8 +47,6 @@ class RankPeak:
     """Pipeline receive buffers and kept stage outputs, FSDP's gathered copies."""
     parts: dict[str, int] = field(default_factory=dict)
     """activations by part, summed over the micro-batches in flight (for the table's breakdown)."""
-    extra_grads: int = 0
-    """Gradient bytes beyond one per parameter element (`replicated_embedding_grad`)."""
 
     @property
     def params(self) -> int:
@@ -56,7 +54,7 @@ class RankPeak:
 
     @property
     def grads(self) -> int:
-        return FP32 * self.state.params + self.extra_grads
+        return FP32 * self.state.params
 
     @property
     def optimizer(self) -> int:
@@ -64,21 +62,12 @@ class RankPeak:
 
     @property
     def model_state(self) -> int:
-        return self.state.state_bytes + self.extra_grads
+        return self.state.state_bytes
 
     @property
     def total(self) -> int:
         """Everything but the fixed device overheads."""
         return self.model_state + self.activations + self.working + self.buffers
-
-
-def replicated_embedding_grad(model: ModelConfig, pcfg: ParallelConfig, dims: ParallelDims, first: bool) -> int:
-    """Extra gradient bytes of the vocab-parallel embedding without FSDP: its weight is sharded over tp, but
-    DTensor's embedding backward gives a replicated gradient, the whole [V, D] on every tp rank (seen on CPU
-    in torch 2.13; tests/multiproc/test_plan_cpu.py checks the state to the byte and will flag a fix)."""
-    if dims.tp == 1 or not first or (pcfg.dp_mode == "fsdp" and dims.dp > 1):
-        return 0
-    return FP32 * (model.vocab_size - model.vocab_size // dims.tp) * model.dim
 
 
 def in_flight(schedule: str, pp: int, pp_rank: int, micro: int, vpp: int) -> list[int]:
@@ -147,8 +136,7 @@ def rank_peak(
         for name, value in saved.items():
             parts[name] = parts.get(name, 0) + count * value
         working = max(working, over)
-    extra = replicated_embedding_grad(model, pcfg, dims, 0 in stage_ids)
-    return RankPeak(pp_rank, state, sum(parts.values()), working, buffers, parts, extra)
+    return RankPeak(pp_rank, state, sum(parts.values()), working, buffers, parts)
 
 
 def _fsdp_gathered(model: ModelConfig, shape: Shape, state: RankMemory, bf16: bool) -> tuple[int, int]:

@@ -1,9 +1,9 @@
 """data.document_mask: packed documents stay apart. Two documents packed into one row give the logits and
 the loss that each gives alone (positions restart, attention stops at the separator), for grouped-query and
 multi-head latent attention; the Trainer feeds the document ids of its own rows to the model; validation
-accepts the flag (and refuses it with pipeline parallelism); a tp2 run with sequence parallelism trains
-exactly like one process.
-Run: .venv/bin/pytest -q tests/unit/test_document_mask.py  (the tp2 run is marked multiproc)
+accepts the flag; tp2 with sequence parallelism and pp2 (1F1B and interleaved) train exactly like one
+process.
+Run: .venv/bin/pytest -q tests/unit/test_document_mask.py  (the tp2 and pp2 runs are marked multiproc)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from launch.config import compose
-from launch.validate import ConfigError, validate
+from launch.validate import validate
 from moe.config import ModelConfig, MoEConfig
 from moe.model import Transformer, init_weights
 from tests.helpers import free_port, run_layout
@@ -115,10 +115,28 @@ def test_trainer_feeds_document_ids_and_trains(short_docs: str, tmp_path) -> Non
     assert torch.isfinite(torch.tensor(history[-1]["eval_loss"]))
 
 
-def test_document_mask_is_refused_with_pipeline_parallelism() -> None:
-    cfg = compose(["model=debug", "data.document_mask=true", "parallel.pp=2", "train.micro_batches=2", "run.dir=x"])
-    with pytest.raises(ConfigError, match=r"^data.document_mask=True is not supported with parallel.pp=2 "):
-        validate(cfg, 2)
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "schedule",
+    [["parallel.pp_schedule=1f1b"], ["parallel.pp_schedule=interleaved_1f1b", "parallel.pp_stages_per_rank=2"]],
+    ids=["1f1b", "interleaved"],
+)
+def test_pp2_trains_like_one_process(short_docs: str, tmp_path, schedule: list[str]) -> None:
+    """Every pipeline stage derives its micro-batch's document ids from the tokens each pp rank loads: the
+    losses and the eval loss equal one process's masked ones, which differ from the unmasked ones."""
+    overrides = [*doc_overrides(short_docs), "model.n_layers=4", "train.micro_batches=2"]
+    one = Trainer(compose([*overrides, f"run.dir={tmp_path / 'one'}"])).fit()
+    off = Trainer(compose([*overrides, "data.document_mask=false", f"run.dir={tmp_path / 'off'}"])).fit()
+    pp = [*overrides, "parallel.pp=2", *schedule, f"run.dir={tmp_path / 'pp2'}"]
+    validate(compose(pp), 2)
+    result = run_layout(pp, 2, str(tmp_path / "pp2.pt"), free_port())
+    got = result["history"]
+    assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in one], rel=1e-5)
+    assert got[-1]["eval_loss"] == pytest.approx(one[-1]["eval_loss"], rel=1e-5)
+    assert abs(got[0]["loss"] - off[0]["loss"]) > 1e-4 and abs(got[-1]["eval_loss"] - off[-1]["eval_loss"]) > 1e-4
+    stages = len(schedule) * 2  # 1f1b: one stage per rank; interleaved: two
+    assert sorted(s for facts in result["layout"] for s in facts["stages"]) == list(range(stages))
 
 
 @pytest.mark.multiproc

@@ -172,6 +172,65 @@ def test_deepseek_rotate_half_layout_imports(tmp_path: Path) -> None:
     assert logits_diff(trainer, theirs) <= 1e-4
 
 
+YARN = {  # a 4x extension of a 32-token pre-training context: the tiny models' 128 positions all use it
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "beta_fast": 8.0,
+    "beta_slow": 1.0,
+}
+YARN_FAMILIES = {
+    # DeepSeek's mscale pair: cos/sin by m(4, 0.707) / m(4, 1), softmax scale by m(4, 1)^2
+    "deepseek_v3": {**YARN, "mscale": 0.707, "mscale_all_dim": 1.0},
+    "qwen3_moe": YARN,  # cos/sin by m(4, 1), the paper's temperature
+}
+
+
+@pytest.mark.parametrize("family", list(YARN_FAMILIES))
+def test_yarn_imports_and_exports(family: str, tmp_path: Path) -> None:
+    """YaRN-scaled RoPE imports with transformers' logits at positions past the original context and exports
+    back as yarn; the same weights with plain RoPE are far off (the scaling is what matches)."""
+    theirs = save_tiny(family, tmp_path / "hf", rope_parameters=YARN_FAMILIES[family])
+    overrides = [*import_overrides(tmp_path / "hf"), *RUN, "train.seq_len=128"]
+    assert "model.rope_scaling=yarn" in overrides
+    plain = Trainer(compose([*overrides, "model.rope_scaling=none", f"run.dir={tmp_path / 'plain'}"]))
+    assert logits_diff(plain, theirs) > 1e-2
+    trainer = Trainer(compose([*overrides, "checkpoint.enabled=true", f"run.dir={tmp_path / 'run'}"]))
+    imported = logits_diff(trainer, theirs)
+    assert imported <= 1e-4, imported
+
+    trainer.fit()
+    export(tmp_path / "run", tmp_path / "out")
+    rope = json.loads((tmp_path / "out" / "config.json").read_text())["rope_parameters"]
+    assert {k: rope[k] for k in YARN_FAMILIES[family]} == YARN_FAMILIES[family]
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    exported = logits_diff(trainer, back)
+    assert exported <= 1e-4, exported
+    print(f"{family} yarn: max |logit diff| import {imported:.2e}, export {exported:.2e}")
+
+
+def test_published_deepseek_v3_rope_translates(tmp_path: Path) -> None:
+    """DeepSeek-V3's published config.json (transformers 4 form: flat rope_theta, rope_scaling with "type")."""
+    published = {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    }
+    hf_dir = write_config(tmp_path, "deepseek_v3", rope_scaling=published, max_position_embeddings=163840)
+    got = overrides_from_hf(read_hf_config(hf_dir, "import"))
+    assert (got["model.rope_scaling"], got["model.yarn_factor"], got["model.yarn_original_max_seq_len"]) == (
+        "yarn",
+        40.0,
+        4096,
+    )
+    assert (got["model.yarn_mscale"], got["model.yarn_mscale_all_dim"], got["model.max_seq_len"]) == (1.0, 1.0, 163840)
+
+
 # --- config translation and refusals ------------------------------------------------------------------------
 
 
@@ -210,9 +269,11 @@ def test_import_maps_each_family_feature(tmp_path: Path) -> None:
 
 
 IMPORT_REFUSALS = [
-    ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 40.0, "rope_theta": 1e4}}, "rope_type=yarn"),
-    ("deepseek_v3", {"rope_scaling": {"type": "yarn", "factor": 40.0}}, "rope_scaling=yarn"),
+    ("deepseek_v3", {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}}, "rope_type=linear"),
+    ("qwen3_moe", {"rope_scaling": {"type": "dynamic", "factor": 4.0}}, "rope_scaling.rope_type=dynamic"),
+    ("deepseek_v3", {"rope_scaling": {"type": "yarn", "factor": 40.0}}, "original_max_position_embeddings=None"),
     ("deepseek_v3", {"attention_bias": True}, "attention_bias=True"),
+    ("deepseek_v3", {"quantization_config": {"quant_method": "fp8"}}, "quantization_config.quant_method=fp8"),
     ("deepseek_v3", {"rms_norm_eps": 1e-5}, "rms_norm_eps=1e-05"),
     ("olmoe", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
     ("olmoe", {"attention_bias": True}, "attention_bias=True"),
