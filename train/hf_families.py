@@ -146,7 +146,7 @@ def _mla_specs(m: ModelConfig, rotate: bool) -> dict[str, Spec]:
 # --- config translation shared by the families --------------------------------------------------------------
 
 
-def _rope_overrides(hf: dict, default_theta: float) -> dict[str, object]:
+def rope_overrides(hf: dict, default_theta: float) -> dict[str, object]:
     """RoPE base and scaling from transformers 5's rope_parameters or 4's rope_theta and rope_scaling (which
     wins when both are there, as in transformers). YaRN maps onto the model.yarn_* fields, with transformers'
     defaults (beta 32/1; factor = max_position_embeddings / original when absent); other scalings (linear,
@@ -175,7 +175,7 @@ def _rope_overrides(hf: dict, default_theta: float) -> dict[str, object]:
 
 
 def _rope_config(m: ModelConfig) -> dict:
-    """transformers 5's rope_parameters for our RoPE (what `_rope_overrides` reads back)."""
+    """transformers 5's rope_parameters for our RoPE (what `rope_overrides` reads back)."""
     params = {"rope_type": "default", "rope_theta": m.rope_theta}
     if m.rope_scaling == "yarn":
         params |= {
@@ -205,7 +205,7 @@ def _base_overrides(hf: dict, family: Family) -> dict[str, object]:
         "model.n_heads": heads,
         "model.n_kv_heads": hf.get("num_key_value_heads") or heads,
         "model.max_seq_len": hf["max_position_embeddings"],
-        **_rope_overrides(hf, family.default_rope_theta),
+        **rope_overrides(hf, family.default_rope_theta),
         "model.norm_eps": hf["rms_norm_eps"],
         "model.tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
     }

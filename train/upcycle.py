@@ -54,6 +54,7 @@ from moe.init import init_slice_
 from parallel import checkpoint as ckpt
 from parallel.shards import shard_extent
 from train.hf import SafetensorsReader
+from train.hf_families import rope_overrides
 
 DENSE_FAMILIES = ("llama", "qwen3")
 """Hugging Face model_type values of the dense models that upcycle (LlamaForCausalLM, Qwen3ForCausalLM)."""
@@ -94,6 +95,9 @@ _REQUIRED = (
     "rms_norm_eps",
 )
 
+DEFAULT_ROPE_THETA = 10000.0
+"""transformers' RoPE base when a Llama or Qwen3 config.json names none."""
+
 
 def _config_json(hf_dir: Path) -> dict | None:
     try:
@@ -130,14 +134,11 @@ def read_dense_config(hf_dir: Path, field: str = "train.init_from") -> dict:
     missing = [key for key in _REQUIRED if key not in hf]
     if missing:
         raise ValueError(f"{where}: config.json lacks {', '.join(missing)} (rule: a complete dense config)")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    try:
+        rope_overrides(hf, DEFAULT_ROPE_THETA)  # default or YaRN RoPE (Llama 3's llama3 scaling is refused)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     refusals = [
-        (
-            rope.get("rope_type", rope.get("type", "default")) == "default",
-            "rope_type",
-            rope.get("rope_type", rope.get("type")),
-            "default (moeyard's RoPE has no scaling: Llama-3's llama3 and YaRN are refused)",
-        ),
         (not hf.get("attention_bias", False), "attention_bias", hf.get("attention_bias"), "false"),
         (not hf.get("mlp_bias", False), "mlp_bias", hf.get("mlp_bias"), "false"),
         (hf.get("hidden_act", "silu") == "silu", "hidden_act", hf.get("hidden_act"), "silu (SwiGLU)"),
@@ -156,7 +157,6 @@ def read_dense_config(hf_dir: Path, field: str = "train.init_from") -> dict:
 
 def dense_overrides(hf: dict) -> dict[str, object]:
     """The model config of a dense checkpoint, as Hydra override keys (add moe.* and train.upcycle=true)."""
-    rope = hf.get("rope_parameters") or {}
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     return {
@@ -169,7 +169,7 @@ def dense_overrides(hf: dict) -> dict[str, object]:
         "model.head_dim_override": None if head_dim * heads == hf["hidden_size"] else head_dim,
         "model.ffn_hidden": hf["intermediate_size"],
         "model.max_seq_len": hf.get("max_position_embeddings", 2048),
-        "model.rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        **rope_overrides(hf, DEFAULT_ROPE_THETA),
         "model.norm_eps": hf["rms_norm_eps"],
         "model.tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "model.attention": "gqa",

@@ -36,15 +36,15 @@ SHAPE = dict(
 )
 
 
-def save_dense(path: Path, family: str):
+def save_dense(path: Path, family: str, **changes):
     """A random dense model (norm weights near one, not ones, so that their mapping is tested), saved."""
     import transformers
 
     if family == "llama":
-        config = transformers.LlamaConfig(**SHAPE)
+        config = transformers.LlamaConfig(**SHAPE, **changes)
         model = transformers.LlamaForCausalLM(config)
     else:  # a head width other than hidden/heads, tied embeddings, q/k norms
-        config = transformers.Qwen3Config(**SHAPE, head_dim=32, tie_word_embeddings=True)
+        config = transformers.Qwen3Config(**SHAPE, head_dim=32, tie_word_embeddings=True, **changes)
         model = transformers.Qwen3ForCausalLM(config)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -133,6 +133,36 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("llama")
     save_dense(path, "llama")
     return path
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8}
+
+
+def test_yarn_dense_model_upcycles(tmp_path: Path) -> None:
+    """A Qwen3 with YaRN RoPE (4x a pre-training context of 8, so 32-token rows use it) upcycles to the same
+    step-0 logits; the same weights with plain RoPE are far off."""
+    model = save_dense(tmp_path / "qwen3", "qwen3", rope_parameters=YARN)
+    cfg = compose(overrides(tmp_path / "qwen3", 2, 8, 4, tmp_path / "run"))
+    assert (cfg.model.rope_scaling, cfg.model.yarn_factor, cfg.model.yarn_original_max_seq_len) == ("yarn", 4.0, 8)
+    validate(cfg, 1)
+    trainer = Trainer(cfg)
+    x, _ = trainer.data.batch(0, 4)
+    with torch.no_grad():
+        ours, theirs = trainer.pm.parts[0](x), model(input_ids=x).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    plain = compose([*overrides(tmp_path / "qwen3", 2, 8, 4, tmp_path / "plain"), "model.rope_scaling=none"])
+    with pytest.raises(ConfigError, match="model.rope_scaling=none must be yarn"):
+        validate(plain, 1)
+    with torch.no_grad():  # the trainer itself does not validate: what plain RoPE would give
+        assert (Trainer(plain).pm.parts[0](x) - theirs).abs().max() > 1e-2
+
+
+def test_llama3_rope_scaling_is_refused(tmp_path: Path) -> None:
+    llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 64}
+    llama3 |= {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    save_dense(tmp_path / "llama", "llama", rope_parameters=llama3)
+    with pytest.raises(ValueError, match=r"rope_parameters.rope_type=llama3 \(rule: must be default or yarn"):
+        read_dense_config(tmp_path / "llama")
 
 
 BAD = [
