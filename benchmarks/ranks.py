@@ -10,6 +10,8 @@ from collections.abc import Callable
 import torch
 import torch.multiprocessing as mp
 
+from train.process import run_then_leave
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -27,7 +29,10 @@ def rank_env(rank: int, world: int, port: int, threads: int) -> None:
 
 def spawn_ranks(fn: Callable, args: tuple, world: int, timeout_s: float, what: str) -> None:
     """Runs fn(rank, world, port, *args) on `world` spawned ranks; kills them all after `timeout_s`."""
-    ctx = mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, start_method="spawn", join=False)
+    # Each rank leaves without interpreter finalization once it has written its results (train.process.leave).
+    ctx = mp.start_processes(
+        run_then_leave, args=(fn, world, free_port(), *args), nprocs=world, start_method="spawn", join=False
+    )
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=1.0):

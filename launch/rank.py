@@ -8,16 +8,16 @@ itself; srun tasks (launch.slurm) and MPI ranks (launch.mpi) get them translated
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TextIO
 
 from launch.config import JobConfig, load_resolved
 from launch.mpi import rank_env_from_mpi
 from launch.slurm import rank_env_from_slurm
+from train.process import leave
 from train.trainer import init_distributed, pick_device, train
 
 
@@ -91,24 +91,6 @@ def main() -> int:
 
         MPI.COMM_WORLD.Abort(status)  # the other ranks may wait in a collective: end the whole job
     return status
-
-
-def leave(status: int) -> NoReturn:
-    """Ends this rank with `status`, skipping the interpreter's finalization.
-
-    torch keeps a run's process groups (and their worker threads) alive past `destroy_process_group` when
-    FSDP2 has held them. A worker that drops the last reference to a tensor while the interpreter finalizes
-    must take the GIL, is stopped by Python, and the process aborts (SIGABRT, "terminate called without an
-    active exception") after a run that succeeded. So this rank flushes what it wrote, finalizes MPI if it
-    used it (mpi4py would do that at exit), and leaves through `os._exit`.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()
-    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from launch.config import compose
-from launch.rank import leave
 from parallel.state import full_optimizer_state, full_state_dict
+from train.process import run_then_leave
 from train.trainer import Trainer
 
 TINY = [
@@ -166,15 +166,10 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> N
         dist.destroy_process_group()
 
 
-def _run_then_leave(rank: int, fn, *args) -> None:
-    fn(rank, *args)
-    leave(0)  # a rank that returned has handed back its result; see launch.rank.leave for why not finalize
-
-
 def spawn(fn, args: tuple, nprocs: int, join: bool = True):
     """torch.multiprocessing's spawn of `fn(rank, *args)` on `nprocs` processes, each leaving as a
-    `moeyard` rank does (`launch.rank.leave`) once `fn` returns; an exception in `fn` fails as before."""
-    return mp.start_processes(_run_then_leave, args=(fn, *args), nprocs=nprocs, start_method="spawn", join=join)
+    `moeyard` rank does (`train.process.leave`) once `fn` returns; an exception in `fn` fails as before."""
+    return mp.start_processes(run_then_leave, args=(fn, *args), nprocs=nprocs, start_method="spawn", join=join)
 
 
 def run_layout(overrides: list[str], world: int, out: str, port: int) -> dict:

@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_leaves
 
 from launch.config import compose
 from parallel.dims import ParallelDims
+from train.process import run_then_leave
 from train.trainer import Trainer
 
 
@@ -274,7 +275,10 @@ def _spawn(fn: Callable, args: tuple, world: int, timeout_s: float) -> None:
     with socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.start_processes(fn, args=(world, port, *args), nprocs=world, start_method="spawn", join=False)
+    # Each rank leaves without interpreter finalization once it has written its results (train.process.leave).
+    ctx = mp.start_processes(
+        run_then_leave, args=(fn, world, port, *args), nprocs=world, start_method="spawn", join=False
+    )
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=1.0):

@@ -1,0 +1,38 @@
+"""How a rank's process ends: without the interpreter's finalization, once its work is written.
+
+Used by `python -m launch.rank` (every launcher's rank) and, through `run_then_leave`, by every spawn of
+ranks in the planner's measurements, the benchmarks and the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+
+def leave(status: int) -> NoReturn:
+    """Ends this rank with `status`, skipping the interpreter's finalization.
+
+    torch keeps a run's process groups (and their worker threads) alive past `destroy_process_group` when
+    FSDP2 has held them. A worker that drops the last reference to a tensor while the interpreter finalizes
+    must take the GIL, is stopped by Python, and the process aborts (SIGABRT, "terminate called without an
+    active exception") after a run that succeeded. So this rank flushes what it wrote, finalizes MPI if it
+    used it (mpi4py would do that at exit), and leaves through `os._exit`.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(status)
+
+
+def run_then_leave(rank: int, fn: Callable[..., object], *args: object) -> NoReturn:
+    """A torch.multiprocessing spawn target: `fn(rank, *args)`, then `leave(0)`. An exception in `fn`
+    propagates as before (torch's spawn reports it); a rank that returned has written its results."""
+    fn(rank, *args)
+    leave(0)
