@@ -206,6 +206,8 @@ def train_case(case: ModelCase, device: torch.device, precision: str, steps: int
     rates = throughput(tokens_per_s, 1, flops_per_token, device_peak_tflops(device))
     return {
         "model": case.model.name,
+        "model_config": asdict(case.model),  # the shapes `moeyard plan --calibration` predicts this run from
+        "moe_config": asdict(case.moe),
         "precision": precision,
         "batch": case.batch,
         "seq_len": case.seq_len,

@@ -333,25 +333,6 @@ def _small(cfg: JobConfig, world: int, limit: float) -> bool:
     return 20 * params + per_token * tokens < limit / 4
 
 
-GPU_CHECK_MODELS: dict[str, tuple[ModelConfig, MoEConfig]] = {
-    "debug": (ModelConfig(), MoEConfig(expert_hidden=32)),
-    "mixtral_8x7b_2blocks": (
-        ModelConfig(
-            name="mixtral_8x7b_2blocks",
-            vocab_size=32000,
-            dim=4096,
-            n_layers=2,
-            n_heads=32,
-            n_kv_heads=8,
-            ffn_hidden=14336,
-            max_seq_len=4096,
-        ),
-        MoEConfig(num_experts=8, top_k=2, expert_hidden=14336),
-    ),
-}
-"""The model shapes benchmarks/gpu_check.py trains (its DEBUG and MIXTRAL_2 cases)."""
-
-
 def load_calibration(path: str | Path, kind: str) -> tuple[Calibration, DeviceSpec | None]:
     """The calibration in `path` (gpu_check output, or a CPU profile) and, for a CPU profile, its device."""
     data = json.loads(Path(path).read_text())
@@ -381,7 +362,7 @@ def from_gpu_check(data: dict, kind: str, source: str) -> Calibration:
     runs = {r["model"]: r for r in data.get("models", []) if r.get("precision") == "autocast" and "error" not in r}
     big = runs.get("mixtral_8x7b_2blocks")
     if big:
-        model, moe = GPU_CHECK_MODELS["mixtral_8x7b_2blocks"]
+        model, moe = _run_shapes(big)
         no_overhead = replace(cal, layer_s=0.0, step_s=0.0)
         predicted = one_device_step_s(model, moe, big["batch"], big["seq_len"], device, no_overhead, bf16=True)
         gemm = one_device_step_s(model, moe, big["batch"], big["seq_len"], device, no_overhead, True, gemm_only=True)
@@ -392,9 +373,14 @@ def from_gpu_check(data: dict, kind: str, source: str) -> Calibration:
             cal = replace(cal, attn_eff=min(0.95, cal.attn_eff * scale), mem_eff=min(0.95, cal.mem_eff * scale))
     small = runs.get("debug")
     if small:
-        model, moe = GPU_CHECK_MODELS["debug"]
+        model, moe = _run_shapes(small)
         no_overhead = replace(cal, layer_s=0.0, step_s=0.0)
         compute = one_device_step_s(model, moe, small["batch"], small["seq_len"], device, no_overhead, bf16=True)
         spare = small["step_ms_median"] / 1e3 - compute - cal.step_s
         cal = replace(cal, layer_s=max(0.0, spare / model.n_layers))
     return cal
+
+
+def _run_shapes(run: dict) -> tuple[ModelConfig, MoEConfig]:
+    """The model and MoE configs a gpu_check run recorded with its timing."""
+    return ModelConfig(**run["model_config"]), MoEConfig(**run["moe_config"])

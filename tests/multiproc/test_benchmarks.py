@@ -110,6 +110,7 @@ def test_gpu_check_runs_on_cpu_without_hydra(tmp_path: Path) -> None:
     for m in report["models"]:
         assert m["tokens_per_s"] > 0 and m["tflops"] > 0 and m["mfu"] > 0, m
         assert math.isfinite(m["loss_first"]) and math.isfinite(m["loss_last"]), m
+        assert m["model_config"]["name"] == m["model"] and m["moe_config"]["num_experts"] > 0, m
     assert [layer["shape"]["router"] for layer in report["layers"]] == ["softmax_topk", "sigmoid_topk"]
     for layer in report["layers"]:
         rows = {row["variant"]: row for row in layer["variants"]}

@@ -13,7 +13,11 @@ Run: .venv/bin/pytest -q tests/unit/test_plan.py
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -84,13 +88,25 @@ def test_deepseek_preset_fits_its_cluster():
     validate(cfg, launcher_world_size(cfg))
 
 
+def gpu_check_case(name: str):
+    """benchmarks/gpu_check.py's model case `name` (DEBUG, MIXTRAL_2), as the script defines it."""
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    try:
+        return getattr(importlib.import_module("gpu_check"), name)
+    finally:
+        sys.path.pop(0)
+
+
 def test_gpu_check_json_recalibrates(tmp_path):
-    run = lambda model, batch, seq_len, ms: dict(
-        model=model, precision="autocast", batch=batch, seq_len=seq_len, step_ms_median=ms
-    )
+    def run(case: str, ms: float) -> dict:  # a model record as gpu_check writes it
+        c = gpu_check_case(case)
+        shapes = {"model_config": asdict(c.model), "moe_config": asdict(c.moe)}
+        timing = {"precision": "autocast", "batch": c.batch, "seq_len": c.seq_len, "step_ms_median": ms}
+        return {"model": c.model.name, **shapes, **timing}
+
     report = {
         "peak_tflops": 989.0,
-        "models": [run("mixtral_8x7b_2blocks", 2, 4096, 900), run("debug", 8, 128, 40)],
+        "models": [run("MIXTRAL_2", 900), run("DEBUG", 40)],
         "layers": [{"dtype": "bfloat16", "variants": [{"variant": "floor (grouped_mm)", "expert_tflops": 550.0}]}],
     }
     path = tmp_path / "gpu_check.json"
