@@ -12,7 +12,7 @@ measured once (calibration.py) and cached.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from moe.config import choice
 
@@ -71,8 +71,6 @@ class DeviceSpec:
     def with_cpu_rates(self, rates: dict) -> DeviceSpec:
         """This spec with a CPU's measured (or nominal) rates: its fp32 GEMM rate as the peak, copy
         bandwidth as memory bandwidth, gloo loopback as every link."""
-        from dataclasses import replace
-
         return replace(
             self,
             peak_tflops=rates["peak_tflops"],

@@ -337,7 +337,7 @@ def load_calibration(path: str | Path, kind: str) -> tuple[Calibration, DeviceSp
     """The calibration in `path` (gpu_check output, or a CPU profile) and, for a CPU profile, its device."""
     data = json.loads(Path(path).read_text())
     if data.get("kind") == "cpu":
-        rates = tuple((kind, float(gbps)) for kind, gbps in data["device"].get("collective_gbps", ()))
+        rates = tuple((op, float(gbps)) for op, gbps in data["device"].get("collective_gbps", ()))
         device = DeviceSpec(**{**data["device"], "collective_gbps": rates})
         return Calibration(**{**data["calibration"], "source": str(path)}), device
     if "models" in data or "layers" in data:
