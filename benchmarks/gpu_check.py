@@ -51,12 +51,12 @@ import torch
 import torch.nn.functional as F
 from moe_layer import Shape, time_steps, transformers_available, variants  # the sibling script (sys.path[0])
 
-from moe.config import ModelConfig, MoEConfig
-from moe.init import init_rule
-from moe.model import Transformer
-from profiling.flops import device_peak_tflops, peak_memory_gb, train_flops_per_token
-from profiling.profiler import throughput
-from train.optim import OptimConfig, build_optimizer
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.moe.init import init_rule
+from moeyard.moe.model import Transformer
+from moeyard.profiling.flops import device_peak_tflops, peak_memory_gb, train_flops_per_token
+from moeyard.profiling.profiler import throughput
+from moeyard.train.optim import OptimConfig, build_optimizer
 
 
 @dataclass(frozen=True)

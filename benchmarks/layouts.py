@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from ranks import rank_env, spawn_ranks  # benchmarks/ranks.py, beside this script
 
-from launch.config import compose
-from train.trainer import Trainer
+from moeyard.job.compose import compose
+from moeyard.train.trainer import Trainer
 
 OVERLAP = ["moe.num_shared_experts=2", "profiling.breakdown_every=1"]
 """The overlap rows: shared experts to hide the dispatch behind, and every step's breakdown (its time inside

@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moe.config import MoEConfig
-from moe.layer import MoELayer, SwiGLU
+from moeyard.moe.config import MoEConfig
+from moeyard.moe.layer import MoELayer, SwiGLU
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from launch.plan.cpu import profile_json
-from launch.plan.validation import TIME_WORKLOAD, memory_validation, planner_for, time_validation
+from moeyard.plan.cpu import profile_json
+from moeyard.plan.validation import TIME_WORKLOAD, memory_validation, planner_for, time_validation
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,27 +33,27 @@ from moe_layer import (  # the sibling script (sys.path[0])
 )
 from torch.autograd.profiler_util import FunctionEvent
 
-import moe.dispatcher
-import moe.experts
-import moe.layer
-import moe.router
+import moeyard.moe.dispatcher as moe_dispatcher
+import moeyard.moe.experts as moe_experts
+import moeyard.moe.layer as moe_layer
+import moeyard.moe.router as moe_router
 
 PHASES: list[tuple[object, str, str]] = [
-    (moe.router.Router, "forward", "router (linear, scores, top-k weights)"),
-    (moe.router.Router, "_select", "router: top-k selection"),
-    (moe.router, "count_per_expert", "counts per expert"),
-    (moe.dispatcher, "count_per_expert", "counts per expert"),  # imported by name there: patch both
-    (moe.router, "switch_aux_loss", "router: balancing/z losses, entropy"),
-    (moe.router, "sequence_aux_loss", "router: balancing/z losses, entropy"),
-    (moe.router, "z_loss", "router: balancing/z losses, entropy"),
-    (moe.router, "_entropy", "router: balancing/z losses, entropy"),
-    (moe.dispatcher, "expert_order", "permute: argsort by expert"),
-    (moe.dispatcher, "kept_count", "kept count"),
-    (moe.dispatcher, "gather_rows", "gather rows (index_select)"),
-    (moe.dispatcher, "combine_rows", "combine (weight, index_add)"),
-    (moe.experts.GroupedExperts, "forward", "experts: casts, silu*mul, offsets"),
-    (moe.experts, "_grouped_mm", "experts: grouped_mm"),
-    (moe.layer.MoELayer, "forward", "layer: aux attach, stats, views"),
+    (moe_router.Router, "forward", "router (linear, scores, top-k weights)"),
+    (moe_router.Router, "_select", "router: top-k selection"),
+    (moe_router, "count_per_expert", "counts per expert"),
+    (moe_dispatcher, "count_per_expert", "counts per expert"),  # imported by name there: patch both
+    (moe_router, "switch_aux_loss", "router: balancing/z losses, entropy"),
+    (moe_router, "sequence_aux_loss", "router: balancing/z losses, entropy"),
+    (moe_router, "z_loss", "router: balancing/z losses, entropy"),
+    (moe_router, "_entropy", "router: balancing/z losses, entropy"),
+    (moe_dispatcher, "expert_order", "permute: argsort by expert"),
+    (moe_dispatcher, "kept_count", "kept count"),
+    (moe_dispatcher, "gather_rows", "gather rows (index_select)"),
+    (moe_dispatcher, "combine_rows", "combine (weight, index_add)"),
+    (moe_experts.GroupedExperts, "forward", "experts: casts, silu*mul, offsets"),
+    (moe_experts, "_grouped_mm", "experts: grouped_mm"),
+    (moe_layer.MoELayer, "forward", "layer: aux attach, stats, views"),
 ]
 """(owner, attribute, phase): the pieces wrapped in ranges, outermost first (nested ranges: innermost wins)."""
 RANGE_PREFIX = "phase: "

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 import torch.multiprocessing as mp
 
-from train.process import run_then_leave
+from moeyard.train.process import run_then_leave
 
 
 def free_port() -> int:

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 from ranks import rank_env, spawn_ranks  # benchmarks/ranks.py, beside this script
 
-from launch.config import compose
-from train.trainer import Trainer
+from moeyard.job.compose import compose
+from moeyard.train.trainer import Trainer
 
 BIG_MODEL = [
     "model=debug",
@@ -101,7 +101,7 @@ def measure(world: int, overrides: list[str], out: Path) -> dict[str, float]:
 
 def n_params(overrides: list[str]) -> int:
     """Parameters of the model `overrides` describe (built on the meta device)."""
-    from moe.model import Transformer
+    from moeyard.moe.model import Transformer
 
     cfg = compose(overrides)
     with torch.device("meta"):

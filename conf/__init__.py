@@ -1,1 +1,1 @@
-"""MoEyard's Hydra configuration tree, installed as the package `moeyard_conf`."""
+"""MoEyard's Hydra configuration tree, installed as the package `moeyard.conf`."""

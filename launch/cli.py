@@ -10,13 +10,14 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from launch.config import compose, write_resolved
-from launch.launchers import launch
-from launch.plan.command import cmd_plan
-from launch.validate import ConfigError, launcher_world_size, validate
-from profiling.dashboard import cmd_dashboard
-from train.data import prepare
-from train.hf import export, hydra_overrides, read_hf_config
+from moeyard.interop.hf import export, hydra_overrides, read_hf_config
+from moeyard.interop.prepare import prepare
+from moeyard.job.compose import compose, write_resolved
+from moeyard.job.schema import ConfigError
+from moeyard.launch.launchers import launch
+from moeyard.launch.validate import validate
+from moeyard.plan.command import cmd_plan
+from moeyard.profiling.dashboard import cmd_dashboard
 
 
 def compose_error_line(err: Exception, overrides: list[str]) -> str:
@@ -37,7 +38,7 @@ def cmd_train(overrides: list[str]) -> int:
     """Composes and validates the config once, writes it resolved, then starts the configured launcher."""
     try:
         cfg = compose(overrides)
-        validate(cfg, launcher_world_size(cfg))
+        validate(cfg, cfg.launcher.world_size())
     except (HydraException, OmegaConfBaseException) as err:
         print(f"moeyard: config error: {compose_error_line(err, overrides)}", file=sys.stderr)
         return 2

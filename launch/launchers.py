@@ -2,7 +2,7 @@
 
 local: in this process (nproc_per_node=1) or `torchrun --standalone`; torchrun: one agent per node with c10d
 rendezvous; slurm: an sbatch script (launch.slurm); mpi: mpiexec (launch.mpi). Every rank runs
-`python -m launch.rank` and reads the resolved config.yaml named by MOEYARD_CONFIG.
+`python -P -m moeyard.launch.rank` (launch/entry.py) and reads the resolved config.yaml named by MOEYARD_CONFIG.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.config import JobConfig
-from launch.mpi import mpi_command
-from launch.slurm import launch_slurm
-from launch.validate import ConfigError
-from train.trainer import train
+from moeyard.job.schema import ConfigError, JobConfig
+from moeyard.launch.entry import rank_command, weight_loader
+from moeyard.launch.mpi import mpi_command
+from moeyard.launch.slurm import launch_slurm
+from moeyard.train.trainer import train
 
-FAILED_RANK = re.compile(r"^moeyard rank \d+ failed: ")  # the line launch.rank prints when a rank fails
+FAILED_RANK = re.compile(r"^moeyard rank \d+ failed: ")  # the line launch/rank.py prints when a rank fails
 RDZV_TIMEOUT = "RendezvousTimeoutError"
 
 
@@ -28,7 +28,7 @@ def torchrun_command(cfg: JobConfig) -> list[str]:
     lc = cfg.launcher
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={lc.nproc_per_node}"]
     if lc.name == "local":
-        return [*cmd, "--standalone", "--nnodes=1", "-m", "launch.rank"]
+        return [*cmd, "--standalone", "--nnodes=1", "--no-python", *rank_command()]
     # node_rank 0 hosts the c10d store at rdzv_endpoint; saying so beats torchrun's guess from host names,
     # which picks no host (or two) when the endpoint is an alias or several agents share a machine.
     rdzv_conf = f"join_timeout={lc.timeout_s},is_host={'true' if lc.node_rank == 0 else 'false'}"
@@ -40,8 +40,8 @@ def torchrun_command(cfg: JobConfig) -> list[str]:
         f"--rdzv-endpoint={lc.rdzv_endpoint}",
         f"--rdzv-id={lc.rdzv_id}",
         f"--rdzv-conf={rdzv_conf}",
-        "-m",
-        "launch.rank",
+        "--no-python",
+        *rank_command(),
     ]
 
 
@@ -92,7 +92,7 @@ def launch(cfg: JobConfig, config_path: Path) -> int:
         return launch_slurm(cfg, config_path)
     env = {**os.environ, "MOEYARD_CONFIG": str(config_path)}
     if lc.name == "local" and lc.nproc_per_node == 1:
-        train(cfg, lc.timeout_s)
+        train(cfg, lc.timeout_s, weight_loader(cfg))
         return 0
     if lc.name in ("local", "torchrun"):
         # A restarted worker group cannot rejoin an agent-shared rendezvous store (pytorch#135712): give each

@@ -1,4 +1,4 @@
-"""MPI: `mpiexec -n NP python -m launch.rank`, with mpi4py standing in for torchrun's rendezvous.
+"""MPI: `mpiexec -n NP python -P -m moeyard.launch.rank`, with mpi4py standing in for torchrun's rendezvous.
 
 torch has no MPI backend in its pip wheels, so MPI only starts the processes and introduces them: mpi4py gives
 each its rank, world size and node-local rank, rank 0 picks a free port and broadcasts its address, and
@@ -14,8 +14,8 @@ import socket
 import sys
 from pathlib import Path
 
-from launch.config import JobConfig
-from launch.validate import ConfigError
+from moeyard.job.schema import ConfigError, JobConfig
+from moeyard.launch.entry import rank_command
 
 
 def find_mpirun(name: str) -> str:
@@ -33,7 +33,7 @@ def find_mpirun(name: str) -> str:
 
 def mpi_command(cfg: JobConfig) -> list[str]:
     lc = cfg.launcher
-    return [find_mpirun(lc.mpirun), *lc.mpi_args, "-n", str(lc.np), sys.executable, "-m", "launch.rank"]
+    return [find_mpirun(lc.mpirun), *lc.mpi_args, "-n", str(lc.np), *rank_command()]
 
 
 def master_address(hosts: list[str]) -> str:

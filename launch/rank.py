@@ -1,4 +1,4 @@
-"""`python -m launch.rank`: the module every launcher starts once per rank.
+"""`python -P -m moeyard.launch.rank` (launch/entry.py): the module every launcher starts once per rank.
 
 It reads the resolved config named by MOEYARD_CONFIG, turns the launcher's environment into the
 torch.distributed one (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), sends the output of every
@@ -14,11 +14,13 @@ import traceback
 from pathlib import Path
 from typing import TextIO
 
-from launch.config import JobConfig, load_resolved
-from launch.mpi import rank_env_from_mpi
-from launch.slurm import rank_env_from_slurm
-from train.process import leave
-from train.trainer import init_distributed, pick_device, train
+from moeyard.job.compose import load_resolved
+from moeyard.job.schema import JobConfig
+from moeyard.launch.entry import weight_loader
+from moeyard.launch.mpi import rank_env_from_mpi
+from moeyard.launch.slurm import rank_env_from_slurm
+from moeyard.train.process import leave
+from moeyard.train.trainer import init_distributed, pick_device, train
 
 
 def rank_env(cfg: JobConfig) -> dict[str, str]:
@@ -66,7 +68,7 @@ def run(cfg: JobConfig, console: TextIO) -> int:
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             join_process_group(cfg)
-        train(cfg, cfg.launcher.timeout_s)
+        train(cfg, cfg.launcher.timeout_s, weight_loader(cfg))
         return 0
     except Exception as err:
         traceback.print_exc()

@@ -2,9 +2,9 @@
 
 Outside the job, `launch_slurm` writes RUN_DIR/job.sbatch, prints it (launcher.dry_run) or submits it,
 and with launcher.wait follows the job by polling `scontrol show job` (`sbatch --wait` polls slowly).
-Inside the job, the batch step runs `python -m launch.slurm master` once to export MASTER_ADDR/MASTER_PORT:
+Inside the job, the batch step runs `python -m moeyard.launch.slurm master` once to export MASTER_ADDR/MASTER_PORT:
 the first node's address (node names may not resolve, so it falls back to the NodeAddr Slurm knows) and a
-port free there. Then either srun starts one `launch.rank` per task (mode=srun; ranks from
+port free there. Then either srun starts one `moeyard.launch.rank` per task (mode=srun; ranks from
 SLURM_PROCID/NTASKS/LOCALID) or one torchrun agent per node (mode=torchrun).
 """
 
@@ -21,8 +21,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from launch.config import JobConfig, LauncherConfig
-from launch.validate import ConfigError
+from moeyard.job.schema import ConfigError, JobConfig, LauncherConfig
+from moeyard.launch.entry import rank_command
 
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
 POLL_S = 1.0
@@ -57,13 +57,14 @@ def step_command(cfg: JobConfig, python: str) -> str:
     lc = cfg.launcher
     srun = "srun --kill-on-bad-exit=1"
     if lc.mode == "srun":
-        return f"{srun} {python} -m launch.rank"
+        return f"{srun} {shlex.join(rank_command(python))}"
     return " \\\n    ".join(
         [
             f"{srun} --ntasks-per-node=1 --ntasks=$SLURM_JOB_NUM_NODES",
             f"{python} -m torch.distributed.run --nnodes=$SLURM_JOB_NUM_NODES --nproc-per-node={lc.tasks_per_node}",
             f"--max-restarts={lc.max_restarts} --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT",
-            f"--rdzv-id=$SLURM_JOB_ID --rdzv-conf=join_timeout={lc.timeout_s} -m launch.rank",
+            f"--rdzv-id=$SLURM_JOB_ID --rdzv-conf=join_timeout={lc.timeout_s}",
+            f"--no-python {shlex.join(rank_command(python))}",
         ]
     )
 
@@ -82,7 +83,7 @@ def render_sbatch(cfg: JobConfig, config_path: Path, workdir: Path) -> str:
         f"export MOEYARD_CONFIG={shlex.quote(str(config_path))}",
         "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # torchrun restarts get a fresh rendezvous store",
         "# The first node's address (its name may not resolve) and a port free there.",
-        f'eval "$({python} -m launch.slurm master)"',
+        f'eval "$({python} -m moeyard.launch.slurm master)"',
         step_command(cfg, python),
     ]
     return "\n".join(lines) + "\n"
@@ -233,6 +234,6 @@ def rank_env_from_slurm(env: Mapping[str, str]) -> dict[str, str]:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["master"]:
-        sys.exit("usage: python -m launch.slurm master   (inside a Slurm job: prints MASTER_ADDR/PORT exports)")
+        sys.exit("usage: python -m moeyard.launch.slurm master   (inside a Slurm job: prints MASTER_ADDR/PORT exports)")
     for key, value in master_env(os.environ).items():
         print(f"export {key}={shlex.quote(value)}")

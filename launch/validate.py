@@ -8,35 +8,16 @@ import ipaddress
 import socket
 from pathlib import Path
 
-from launch.config import JobConfig
-from launch.plan.planner import preflight as memory_preflight
-from moe.experts import HAS_GROUPED_MM
-from parallel.dims import ParallelDims
-from profiling.trace import check_trace_ranks
-from train.checkpointing import is_hf_dir, preflight
-from train.data import load_token_dir
-from train.upcycle import check_dense_dir, dense_model_type
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error; its message is the single line shown."""
-
-
-def launcher_world_size(cfg: JobConfig) -> int:
-    """How many ranks the configured launcher will start."""
-    lc = cfg.launcher
-    if lc.name == "torchrun":
-        return lc.nnodes * lc.nproc_per_node
-    if lc.name == "slurm":
-        return lc.nodes * lc.tasks_per_node
-    if lc.name == "mpi":
-        return lc.np
-    return lc.nproc_per_node
-
-
-def _check(ok: bool, field: str, value: object, rule: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field}={value} {rule}")
+from moeyard.interop.hf import check_hf_dir
+from moeyard.interop.upcycle import check_dense_dir, dense_model_type
+from moeyard.job.layout import check, check_layout
+from moeyard.job.schema import ConfigError, JobConfig
+from moeyard.moe.experts import HAS_GROUPED_MM
+from moeyard.parallel.dims import ParallelDims
+from moeyard.plan.planner import preflight as memory_preflight
+from moeyard.profiling.trace import check_trace_ranks
+from moeyard.train.checkpointing import is_hf_dir, preflight
+from moeyard.train.data import load_token_dir
 
 
 def _check_choices(node: object, prefix: str) -> None:
@@ -46,7 +27,7 @@ def _check_choices(node: object, prefix: str) -> None:
     for name in vars(node):
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-        _check(
+        check(
             name in known,
             f"{prefix}{name}",
             getattr(node, name),
@@ -57,7 +38,7 @@ def _check_choices(node: object, prefix: str) -> None:
         if dataclasses.is_dataclass(value):
             _check_choices(value, f"{prefix}{f.name}.")
         elif "choices" in f.metadata:
-            _check(
+            check(
                 value in f.metadata["choices"],
                 f"{prefix}{f.name}",
                 value,
@@ -70,8 +51,8 @@ def validate(cfg: JobConfig, world_size: int) -> ParallelDims:
     _check_choices(cfg, "")
     m, e, t, p, o = cfg.model, cfg.moe, cfg.train, cfg.parallel, cfg.optim
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size", "max_seq_len"):
-        _check(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), "must be >= 1")
-    _check(
+        check(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), "must be >= 1")
+    check(
         m.dim % m.n_heads == 0 or m.head_dim_override is not None or m.attention == "mla",
         "model.dim",
         m.dim,
@@ -82,31 +63,31 @@ def validate(cfg: JobConfig, world_size: int) -> ParallelDims:
         cfg.moe.check_shared()
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    _check(
+    check(
         m.n_heads % m.n_kv_heads == 0,
         "model.n_kv_heads",
         m.n_kv_heads,
         f"must divide model.n_heads={m.n_heads}",
     )
-    _check(m.moe_every >= 1, "model.moe_every", m.moe_every, "must be >= 1")
-    _check(e.num_experts >= 1, "moe.num_experts", e.num_experts, "must be >= 1")
-    _check(
+    check(m.moe_every >= 1, "model.moe_every", m.moe_every, "must be >= 1")
+    check(e.num_experts >= 1, "moe.num_experts", e.num_experts, "must be >= 1")
+    check(
         1 <= e.top_k <= e.num_experts,
         "moe.top_k",
         e.top_k,
         f"must be in [1, moe.num_experts={e.num_experts}]",
     )
-    _check(e.expert_hidden >= 1, "moe.expert_hidden", e.expert_hidden, "must be >= 1")
-    _check(e.num_shared_experts >= 0, "moe.num_shared_experts", e.num_shared_experts, "must be >= 0")
+    check(e.expert_hidden >= 1, "moe.expert_hidden", e.expert_hidden, "must be >= 1")
+    check(e.num_shared_experts >= 0, "moe.num_shared_experts", e.num_shared_experts, "must be >= 0")
     cf = e.capacity_factor
-    _check(cf is None or cf > 0, "moe.capacity_factor", cf, "must be > 0, or null for dropless")
-    _check(
+    check(cf is None or cf > 0, "moe.capacity_factor", cf, "must be > 0, or null for dropless")
+    check(
         e.n_groups >= 1 and e.num_experts % e.n_groups == 0,
         "moe.n_groups",
         e.n_groups,
         f"must divide moe.num_experts={e.num_experts}",
     )
-    _check(
+    check(
         1 <= e.topk_groups <= e.n_groups,
         "moe.topk_groups",
         e.topk_groups,
@@ -114,43 +95,43 @@ def validate(cfg: JobConfig, world_size: int) -> ParallelDims:
     )
     if e.n_groups > 1:
         reachable = e.topk_groups * (e.num_experts // e.n_groups)
-        _check(
+        check(
             e.top_k <= reachable,
             "moe.top_k",
             e.top_k,
             f"must be <= experts in the chosen groups ({reachable})",
         )
     for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
-        _check(getattr(e, name) >= 0, f"moe.{name}", getattr(e, name), "must be >= 0")
+        check(getattr(e, name) >= 0, f"moe.{name}", getattr(e, name), "must be >= 0")
     if e.grouped_mm == "on":
-        _check(HAS_GROUPED_MM, "moe.grouped_mm", "on", "needs a torch with grouped_mm (use auto or off)")
-        _check(
+        check(HAS_GROUPED_MM, "moe.grouped_mm", "on", "needs a torch with grouped_mm (use auto or off)")
+        check(
             m.dim % 8 == 0 and e.expert_hidden % 8 == 0,
             "moe.grouped_mm",
             "on",
             f"needs model.dim={m.dim} and moe.expert_hidden={e.expert_hidden} divisible by 8 (16-byte rows)",
         )
-    _check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
-    _check(t.seq_len >= 2, "train.seq_len", t.seq_len, "must be >= 2")
-    _check(
+    check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
+    check(t.seq_len >= 2, "train.seq_len", t.seq_len, "must be >= 2")
+    check(
         t.seq_len <= m.max_seq_len,
         "train.seq_len",
         t.seq_len,
         f"must be <= model.max_seq_len={m.max_seq_len}",
     )
-    _check(t.micro_batches >= 1, "train.micro_batches", t.micro_batches, "must be >= 1")
-    _check(
+    check(t.micro_batches >= 1, "train.micro_batches", t.micro_batches, "must be >= 1")
+    check(
         t.batch_size % t.micro_batches == 0,
         "train.batch_size",
         t.batch_size,
         f"must be divisible by train.micro_batches={t.micro_batches}",
     )
-    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
-    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
-    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
-    _check(0 < cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
-    _check(
+    check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
+    check(0 < cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
+    check(
         cfg.data.source != "tokens" or bool(cfg.data.path),
         "data.path",
         cfg.data.path,
@@ -162,8 +143,8 @@ def validate(cfg: JobConfig, world_size: int) -> ParallelDims:
     try:
         dims = ParallelDims.from_config(p, world_size)
     except ValueError as err:
-        raise ConfigError(f"{err} ({launcher_request(cfg)})") from None
-    _check_layout(cfg, dims)
+        raise ConfigError(f"{err} ({cfg.launcher.request()})") from None
+    check_layout(cfg, dims)
     try:
         check_trace_ranks(cfg.profiling, world_size)
     except ValueError as err:
@@ -183,47 +164,35 @@ def _check_memory(cfg: JobConfig, world_size: int) -> None:
         raise ConfigError(error)
 
 
-def launcher_request(cfg: JobConfig) -> str:
-    """Where the world size comes from, for error messages."""
-    lc = cfg.launcher
-    if lc.name == "torchrun":
-        return f"launcher.nnodes={lc.nnodes} x launcher.nproc_per_node={lc.nproc_per_node}"
-    if lc.name == "slurm":
-        return f"launcher.nodes={lc.nodes} x launcher.tasks_per_node={lc.tasks_per_node}"
-    if lc.name == "mpi":
-        return f"launcher.np={lc.np}"
-    return f"launcher.nproc_per_node={lc.nproc_per_node}"
-
-
 def _check_launcher(cfg: JobConfig) -> None:
     """Launcher fields, and whether the nodes x ranks request can hold the layout."""
     lc, tp = cfg.launcher, cfg.parallel.tp
-    _check(lc.timeout_s >= 1, "launcher.timeout_s", lc.timeout_s, "must be >= 1")
+    check(lc.timeout_s >= 1, "launcher.timeout_s", lc.timeout_s, "must be >= 1")
     if lc.name == "mpi":
-        _check(lc.np >= 1, "launcher.np", lc.np, "must be >= 1")
+        check(lc.np >= 1, "launcher.np", lc.np, "must be >= 1")
         return
     per_node = lc.tasks_per_node if lc.name == "slurm" else lc.nproc_per_node
     nodes = {"slurm": lc.nodes, "torchrun": lc.nnodes}.get(lc.name, 1)
     per_node_field = "launcher.tasks_per_node" if lc.name == "slurm" else "launcher.nproc_per_node"
-    _check(per_node >= 1, per_node_field, per_node, "must be >= 1")
-    _check(nodes >= 1, "launcher.nodes" if lc.name == "slurm" else "launcher.nnodes", nodes, "must be >= 1")
+    check(per_node >= 1, per_node_field, per_node, "must be >= 1")
+    check(nodes >= 1, "launcher.nodes" if lc.name == "slurm" else "launcher.nnodes", nodes, "must be >= 1")
     if nodes > 1:
-        _check(
+        check(
             per_node % tp == 0,
             "parallel.tp",
             tp,
             f"must divide {per_node_field}={per_node} (a tensor-parallel group stays inside one node)",
         )
     if lc.name == "torchrun":
-        _check(0 <= lc.node_rank < lc.nnodes, "launcher.node_rank", lc.node_rank, f"must be in [0, {lc.nnodes})")
-        _check(lc.max_restarts >= 0, "launcher.max_restarts", lc.max_restarts, "must be >= 0")
+        check(0 <= lc.node_rank < lc.nnodes, "launcher.node_rank", lc.node_rank, f"must be in [0, {lc.nnodes})")
+        check(lc.max_restarts >= 0, "launcher.max_restarts", lc.max_restarts, "must be >= 0")
         host, _, port = lc.rdzv_endpoint.rpartition(":")
-        _check(bool(host) and port.isdigit(), "launcher.rdzv_endpoint", lc.rdzv_endpoint, "must be host:port")
+        check(bool(host) and port.isdigit(), "launcher.rdzv_endpoint", lc.rdzv_endpoint, "must be host:port")
         if lc.nnodes > 1:
             _check_multinode_torchrun(cfg, host)
     if lc.name == "slurm":
-        _check(lc.gpus_per_node >= 0, "launcher.gpus_per_node", lc.gpus_per_node, "must be >= 0")
-        _check(
+        check(lc.gpus_per_node >= 0, "launcher.gpus_per_node", lc.gpus_per_node, "must be >= 0")
+        check(
             lc.gpus_per_node == 0 or lc.tasks_per_node <= lc.gpus_per_node,
             "launcher.tasks_per_node",
             lc.tasks_per_node,
@@ -234,7 +203,7 @@ def _check_launcher(cfg: JobConfig) -> None:
 def _check_multinode_torchrun(cfg: JobConfig, host: str) -> None:
     """Agents on several nodes must meet at an address they all reach and write into one shared run.dir."""
     lc = cfg.launcher
-    _check(
+    check(
         cfg.run.dir is not None,
         "run.dir",
         None,
@@ -266,94 +235,18 @@ def _check_token_dir(path: str, vocab_size: int) -> None:
         raise ConfigError(str(err)) from None
 
 
-def _check_layout(cfg: JobConfig, dims: ParallelDims) -> None:
-    m, e, t, p = cfg.model, cfg.moe, cfg.train, cfg.parallel
-    _check(e.num_experts % dims.ep == 0, "parallel.ep", dims.ep, f"must divide moe.num_experts={e.num_experts}")
-    _check(m.n_heads % dims.tp == 0, "parallel.tp", dims.tp, f"must divide model.n_heads={m.n_heads}")
-    _check(m.n_kv_heads % dims.tp == 0, "parallel.tp", dims.tp, f"must divide model.n_kv_heads={m.n_kv_heads}")
-    _check(m.vocab_size % dims.tp == 0, "parallel.tp", dims.tp, f"must divide model.vocab_size={m.vocab_size}")
-    _check(m.ffn_hidden % dims.tp == 0, "parallel.tp", dims.tp, f"must divide model.ffn_hidden={m.ffn_hidden}")
-    has_moe = m.n_layers > m.first_dense_layers
-    if p.sequence_parallel or (dims.tp > 1 and has_moe):
-        why = "sequence parallelism splits it" if p.sequence_parallel else "tp ranks split MoE layers by sequence"
-        _check(
-            t.seq_len % dims.tp == 0,
-            "train.seq_len",
-            t.seq_len,
-            f"must be divisible by parallel.tp={dims.tp} ({why})",
-        )
-    per_micro = t.batch_size // t.micro_batches
-    _check(
-        per_micro % dims.dp == 0,
-        "train.batch_size/micro_batches",
-        per_micro,
-        f"must be divisible by the data-parallel degree dp={dims.dp}",
-    )
-    stages = dims.pp * p.pp_stages_per_rank
-    _check(p.pp_stages_per_rank >= 1, "parallel.pp_stages_per_rank", p.pp_stages_per_rank, "must be >= 1")
-    _check(
-        m.n_layers >= stages,
-        "model.n_layers",
-        m.n_layers,
-        f"is too few for {stages} pipeline stages (pp={dims.pp} x pp_stages_per_rank={p.pp_stages_per_rank})",
-    )
-    if p.pp_layers:
-        _check(
-            len(p.pp_layers) == stages and all(n >= 1 for n in p.pp_layers) and sum(p.pp_layers) == m.n_layers,
-            "parallel.pp_layers",
-            p.pp_layers,
-            f"must give {stages} positive counts summing to {m.n_layers}",
-        )
-    if p.pp_schedule == "interleaved_1f1b" and dims.pp > 1:
-        _check(
-            p.pp_stages_per_rank >= 2,
-            "parallel.pp_stages_per_rank",
-            p.pp_stages_per_rank,
-            "must be >= 2 for pp_schedule=interleaved_1f1b",
-        )
-        _check(
-            t.micro_batches % dims.pp == 0,
-            "train.micro_batches",
-            t.micro_batches,
-            f"must be a multiple of parallel.pp={dims.pp} for interleaved_1f1b",
-        )
-    if p.pp_schedule != "interleaved_1f1b":
-        _check(
-            p.pp_stages_per_rank == 1,
-            "parallel.pp_stages_per_rank",
-            p.pp_stages_per_rank,
-            f"must be 1 for pp_schedule={p.pp_schedule} (only interleaved_1f1b has virtual stages)",
-        )
-    if dims.pp > 1:
-        _check(
-            t.micro_batches >= dims.pp,
-            "train.micro_batches",
-            t.micro_batches,
-            f"must be >= parallel.pp={dims.pp} so every stage has work in the schedule",
-        )
-        _check(not m.tie_embeddings, "model.tie_embeddings", True, "is not supported with parallel.pp > 1")
-    if dims.tp > 1:
-        _check(not m.tie_embeddings, "model.tie_embeddings", True, "is not supported with parallel.tp > 1")
-    _check(p.ac_every >= 1, "parallel.ac_every", p.ac_every, "must be >= 1")
-    _check(p.ep_chunks >= 1, "parallel.ep_chunks", p.ep_chunks, "must be >= 1")
-    _check(
-        p.ep_overlap == "none" or dims.ep > 1,
-        "parallel.ep_overlap",
-        p.ep_overlap,
-        "needs parallel.ep > 1 (without expert parallelism there is no all-to-all to hide)",
-    )
-
-
 def _check_checkpointing(cfg: JobConfig) -> None:
     """checkpoint.* values, and that train.resume / train.init_from name loadable, compatible checkpoints."""
     c, t = cfg.checkpoint, cfg.train
-    _check(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = only at the end and on SIGTERM)")
-    _check(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")
-    _check(c.every == 0 or c.enabled, "checkpoint.every", c.every, "needs checkpoint.enabled=true")
-    _check(bool(t.resume), "train.resume", t.resume, "must be none, auto or a checkpoint path")
+    check(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = only at the end and on SIGTERM)")
+    check(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")
+    check(c.every == 0 or c.enabled, "checkpoint.every", c.every, "needs checkpoint.enabled=true")
+    check(bool(t.resume), "train.resume", t.resume, "must be none, auto or a checkpoint path")
     _check_upcycle(cfg)
     try:
         preflight(t.resume, None if t.upcycle else t.init_from, cfg.run.dir, cfg.model, cfg.moe)
+        if t.init_from and not t.upcycle and is_hf_dir(t.init_from):
+            check_hf_dir(Path(t.init_from), cfg.model, cfg.moe, "train.init_from")
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -362,32 +255,32 @@ def _check_upcycle(cfg: JobConfig) -> None:
     """train.upcycle: a dense Hugging Face directory, and an MoE whose step-0 function is the dense model's."""
     t, e = cfg.train, cfg.moe
     g = t.upcycle_granularity
-    _check(g >= 1, "train.upcycle_granularity", g, "must be >= 1")
+    check(g >= 1, "train.upcycle_granularity", g, "must be >= 1")
     if not t.upcycle:
-        _check(g == 1, "train.upcycle_granularity", g, "needs train.upcycle=true")
+        check(g == 1, "train.upcycle_granularity", g, "needs train.upcycle=true")
         family = dense_model_type(t.init_from) if t.init_from else None
         why = f"must be true for train.init_from={t.init_from}, dense model_type={family} weights"
-        _check(family is None, "train.upcycle", False, f"{why} (rule: a dense model is upcycled into the MoE)")
+        check(family is None, "train.upcycle", False, f"{why} (rule: a dense model is upcycled into the MoE)")
         return
-    _check(bool(t.init_from), "train.upcycle", True, "needs train.init_from=a dense Hugging Face Llama/Qwen3 dir")
-    _check(is_hf_dir(t.init_from), "train.init_from", t.init_from, "must be a Hugging Face dir with train.upcycle")
+    check(bool(t.init_from), "train.upcycle", True, "needs train.init_from=a dense Hugging Face Llama/Qwen3 dir")
+    check(is_hf_dir(t.init_from), "train.init_from", t.init_from, "must be a Hugging Face dir with train.upcycle")
     rule = "(each copy of the dense FFN is g experts)"
-    _check(
+    check(
         e.num_experts % g == 0,
         "moe.num_experts",
         e.num_experts,
         f"must be divisible by train.upcycle_granularity={g} {rule}",
     )
-    _check(
+    check(
         e.num_shared_experts == 0, "moe.num_shared_experts", e.num_shared_experts, "must be 0 with train.upcycle=true"
     )
     if g > 1:
         whole = f"with train.upcycle_granularity={g} (tied router rows pick whole copies of the g slices)"
-        _check(e.router != "expert_choice", "moe.router", e.router, f"must be token-choice {whole}")
-        _check(e.top_k % g == 0, "moe.top_k", e.top_k, f"must be a multiple of {g} {whole}")
+        check(e.router != "expert_choice", "moe.router", e.router, f"must be token-choice {whole}")
+        check(e.top_k % g == 0, "moe.top_k", e.top_k, f"must be a multiple of {g} {whole}")
         group = e.num_experts // e.n_groups
-        _check(group % g == 0, "moe.n_groups", e.n_groups, f"must leave a multiple of {g} experts per group {whole}")
-        _check(
+        check(group % g == 0, "moe.n_groups", e.n_groups, f"must leave a multiple of {g} experts per group {whole}")
+        check(
             e.route_scale == g,
             "moe.route_scale",
             e.route_scale,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.config import ModelConfig
+from moeyard.moe.config import ModelConfig
 
 try:  # flash-attn is a GPU-only extra; SDPA serves everywhere else.
     from flash_attn import flash_attn_func

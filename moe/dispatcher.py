@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from moe.router import Routing, SequenceSplit, count_per_expert
+from moeyard.moe.router import Routing, SequenceSplit, count_per_expert
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """Runs the local experts on expert-sorted rows [N, D] given rows per local expert [E_local] -> [N, D]."""

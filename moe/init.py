@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moe.config import ModelConfig
+from moeyard.moe.config import ModelConfig
 
 _LANES = 64
 """Blocks are padded to a multiple of this, so that torch's CPU kernels run every element through their

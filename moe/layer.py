@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.config import MoEConfig
-from moe.dispatcher import Dispatcher, LocalDispatcher
-from moe.experts import GroupedExperts
-from moe.router import Router, Routing
+from moeyard.moe.config import MoEConfig
+from moeyard.moe.dispatcher import Dispatcher, LocalDispatcher
+from moeyard.moe.experts import GroupedExperts
+from moeyard.moe.router import Router, Routing
 
 
 class SwiGLU(nn.Module):

@@ -20,12 +20,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe.attention import build_attention, rope_table
-from moe.config import ModelConfig, MoEConfig
-from moe.init import init_full_tensor as init_full_tensor  # re-exported: the full tensor, for tests
-from moe.init import init_slice_
-from moe.layer import MoELayer, SwiGLU
-from moe.masking import document_attention
+from moeyard.moe.attention import build_attention, rope_table
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.moe.init import init_full_tensor as init_full_tensor  # re-exported: the full tensor, for tests
+from moeyard.moe.init import init_slice_
+from moeyard.moe.layer import MoELayer, SwiGLU
+from moeyard.moe.masking import document_attention
 
 
 class Block(nn.Module):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.config import MoEConfig
+from moeyard.moe.config import MoEConfig
 
 LoadReducer = Callable[[torch.Tensor], torch.Tensor]
 

@@ -36,9 +36,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from moe.config import ModelConfig, MoEConfig
-from parallel.safe_metadata import SafeFileSystemReader
-from parallel.shards import layout_free
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.parallel.safe_metadata import SafeFileSystemReader
+from moeyard.parallel.shards import layout_free
 
 CHECKPOINTS = "checkpoints"
 FORMAT = 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moe.config import choice
+from moeyard.moe.config import choice
 
 
 @dataclass(kw_only=True)

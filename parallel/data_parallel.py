@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from moe.model import Transformer
+from moeyard.moe.model import Transformer
 
 _EXPERT_PARAM = re.compile(r"(^|\.)experts\.w[123]$")
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")

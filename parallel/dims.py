@@ -11,14 +11,14 @@ Two meshes over the same ranks, both row-major (Megatron-Core's "parallel foldin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from parallel.config import ParallelConfig
+from moeyard.parallel.config import ParallelConfig
 
 
-class Axis(str, Enum):
+class Axis(StrEnum):
     """Mesh axis names."""
 
     PP = "pp"

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from moe.dispatcher import AlongsideFn, ExpertsFn, LocalDispatcher, MoEOutput, combine_rows, gather_rows
-from moe.experts import GroupedExperts
-from moe.model import Transformer
-from moe.router import Routing
+from moeyard.moe.dispatcher import AlongsideFn, ExpertsFn, LocalDispatcher, MoEOutput, combine_rows, gather_rows
+from moeyard.moe.experts import GroupedExperts
+from moeyard.moe.model import Transformer
+from moeyard.moe.router import Routing
 
 
 def _sum_over(group: dist.ProcessGroup | None, counts_E: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from parallel.data_parallel import is_expert_param
+from moeyard.parallel.data_parallel import is_expert_param
 
 
 def _sq_norm(grad: torch.Tensor) -> torch.Tensor:

@@ -33,12 +33,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from moe.config import ModelConfig, MoEConfig
-from parallel.config import ParallelConfig
-from parallel.data_parallel import is_expert_param
-from parallel.dims import Axis, ParallelDims
-from parallel.parallelize import ParallelModel, build_parallel_model
-from parallel.pipeline import local_stage_ids, stage_layer_ranges
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.parallel.config import ParallelConfig
+from moeyard.parallel.data_parallel import is_expert_param
+from moeyard.parallel.dims import Axis, ParallelDims
+from moeyard.parallel.parallelize import ParallelModel, build_parallel_model
+from moeyard.parallel.pipeline import local_stage_ids, stage_layer_ranges
 
 STATE_BYTES = 16
 """fp32 parameter + fp32 gradient + AdamW exp_avg + exp_avg_sq, per local element."""

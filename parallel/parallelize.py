@@ -13,17 +13,17 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 
-from moe.config import ModelConfig, MoEConfig
-from moe.init import init_slice_
-from moe.layer import MoELayer
-from moe.model import Transformer
-from parallel.config import ParallelConfig
-from parallel.data_parallel import apply_fsdp, clean_fqn
-from parallel.dims import Axis, ParallelDims
-from parallel.expert import apply_ep
-from parallel.pipeline import StageShapes, build_schedule, local_stage_ids, split_model, stage_layer_ranges
-from parallel.shards import shard_extent
-from parallel.tensor import apply_tp
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.moe.init import init_slice_
+from moeyard.moe.layer import MoELayer
+from moeyard.moe.model import Transformer
+from moeyard.parallel.config import ParallelConfig
+from moeyard.parallel.data_parallel import apply_fsdp, clean_fqn
+from moeyard.parallel.dims import Axis, ParallelDims
+from moeyard.parallel.expert import apply_ep
+from moeyard.parallel.pipeline import StageShapes, build_schedule, local_stage_ids, split_model, stage_layer_ranges
+from moeyard.parallel.shards import shard_extent
+from moeyard.parallel.tensor import apply_tp
 
 
 @dataclass

@@ -16,8 +16,8 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
-from parallel.data_parallel import is_expert_param
-from parallel.dims import Axis, ParallelDims
+from moeyard.parallel.data_parallel import is_expert_param
+from moeyard.parallel.dims import Axis, ParallelDims
 
 
 def fsdp_expert_placements(ep: int) -> list[Placement]:

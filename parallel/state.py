@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from parallel.data_parallel import is_expert_param
+from moeyard.parallel.data_parallel import is_expert_param
 
 
 def _full(pm, name: str, t: torch.Tensor) -> torch.Tensor:

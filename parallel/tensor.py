@@ -45,8 +45,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from moe.config import ModelConfig
-from moe.model import Transformer
+from moeyard.moe.config import ModelConfig
+from moeyard.moe.model import Transformer
 
 
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:

@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 import plotly
 
-from profiling.dashboard_index import QUANTITIES, RunIndex
+from moeyard.profiling.dashboard_index import QUANTITIES, RunIndex
 
 PAGE = Path(__file__).with_name("dashboard.html")
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from profiling.load_format import read_blob
+from moeyard.profiling.load_format import read_blob
 
 FEEDS = {"metrics": "metrics.jsonl", "expert_load": "expert_load.jsonl"}
 SERIES = ("loss", "eval_loss", "aux_loss", "z_loss", "tokens_per_s", "mfu")

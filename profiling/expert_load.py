@@ -49,8 +49,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe.config import ModelConfig, MoEConfig
-from profiling.load_format import BLOB_FILE, CODEC, encode_blob
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.profiling.load_format import BLOB_FILE, CODEC, encode_blob
 
 Stats = dict[str, list[dict[str, torch.Tensor]]]
 

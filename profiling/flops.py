@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from moe.config import ModelConfig, MoEConfig
+from moeyard.moe.config import ModelConfig, MoEConfig
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from NVIDIA's data sheets. Matched in order
 # against torch.cuda.get_device_name(), e.g. "NVIDIA H100 80GB HBM3" (SXM) or "NVIDIA H100 PCIe".

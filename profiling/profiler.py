@@ -21,15 +21,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe.config import ModelConfig, MoEConfig
-from parallel.dims import Axis
-from parallel.parallelize import ParallelModel
-from profiling.config import ProfilingConfig
-from profiling.expert_load import ExpertLoadTracker, Stats
-from profiling.flops import device_peak_tflops, peak_memory_gb, train_flops_per_token
-from profiling.sinks import MetricsLog
-from profiling.timers import StepTimer
-from profiling.trace import TraceProfiler, check_trace_ranks
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.parallel.dims import Axis
+from moeyard.parallel.parallelize import ParallelModel
+from moeyard.profiling.config import ProfilingConfig
+from moeyard.profiling.expert_load import ExpertLoadTracker, Stats
+from moeyard.profiling.flops import device_peak_tflops, peak_memory_gb, train_flops_per_token
+from moeyard.profiling.sinks import MetricsLog
+from moeyard.profiling.timers import StepTimer
+from moeyard.profiling.trace import TraceProfiler, check_trace_ranks
 
 
 def throughput(tokens_per_s: float, world: int, flops_per_token: float, peak_tflops: float | None) -> dict[str, float]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from profiling.config import ProfilingConfig
+from moeyard.profiling.config import ProfilingConfig
 
 
 def check_trace_ranks(cfg: ProfilingConfig, world: int) -> None:

@@ -21,10 +21,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import _FileSystemWriter
 
-from parallel.checkpoint import single_process_quiet
-from parallel.safe_metadata import SafeFileSystemReader
+from moeyard.parallel.checkpoint import single_process_quiet
+from moeyard.parallel.safe_metadata import SafeFileSystemReader
+from moeyard.train.callbacks import Callback
 from tests.faults import first_attempt
-from train.callbacks import Callback
 
 WAIT_S = 60.0
 """Longest wait for the background write to reach the file writer (it gets there in milliseconds)."""

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from parallel.checkpoint import checkpoint_root
-from train.callbacks import Callback
+from moeyard.parallel.checkpoint import checkpoint_root
+from moeyard.train.callbacks import Callback
 
 POLL_S = 0.0005
 """How often the mid-write watcher looks for its shard file: DCP writes a tiny model's shard in milliseconds."""

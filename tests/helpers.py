@@ -22,10 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from launch.config import compose
-from parallel.state import full_optimizer_state, full_state_dict
-from train.process import run_then_leave
-from train.trainer import Trainer
+from moeyard.job.compose import compose
+from moeyard.launch.entry import weight_loader
+from moeyard.parallel.state import full_optimizer_state, full_state_dict
+from moeyard.train.process import run_then_leave
+from moeyard.train.trainer import Trainer
 
 TINY = [
     "model=debug",
@@ -38,6 +39,11 @@ TINY = [
     "moe.bias_update_rate=0.01",
 ]
 """A two-block debug model with aux-free bias on, for checkpoint and fault tests."""
+
+
+def make_trainer(cfg, **kwargs) -> Trainer:
+    """A Trainer as a rank builds one: with the Hugging Face weight loader when train.init_from names one."""
+    return Trainer(cfg, load_weights=weight_loader(cfg), **kwargs)
 
 
 def history_losses(history: list[dict]) -> list[float]:
@@ -66,7 +72,7 @@ def free_port() -> int:
 
 def moeyard_cmd(*overrides: str) -> list[str]:
     """`moeyard train ...` through the running (venv) python, so ranks use that python too."""
-    return [sys.executable, "-m", "launch.cli", "train", *overrides]
+    return [sys.executable, "-m", "moeyard.launch.cli", "train", *overrides]
 
 
 def moeyard(*overrides: str, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -111,7 +117,7 @@ def layout_facts(trainer: Trainer) -> dict:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    from parallel.data_parallel import clean_fqn
+    from moeyard.parallel.data_parallel import clean_fqn
 
     params, ac, fsdp, compiled, blocks, dispatch = {}, [], [], [], [], {}
     for part in trainer.pm.parts:
@@ -149,7 +155,7 @@ def layout_facts(trainer: Trainer) -> dict:
 def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
     local_rank_env(rank, world, port)
     cfg = compose(overrides)
-    trainer = Trainer(cfg)
+    trainer = make_trainer(cfg)
     initial = full_state_dict(trainer.pm)
     history = trainer.fit()
     state = full_state_dict(trainer.pm)

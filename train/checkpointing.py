@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe.config import ModelConfig, MoEConfig
-from parallel import checkpoint as ckpt
-from train.callbacks import Callback
-from train.hf import check_hf_dir, load_hf_weights
-from train.upcycle import is_dense_dir, load_upcycled_weights
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.parallel import checkpoint as ckpt
+from moeyard.train.callbacks import Callback
+
+WeightLoader = Callable[[object], None]
+"""Fills a built ParallelModel's shards from weights outside MoEyard's checkpoints (a Hugging Face directory);
+the rank entry point passes one (moeyard.interop.weights), so the per-rank run never imports the HF code."""
 
 
 @dataclass(kw_only=True)
@@ -50,10 +52,7 @@ def preflight(resume: str, init_from: str | None, run_dir: str, model: ModelConf
     found = ckpt.resolve(resume, run_dir, "train.resume", on_skip=lambda line: None)
     if found is not None:
         ckpt.check_compatible(found[1], model, moe, "train.resume", found[0])
-    if init_from:
-        if is_hf_dir(init_from):
-            check_hf_dir(Path(init_from), model, moe, "train.init_from")
-            return
+    if init_from and not is_hf_dir(init_from):  # Hugging Face directories are checked by moeyard.interop
         path, meta = ckpt.resolve(init_from, run_dir, "train.init_from")
         ckpt.check_compatible(meta, model, moe, "train.init_from", path)
 
@@ -106,10 +105,15 @@ class Checkpointer:
             print(f"moeyard: {text}", flush=True)
 
     def restore(
-        self, found: tuple[Path, dict] | None, init_from: str | None, model: ModelConfig, moe: MoEConfig
+        self,
+        found: tuple[Path, dict] | None,
+        init_from: str | None,
+        model: ModelConfig,
+        moe: MoEConfig,
+        load_weights: WeightLoader | None = None,
     ) -> int:
-        """Loads `found` (train.resume as `find_resume` resolved it: everything) or train.init_from (weights);
-        returns the step to continue from.
+        """Loads `found` (train.resume as `find_resume` resolved it: everything) or train.init_from (weights:
+        through `load_weights` when given, else a MoEyard checkpoint); returns the step to continue from.
 
         The launcher checked both before spawning; here each is read once (its meta.json included).
         """
@@ -121,10 +125,13 @@ class Checkpointer:
             self._note(f"resumed at step {meta['step']} from {path} (saved on {meta['world_size']} ranks: {layout})")
             return meta["step"]
         if init_from:
-            if is_dense_dir(init_from):  # train.upcycle (validation pairs the two): every expert is the dense FFN
-                load_upcycled_weights(self.pm, Path(init_from), model, moe, seed=self.meta()["seed"])
+            if load_weights is not None:
+                load_weights(self.pm)
             elif is_hf_dir(init_from):
-                load_hf_weights(self.pm, Path(init_from), model)
+                raise ValueError(
+                    f"train.init_from={init_from} is a Hugging Face directory, but no weight loader was given "
+                    "(rule: start ranks through `moeyard train`, or pass moeyard.interop.weights.loader_for)"
+                )
             else:
                 path, meta = ckpt.resolve(init_from, self.run_dir, "train.init_from")
                 ckpt.check_compatible(meta, model, moe, "train.init_from", path)

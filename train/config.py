@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe.config import ModelConfig, MoEConfig, choice
-from parallel.config import ParallelConfig
-from profiling.config import ProfilingConfig
-from train.checkpointing import CheckpointConfig
-from train.data import DataConfig
-from train.optim import OptimConfig
+from moeyard.moe.config import ModelConfig, MoEConfig, choice
+from moeyard.parallel.config import ParallelConfig
+from moeyard.profiling.config import ProfilingConfig
+from moeyard.train.checkpointing import CheckpointConfig
+from moeyard.train.data import DataConfig
+from moeyard.train.optim import OptimConfig
 
 
 @dataclass(kw_only=True)

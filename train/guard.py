@@ -24,8 +24,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from profiling.sinks import MetricsLog
-from train.collectives import CollectiveLog
+from moeyard.profiling.sinks import MetricsLog
+from moeyard.train.collectives import CollectiveLog
 
 
 class NonFiniteError(ValueError):

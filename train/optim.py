@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.tensor import DTensor
 
-from moe.config import choice
+from moeyard.moe.config import choice
 
 
 @dataclass(kw_only=True)

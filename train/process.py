@@ -1,6 +1,6 @@
 """How a rank's process ends: without the interpreter's finalization, once its work is written.
 
-Used by `python -m launch.rank` (every launcher's rank) and, through `run_then_leave`, by every spawn of
+Used by `python -m moeyard.launch.rank` (every launcher's rank) and, through `run_then_leave`, by every spawn of
 ranks in the planner's measurements, the benchmarks and the tests.
 """
 

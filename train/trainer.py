@@ -18,21 +18,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from parallel.data_parallel import finish_grads
-from parallel.dims import Axis, ParallelDims
-from parallel.grads import clip_grads, scale_grads
-from parallel.parallelize import attach_schedule, build_parallel_model
-from parallel.pipeline import StageShapes
-from parallel.tensor import loss_context, reduce_tp_partial_grads
-from profiling.profiler import StepProfiler
-from profiling.sinks import MetricsLog
-from train.callbacks import Callback, Callbacks
-from train.checkpointing import Checkpointer, checkpoint_meta, find_resume
-from train.collectives import CollectiveLog, apply_timeouts, recording
-from train.config import TrainerConfig
-from train.data import TokenData, build_data
-from train.guard import NonFiniteError, StepGuard
-from train.optim import build_optimizer, lr_at
+from moeyard.parallel.data_parallel import finish_grads
+from moeyard.parallel.dims import Axis, ParallelDims
+from moeyard.parallel.grads import clip_grads, scale_grads
+from moeyard.parallel.parallelize import attach_schedule, build_parallel_model
+from moeyard.parallel.pipeline import StageShapes
+from moeyard.parallel.tensor import loss_context, reduce_tp_partial_grads
+from moeyard.profiling.profiler import StepProfiler
+from moeyard.profiling.sinks import MetricsLog
+from moeyard.train.callbacks import Callback, Callbacks
+from moeyard.train.checkpointing import Checkpointer, WeightLoader, checkpoint_meta, find_resume
+from moeyard.train.collectives import CollectiveLog, apply_timeouts, recording
+from moeyard.train.config import TrainerConfig
+from moeyard.train.data import TokenData, build_data
+from moeyard.train.guard import NonFiniteError, StepGuard
+from moeyard.train.optim import build_optimizer, lr_at
 
 DEFAULT_TIMEOUT_S = 1800
 
@@ -85,11 +85,13 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         collectives: CollectiveLog | None = None,
         timeout_s: int = DEFAULT_TIMEOUT_S,
+        load_weights: WeightLoader | None = None,
     ) -> None:
         """`cfg` was validated by the launcher; `dims` defaults to the degrees it implies for this world.
 
         `callbacks` run after those named in train.callbacks; `collectives` is the run's collective log
-        (named after the mesh axes here); `timeout_s` bounds rendezvous and collectives.
+        (named after the mesh axes here); `timeout_s` bounds rendezvous and collectives; `load_weights` reads
+        a Hugging Face train.init_from (moeyard.interop.weights.loader_for).
         """
         self.cfg = cfg
         self.device = pick_device(cfg.train.device)
@@ -107,7 +109,7 @@ class Trainer:
         self._build_model(init=resume is None)
         self.data: TokenData = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
         self._build_services(collectives or CollectiveLog(), timeout_s)
-        self.step = self.checkpointer.restore(resume, cfg.train.init_from, cfg.model, cfg.moe)
+        self.step = self.checkpointer.restore(resume, cfg.train.init_from, cfg.model, cfg.moe, load_weights)
 
     def _build_model(self, init: bool) -> None:
         """Meshes, this rank's model parts (and pipeline schedule), the optimizer."""
@@ -373,13 +375,15 @@ class Trainer:
         return history
 
 
-def train(cfg: TrainerConfig, timeout_s: int = DEFAULT_TIMEOUT_S) -> list[dict[str, float]]:
+def train(
+    cfg: TrainerConfig, timeout_s: int = DEFAULT_TIMEOUT_S, load_weights: WeightLoader | None = None
+) -> list[dict[str, float]]:
     """Entry point on every rank: trains, then leaves the process group (exit 143 after a SIGTERM stop)."""
     collectives = CollectiveLog()  # this run's; on an error every rank prints it (no barrier: peers may be gone)
     trainer = None
     with recording(collectives, quiet=(NonFiniteError, ValueError)):
         try:
-            trainer = Trainer(cfg, collectives=collectives, timeout_s=timeout_s)
+            trainer = Trainer(cfg, collectives=collectives, timeout_s=timeout_s, load_weights=load_weights)
             history = trainer.fit()
         except BaseException as err:
             if trainer is not None and not isinstance(err, SystemExit):

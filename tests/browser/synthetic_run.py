@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from profiling.expert_load import LoadWriter
-from profiling.load_format import encode_blob
+from moeyard.profiling.expert_load import LoadWriter
+from moeyard.profiling.load_format import encode_blob
 
 LAYERS, EXPERTS, EP = 61, 256, 64  # DeepSeek-V3 has 58 MoE blocks of its 61; 61 is the worst case
 BREAKDOWN_EVERY = 10

@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 import torch
 
-from launch.config import compose
-from profiling.dashboard import EXPORT_MAX_CELLS, export_data, make_server, render_page
-from profiling.dashboard_index import MAX_COLUMNS, MAX_POINTS, RunIndex, decimate, read_lines, round_sig
-from profiling.expert_load import ExpertLoadTracker
+from moeyard.job.compose import compose
+from moeyard.profiling.dashboard import EXPORT_MAX_CELLS, export_data, make_server, render_page
+from moeyard.profiling.dashboard_index import MAX_COLUMNS, MAX_POINTS, RunIndex, decimate, read_lines, round_sig
+from moeyard.profiling.expert_load import ExpertLoadTracker
 from tests.browser import synthetic_run
 from tests.helpers import MOEYARD
 

@@ -19,9 +19,9 @@ import time
 
 import pytest
 
-from launch.cli import main as cli_main
-from launch.config import compose, write_resolved
-from launch.slurm import exit_status, job_state, node_address, rank_env_from_slurm
+from moeyard.job.compose import compose, write_resolved
+from moeyard.launch.cli import main as cli_main
+from moeyard.launch.slurm import exit_status, job_state, node_address, rank_env_from_slurm
 from tests.helpers import BASE, REPO, assert_same_losses, free_port, moeyard, reference_losses, run_losses
 from tests.launchers.slurm_cluster import SlurmCluster
 
@@ -74,8 +74,8 @@ def test_dry_run_prints_the_sbatch_script(tmp_path, capsys):
         "module load cuda",
         "source /opt/venv/bin/activate",
         f"export MOEYARD_CONFIG={run_dir}/config.yaml",
-        f'eval "$({sys.executable} -m launch.slurm master)"',
-        f"srun --kill-on-bad-exit=1 {sys.executable} -m launch.rank",
+        f'eval "$({sys.executable} -m moeyard.launch.slurm master)"',
+        f"srun --kill-on-bad-exit=1 {sys.executable} -m moeyard.launch.rank",
     ]:
         assert line in script.splitlines(), line
     assert script.index("module load cuda") < script.index("srun")
@@ -100,7 +100,7 @@ def test_dry_run_torchrun_mode_starts_one_agent_per_node(tmp_path, capsys):
         f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 --ntasks=$SLURM_JOB_NUM_NODES {sys.executable} "
         "-m torch.distributed.run --nnodes=$SLURM_JOB_NUM_NODES --nproc-per-node=4 --max-restarts=0 "
         "--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv-id=$SLURM_JOB_ID "
-        "--rdzv-conf=join_timeout=60 -m launch.rank"
+        "--rdzv-conf=join_timeout=60 -m moeyard.launch.rank"
     )
 
 
@@ -230,7 +230,7 @@ def test_rank_that_cannot_reach_its_master_reports_rendezvous_failure(tmp_path):
         "MASTER_PORT": str(port),
     }
     out = subprocess.run(
-        [sys.executable, "-m", "launch.rank"], cwd=REPO, env=env, capture_output=True, text=True, timeout=100
+        [sys.executable, "-m", "moeyard.launch.rank"], cwd=REPO, env=env, capture_output=True, text=True, timeout=100
     )
     assert out.returncode == 1
     assert out.stderr.startswith(

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from launch.cli import main as cli_main
-from launch.config import compose, write_resolved
-from launch.launchers import launch
+from moeyard.job.compose import compose, write_resolved
+from moeyard.launch.cli import main as cli_main
+from moeyard.launch.launchers import launch
 from tests.helpers import (
     BASE,
     REPO,

@@ -29,16 +29,18 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import parallel.safe_metadata
-import train.hf
-from launch.config import compose
-from moe.config import ModelConfig
-from parallel import checkpoint as ckpt
-from parallel.shards import shard_extent
+import moeyard.interop.hf
+import moeyard.interop.hf as train_hf
+import moeyard.parallel.safe_metadata
+import moeyard.parallel.safe_metadata as parallel_safe_metadata
+from moeyard.interop.hf import export
+from moeyard.job.compose import compose
+from moeyard.moe.config import ModelConfig
+from moeyard.parallel import checkpoint as ckpt
+from moeyard.parallel.shards import shard_extent
+from moeyard.train.trainer import Trainer
 from tests.ckpt_faults import saved_tensors
-from tests.helpers import MOEYARD, REPO, TINY, free_port, local_rank_env, slice_only_safe_open, spawn
-from train.hf import export
-from train.trainer import Trainer
+from tests.helpers import MOEYARD, REPO, TINY, free_port, local_rank_env, make_trainer, slice_only_safe_open, spawn
 
 EXPERT = "layers.0.moe.experts.w1"
 DP4_EP2 = ["parallel.ep=2", "parallel.dp_mode=fsdp"]
@@ -87,7 +89,7 @@ def no_gathering():
 @contextmanager
 def counting_metadata_reads(counts: list[int]):
     """Appends 1 to `counts` for every parse of a .metadata file."""
-    unpickler = parallel.safe_metadata._MetadataUnpickler
+    unpickler = parallel_safe_metadata._MetadataUnpickler
     original = unpickler.load
 
     def load(self):
@@ -108,14 +110,14 @@ def _shards(trainer: Trainer, rank: int) -> dict[str, torch.Tensor]:
 def _save_load_rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
     local_rank_env(rank, world, port)
     cfg = compose(overrides)
-    trained = Trainer(cfg)
+    trained = make_trainer(cfg)
     trained.fit()
     saved = {k: v.clone() for k, v in _shards(trained, rank).items()}
     expert = dict(trained.pm.named_parameters())[EXPERT]
     save_ops = OpRecorder()
     with no_gathering(), save_ops:
         path = ckpt.save(trained.pm, trained.optimizer, 2, Path(cfg.run.dir) / "ck", 1, trained.checkpointer.meta())
-    fresh = Trainer(cfg)  # initialised afresh: nothing trained, zero optimizer state
+    fresh = make_trainer(cfg)  # initialised afresh: nothing trained, zero optimizer state
     reads: list[int] = []
     load_ops = OpRecorder()
     with no_gathering(), counting_metadata_reads(reads), load_ops:
@@ -172,12 +174,12 @@ def test_save_and_load_never_gather_an_expert_shard(tmp_path: Path) -> None:
 def _hf_rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
     local_rank_env(rank, world, port)
     reads: list[tuple[str, tuple[int, ...]]] = []
-    real = train.hf.safe_open
-    train.hf.safe_open = slice_only_safe_open(real, lambda name, t: reads.append((name, tuple(t.shape))))
+    real = train_hf.safe_open
+    train_hf.safe_open = slice_only_safe_open(real, lambda name, t: reads.append((name, tuple(t.shape))))
     try:
-        trainer = Trainer(compose(overrides))
+        trainer = make_trainer(compose(overrides))
     finally:
-        train.hf.safe_open = real
+        train_hf.safe_open = real
     shards = {}
     for name, t in ckpt.model_tensors(trainer.pm):
         shape, offset, local = shard_extent(name, t, trainer.pm.dims, trainer.pm.expert_mesh)
@@ -190,7 +192,7 @@ def _hf_rank(rank: int, world: int, port: int, overrides: list[str], out: str) -
 def _expected_reads(param: str, full_shape: tuple, offset: tuple, shape: tuple, m: ModelConfig) -> list:
     """The (HF name, shape) reads a shard at `offset` of size `shape` needs: per local expert its
     transposed box; for q/k the whole heads its rows fall in; for anything else exactly the box."""
-    names = [k for k, _ in train.hf.to_hf(param, torch.empty(full_shape, device="meta"), m)]
+    names = [k for k, _ in train_hf.to_hf(param, torch.empty(full_shape, device="meta"), m)]
     if ".moe.experts.w" in param:
         return [(names[e], (shape[2], shape[1])) for e in range(offset[0], offset[0] + shape[0])]
     if param.endswith(("attention.wq.weight", "attention.wk.weight")):
@@ -203,7 +205,7 @@ def _expected_reads(param: str, full_shape: tuple, offset: tuple, shape: tuple, 
 def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
     """One trained step of the tiny model, exported as Mixtral safetensors; and its full weights."""
     run = tmp_path_factory.mktemp("hf_run")
-    trainer = Trainer(
+    trainer = make_trainer(
         compose([*TINY, "moe.bias_update_rate=0", "train.steps=1", "checkpoint.enabled=true", f"run.dir={run}"])
     )
     trainer.fit()

@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe.config import MoEConfig
-from moe.experts import GroupedExperts
-from moe.layer import MoELayer, SwiGLU
+from moeyard.moe.config import MoEConfig
+from moeyard.moe.experts import GroupedExperts
+from moeyard.moe.layer import MoELayer, SwiGLU
 from tests.helpers import free_port, local_rank_env, spawn
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +106,7 @@ def ours_ep_layer(ours: MoELayer, rank: int, world: int) -> MoELayer:
     """`ours` with this rank's experts and the all-to-all dispatcher over the whole world."""
     import torch.distributed as dist
 
-    from parallel.expert import AllToAllDispatcher
+    from moeyard.parallel.expert import AllToAllDispatcher
 
     layer = copy.deepcopy(ours)
     local = E // world

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.config import compose
-from profiling.expert_load import ExpertLoadTracker, derive
+from moeyard.job.compose import compose
+from moeyard.profiling.expert_load import ExpertLoadTracker, derive
+from moeyard.train.trainer import Trainer
 from tests.helpers import free_port, run_layout
-from train.trainer import Trainer
 
 BASE = [
     "model=debug",

@@ -18,10 +18,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe.config import MoEConfig
-from moe.experts import GroupedExperts
-from moe.layer import MoELayer
-from parallel.expert import AllToAllDispatcher
+from moeyard.moe.config import MoEConfig
+from moeyard.moe.experts import GroupedExperts
+from moeyard.moe.layer import MoELayer
+from moeyard.parallel.expert import AllToAllDispatcher
 from tests.helpers import free_port, spawn
 from tests.sync_counter import SyncCounter
 

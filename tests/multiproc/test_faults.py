@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.cli import main
-from launch.config import compose
-from parallel import checkpoint as ckpt
+from moeyard.job.compose import compose
+from moeyard.launch.cli import main
+from moeyard.parallel import checkpoint as ckpt
+from moeyard.train.trainer import Trainer
 from tests.helpers import MOEYARD, REPO, TINY, free_port
-from train.trainer import Trainer
 
 CKPT = ["checkpoint.enabled=true", "checkpoint.every=2"]
 EP2 = [*CKPT, "parallel.ep=2"]

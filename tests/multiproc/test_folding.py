@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
-from launch.config import compose
+from moeyard.job.compose import compose
+from moeyard.train.trainer import Trainer
 from tests.helpers import free_port, local_rank_env, spawn
-from train.trainer import Trainer
 
 BASE = ["model=debug", "train.seq_len=32", "train.batch_size=4", "profiling=off", "train.eval_every=0"]
 

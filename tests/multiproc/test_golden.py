@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from launch.config import compose
-from parallel.dims import ParallelDims
+import moeyard.parallel.parallelize as parallel_parallelize
+from moeyard.job.compose import compose
+from moeyard.parallel.dims import ParallelDims
 from tests import helpers
 from tests.helpers import free_port, run_layout, spawn
 
@@ -211,7 +212,7 @@ def _expected_param(name: str, shape: list[int], dims: ParallelDims, sp: bool, f
 def expected_layout(overrides: list[str], world: int, rank: int) -> dict:
     """The `layout_facts` rank `rank` must report, derived from the config alone (the full model's shapes
     on the meta device and the sharding rules), never from the code that applies them."""
-    from moe.model import Transformer
+    from moeyard.moe.model import Transformer
 
     cfg = compose(overrides)
     p = cfg.parallel
@@ -304,11 +305,10 @@ def _skip(*args, **kwargs) -> None:
 
 
 def _rank_without(rank: int, world: int, port: int, overrides: list[str], out: str, disabled: list[str]) -> None:
-    """`helpers._rank` with the named `parallel.parallelize` steps replaced by no-ops (in this spawned rank)."""
-    import parallel.parallelize
+    """`helpers._rank` with the named `parallel_parallelize` steps replaced by no-ops (in this spawned rank)."""
 
     for name in disabled:
-        setattr(parallel.parallelize, name, _skip)
+        setattr(parallel_parallelize, name, _skip)
     helpers._rank(rank, world, port, overrides, out)
 
 
@@ -353,7 +353,7 @@ def test_disabled_transform_is_caught(world, layout, variant, disabled, reported
 
 def test_capacity_variants_really_drop():
     """Both dropping variants drop tokens in one process's first forward, or their cases prove nothing."""
-    from moe.model import Transformer, init_weights
+    from moeyard.moe.model import Transformer, init_weights
 
     for variant in (DROPPING, DROPPING_BY_POSITION):
         cfg = compose([*BASE, *variant])

@@ -18,14 +18,23 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-import train.hf
-from launch.cli import main
-from launch.config import compose
-from parallel import checkpoint as ckpt
-from parallel.shards import shard_extent
-from parallel.state import full_state_dict
-from tests.helpers import TINY, free_port, layout_facts, local_rank_env, run_layout, slice_only_safe_open, spawn
-from train.trainer import Trainer
+import moeyard.interop.hf as train_hf
+from moeyard.job.compose import compose
+from moeyard.launch.cli import main
+from moeyard.parallel import checkpoint as ckpt
+from moeyard.parallel.shards import shard_extent
+from moeyard.parallel.state import full_state_dict
+from moeyard.train.trainer import Trainer
+from tests.helpers import (
+    TINY,
+    free_port,
+    layout_facts,
+    local_rank_env,
+    make_trainer,
+    run_layout,
+    slice_only_safe_open,
+    spawn,
+)
 
 HF_TINY = [*TINY, "moe.bias_update_rate=0", "train.steps=2", "checkpoint.enabled=true"]
 
@@ -34,7 +43,7 @@ HF_TINY = [*TINY, "moe.bias_update_rate=0", "train.steps=2", "checkpoint.enabled
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trainer, Path]:
     """Two trained steps (so weights are not just the init), exported through the CLI."""
     run = tmp_path_factory.mktemp("run")
-    trainer = Trainer(compose([*HF_TINY, f"run.dir={run}"]))
+    trainer = make_trainer(compose([*HF_TINY, f"run.dir={run}"]))
     trainer.fit()
     out = run.parent / f"{run.name}-hf"
     assert main(["export", str(run), "--out", str(out)]) == 0
@@ -70,7 +79,7 @@ def test_export_loads_in_transformers_with_equal_logits(exported) -> None:
 
 def test_init_from_hf_dir_reads_the_same_weights(exported, tmp_path: Path) -> None:
     trainer, out = exported
-    imported = Trainer(compose([*HF_TINY, f"run.dir={tmp_path}", f"train.init_from={out}"]))
+    imported = make_trainer(compose([*HF_TINY, f"run.dir={tmp_path}", f"train.init_from={out}"]))
     assert imported.step == 0
     ours, back = full_state_dict(trainer.pm), full_state_dict(imported.pm)
     assert ours.keys() == back.keys()
@@ -104,7 +113,7 @@ def test_moeyard_import_trains_from_the_weights(exported, tmp_path: Path) -> Non
 def test_configs_no_family_represents_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """GQA attention with sigmoid routing: Mixtral by structure, whose router is softmax."""
     run = tmp_path / "sigmoid"
-    trainer = Trainer(compose([*HF_TINY, "moe=deepseek", "train.steps=1", f"run.dir={run}"]))
+    trainer = make_trainer(compose([*HF_TINY, "moe=deepseek", "train.steps=1", f"run.dir={run}"]))
     trainer.fit()
     assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
@@ -136,7 +145,7 @@ def test_init_from_hf_dir_under_expert_parallel_fsdp(exported, tmp_path: Path) -
 def _first_loss_from(hf_dir: Path, run_dir: Path) -> float:
     """The first-step loss of one process training from `hf_dir` (the reference for the layouts)."""
     overrides = [*HF_TINY, "train.steps=1", "checkpoint.enabled=false", f"train.init_from={hf_dir}"]
-    return Trainer(compose([*overrides, f"run.dir={run_dir}"])).fit()[0]["loss"]
+    return make_trainer(compose([*overrides, f"run.dir={run_dir}"])).fit()[0]["loss"]
 
 
 @pytest.mark.multiproc
@@ -224,7 +233,7 @@ def test_bfloat16_export_runs_in_transformers_close_to_fp32(exported, exported_b
     diff = (theirs - ours).abs()
     assert diff.max() <= 0.03 and diff.mean() <= 2e-3, (diff.max().item(), diff.mean().item())
 
-    rounded = Trainer(compose([*HF_TINY, f"run.dir={tmp_path / 'rounded'}", f"train.init_from={bf16}"]))
+    rounded = make_trainer(compose([*HF_TINY, f"run.dir={tmp_path / 'rounded'}", f"train.init_from={bf16}"]))
     upcast = MixtralForCausalLM.from_pretrained(bf16, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(upcast(input_ids=tokens).logits, rounded.pm.parts[0](tokens), rtol=1e-5, atol=1e-5)
@@ -254,7 +263,7 @@ def family_imports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[
     for family in [f for f in FAMILIES if f != "mixtral"]:  # Mixtral's layouts are tested above
         save_tiny(family, root / family)
         overrides = [*import_overrides(root / family), *FAMILY_RUN]
-        trainer = Trainer(compose([*overrides, f"run.dir={root / f'run_{family}'}"]))
+        trainer = make_trainer(compose([*overrides, f"run.dir={root / f'run_{family}'}"]))
         initial = full_state_dict(trainer.pm)
         losses = [h["loss"] for h in trainer.fit()]
         imports[family] = (overrides, {"initial": initial, "losses": losses, "state": full_state_dict(trainer.pm)})
@@ -267,12 +276,12 @@ def _families_rank(rank: int, world: int, port: int, runs: dict[str, list[str]],
     results = {}
     for family, overrides in runs.items():
         reads: list[int] = []
-        real = train.hf.safe_open
-        train.hf.safe_open = slice_only_safe_open(real, lambda name, t, reads=reads: reads.append(t.numel()))
+        real = train_hf.safe_open
+        train_hf.safe_open = slice_only_safe_open(real, lambda name, t, reads=reads: reads.append(t.numel()))
         try:
-            trainer = Trainer(compose(overrides))
+            trainer = make_trainer(compose(overrides))
         finally:
-            train.hf.safe_open = real
+            train_hf.safe_open = real
         pm = trainer.pm
         kept = sum(shard_extent(n, t, pm.dims, pm.expert_mesh)[2].numel() for n, t in ckpt.model_tensors(pm))
         counts = [None] * world

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import compose
-from launch.validate import ConfigError, validate
+from moeyard.job.compose import compose
+from moeyard.job.schema import ConfigError
+from moeyard.launch.validate import validate
 from tests.helpers import free_port
 
-MOEYARD = [sys.executable, "-m", "launch.cli"]
+MOEYARD = [sys.executable, "-m", "moeyard.launch.cli"]
 
 BAD_LAYOUTS = [
     (["parallel.tp=2", "parallel.pp=2"], 6, "parallel.pp*tp=4 must divide the world size 6"),

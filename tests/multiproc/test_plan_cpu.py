@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch.plan.validation import memory_validation, time_validation
+from moeyard.plan.validation import memory_validation, time_validation
 
 pytestmark = pytest.mark.multiproc
 

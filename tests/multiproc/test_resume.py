@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.config import compose
-from parallel.state import full_state_dict
+from moeyard.job.compose import compose
+from moeyard.parallel.state import full_state_dict
+from moeyard.train.trainer import Trainer
 from tests.helpers import TINY, free_port, run_layout
 from tests.helpers import history_losses as losses
-from train.trainer import Trainer
 
 
 def test_resume_auto_single_process_is_bitwise(tmp_path: Path) -> None:

@@ -30,12 +30,12 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from launch.config import compose
-from moe.model import Transformer, init_weights
-from parallel.state import full_state_dict
+from moeyard.job.compose import compose
+from moeyard.moe.model import Transformer, init_weights
+from moeyard.parallel.state import full_state_dict
+from moeyard.train.trainer import Trainer
 from tests.helpers import free_port, local_rank_env, spawn
 from tests.multiproc.test_golden import BASE, LAYOUTS
-from train.trainer import Trainer
 
 MODEL = ["moe.num_experts=32", "data.max_files=2"]
 """Applied after each layout's variant: more experts than any shard holds; a small corpus to read."""

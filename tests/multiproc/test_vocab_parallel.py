@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
-from parallel.tensor import VocabParallelEmbedding
+from moeyard.parallel.tensor import VocabParallelEmbedding
 from tests.helpers import free_port, local_rank_env, spawn
 
 TP, VOCAB, DIM = 2, 16, 4

@@ -24,9 +24,9 @@ from transformers.models.olmoe.modeling_olmoe import OlmoeAttention, OlmoeRotary
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeAttention, Qwen2MoeRotaryEmbedding
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention, Qwen3MoeRotaryEmbedding
 
-from moe.attention import MLA, Attention, apply_rope, rope_table
-from moe.config import ModelConfig, MoEConfig
-from moe.model import Transformer, init_weights
+from moeyard.moe.attention import MLA, Attention, apply_rope, rope_table
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.moe.model import Transformer, init_weights
 
 B, S, D, H = 2, 7, 32, 4
 MLA_SHAPE = dict(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6)

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.cli import main
-from launch.config import compose
+from moeyard.interop.prepare import prepare
+from moeyard.job.compose import compose
+from moeyard.launch.cli import main
+from moeyard.train.trainer import Trainer
 from tests.helpers import TINY
-from train.data import prepare
-from train.trainer import Trainer
 
 Setup = Callable[[Path], list[str]]
 

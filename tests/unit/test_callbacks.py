@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from launch.cli import main
-from launch.config import compose
-from parallel import checkpoint as ckpt
+from moeyard.job.compose import compose
+from moeyard.launch.cli import main
+from moeyard.parallel import checkpoint as ckpt
+from moeyard.train.callbacks import Callback
+from moeyard.train.trainer import Trainer, train
 from tests.helpers import TINY
-from train.callbacks import Callback
-from train.trainer import Trainer, train
 
 NOTE = "note.txt"
 

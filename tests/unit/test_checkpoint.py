@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.config import compose
-from parallel import checkpoint as ckpt
+from moeyard.job.compose import compose
+from moeyard.parallel import checkpoint as ckpt
+from moeyard.train.optim import build_optimizer
+from moeyard.train.trainer import Trainer
 from tests.helpers import TINY
-from train.optim import build_optimizer
-from train.trainer import Trainer
 
 
 def copy_checkpoint(src: Path, root: Path, name: str, seq: int, complete: bool) -> Path:

@@ -16,15 +16,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
-import parallel.safe_metadata
-import train.hf
-from launch.config import compose
-from parallel.shards import fsdp_expert_placements
+import moeyard.interop.hf as train_hf
+import moeyard.parallel.safe_metadata as parallel_safe_metadata
+from moeyard.interop.hf import export, write_safetensors
+from moeyard.job.compose import compose
+from moeyard.parallel.shards import fsdp_expert_placements
+from moeyard.train.callbacks import Callback
 from tests.ckpt_faults import saved_tensors
-from tests.helpers import TINY
-from train.callbacks import Callback
-from train.hf import export, write_safetensors
-from train.trainer import Trainer
+from tests.helpers import TINY, make_trainer
 
 
 @pytest.mark.parametrize(("experts", "ep", "edp"), [(8, 2, 2), (6, 2, 2), (8, 4, 3), (12, 2, 4), (4, 1, 3)])
@@ -58,9 +57,10 @@ class PendingProbe(Callback):
 
 def test_async_save_writes_what_a_sync_save_writes(tmp_path: Path) -> None:
     common = [*TINY, "train.steps=4", "checkpoint.enabled=true", "checkpoint.every=2"]
-    Trainer(compose([*common, f"run.dir={tmp_path / 'sync'}"])).fit()
+    make_trainer(compose([*common, f"run.dir={tmp_path / 'sync'}"])).fit()
     probe = PendingProbe()
-    Trainer(compose([*common, "checkpoint.async_save=true", f"run.dir={tmp_path / 'async'}"]), callbacks=[probe]).fit()
+    async_cfg = compose([*common, "checkpoint.async_save=true", f"run.dir={tmp_path / 'async'}"])
+    make_trainer(async_cfg, callbacks=[probe]).fit()
     # Step 2's save is still open at the end of step 2 and sealed before step 4's; the last one is sealed at once.
     assert probe.pending == [(1, None, False), (2, 2, False), (3, 2, False), (4, None, True)]
     for step in (2, 4):
@@ -77,12 +77,12 @@ def test_async_save_writes_what_a_sync_save_writes(tmp_path: Path) -> None:
 
 def test_export_streams_one_entry_at_a_time(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    Trainer(
+    make_trainer(
         compose([*TINY, "moe.bias_update_rate=0", "train.steps=1", "checkpoint.enabled=true", f"run.dir={run}"])
     ).fit()
     loaded: list[list[str]] = []
     parses: list[int] = []
-    real_load, real_parse = train.hf.dcp.load, parallel.safe_metadata._MetadataUnpickler.load
+    real_load, real_parse = train_hf.dcp.load, parallel_safe_metadata._MetadataUnpickler.load
 
     def load(state, **kwargs):
         loaded.append(sorted(state))
@@ -92,12 +92,12 @@ def test_export_streams_one_entry_at_a_time(tmp_path: Path) -> None:
         parses.append(1)
         return real_parse(self)
 
-    train.hf.dcp.load, parallel.safe_metadata._MetadataUnpickler.load = load, parse
+    train_hf.dcp.load, parallel_safe_metadata._MetadataUnpickler.load = load, parse
     try:
         export(run, tmp_path / "hf")
     finally:
-        train.hf.dcp.load, parallel.safe_metadata._MetadataUnpickler.load = real_load, real_parse
-    names = [name for name, _ in Trainer(compose([*TINY, f"run.dir={tmp_path / 'x'}"])).pm.named_parameters()]
+        train_hf.dcp.load, parallel_safe_metadata._MetadataUnpickler.load = real_load, real_parse
+    names = [name for name, _ in make_trainer(compose([*TINY, f"run.dir={tmp_path / 'x'}"])).pm.named_parameters()]
     assert sorted(loaded) == sorted([f"model.{name}"] for name in names)
     assert len(parses) == 1
 

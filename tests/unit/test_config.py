@@ -14,11 +14,12 @@ import torch
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from launch.config import compose, conf_dir, load_resolved, to_yaml, write_resolved
-from launch.validate import ConfigError, launcher_world_size, validate
-from moe.config import ModelConfig, MoEConfig
-from moe.model import Transformer, init_weights
-from train.data import prepare
+from moeyard.interop.prepare import prepare
+from moeyard.job.compose import compose, conf_dir, load_resolved, to_yaml, write_resolved
+from moeyard.job.schema import ConfigError
+from moeyard.launch.validate import validate
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.moe.model import Transformer, init_weights
 
 GROUPS = ("model", "moe", "optim", "data", "parallel", "launcher", "profiling", "experiment")
 PRESETS = [(g, p.stem) for g in GROUPS for p in sorted((conf_dir() / g).glob("*.yaml"))]
@@ -90,7 +91,7 @@ def test_preset_composes_validates_and_builds(group, preset, token_dir):
         overrides.append(f"data.path={token_dir}")
     cfg = compose(overrides)
     assert_preset_applied(cfg, group, preset)
-    validate(cfg, launcher_world_size(cfg))
+    validate(cfg, cfg.launcher.world_size())
     count = expected_params(cfg.model, cfg.moe)
     if count > BIG:
         with torch.device("meta"):
@@ -138,7 +139,7 @@ def test_experiment_overrides_model_and_train():
     cfg = compose(["experiment=cpu_demo"])
     assert cfg.model.name == "demo" and cfg.train.steps == 300 and cfg.train.seq_len == 128
     cfg = compose(["experiment=mixtral_8x7b_h100"])
-    assert cfg.launcher.name == "slurm" and launcher_world_size(cfg) == 32
+    assert cfg.launcher.name == "slurm" and cfg.launcher.world_size() == 32
     dims = validate(cfg, 32)
     assert (dims.tp, dims.pp, dims.ep, dims.dp) == (2, 4, 8, 4)
 

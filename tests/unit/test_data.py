@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe.masking import block_causal_mask, document_attention, document_positions
-from train.data import (
+from moeyard.interop.prepare import prepare
+from moeyard.moe.masking import block_causal_mask, document_attention, document_positions
+from moeyard.train.data import (
     EOS,
     DataConfig,
     TokenData,
@@ -25,7 +26,6 @@ from train.data import (
     document_ids,
     encode,
     load_token_dir,
-    prepare,
     stdlib_files,
 )
 

@@ -12,13 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launch.config import compose
-from launch.validate import validate
-from moe.config import ModelConfig, MoEConfig
-from moe.model import Transformer, init_weights
+from moeyard.interop.prepare import prepare
+from moeyard.job.compose import compose
+from moeyard.launch.validate import validate
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.moe.model import Transformer, init_weights
+from moeyard.train.data import EOS, document_ids
+from moeyard.train.trainer import Trainer
 from tests.helpers import free_port, run_layout
-from train.data import EOS, document_ids, prepare
-from train.trainer import Trainer
 
 MLA = dict(attention="mla", q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
 

@@ -16,11 +16,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from launch.config import compose
-from moe.model import Transformer, init_weights
-from profiling import flops
-from profiling.flops import forward_flops_per_token, gpu_peak_tflops, train_flops_per_token
-from profiling.profiler import throughput
+from moeyard.job.compose import compose
+from moeyard.moe.model import Transformer, init_weights
+from moeyard.profiling import flops
+from moeyard.profiling.flops import forward_flops_per_token, gpu_peak_tflops, train_flops_per_token
+from moeyard.profiling.profiler import throughput
 
 
 def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:

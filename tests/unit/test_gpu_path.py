@@ -17,14 +17,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import train.trainer as trainer_mod
-from launch.config import compose
-from moe.config import MoEConfig
-from moe.layer import MoELayer
+import moeyard.train.trainer as trainer_mod
+from moeyard.job.compose import compose
+from moeyard.moe.config import MoEConfig
+from moeyard.moe.layer import MoELayer
+from moeyard.train.trainer import Trainer
 from tests.device_check import DeviceMixCheck
 from tests.helpers import TINY
 from tests.sync_counter import SyncCounter
-from train.trainer import Trainer
 
 FAST_LR = ["optim.lr=1e-2", "optim.warmup_steps=1"]
 GPU_LIKE = [*TINY, "optim.fused=on", "train.log_every=3", "train.steps=3", "profiling.expert_load=true"]

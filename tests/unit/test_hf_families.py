@@ -27,10 +27,11 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
-from launch.config import compose
-from moe.config import ModelConfig, MoEConfig
-from train.hf import check_exportable, export, hydra_overrides, overrides_from_hf, read_hf_config
-from train.trainer import Trainer
+from moeyard.interop.hf import check_exportable, export, hydra_overrides, overrides_from_hf, read_hf_config
+from moeyard.job.compose import compose
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.train.trainer import Trainer
+from tests.helpers import make_trainer
 
 COMMON = dict(
     vocab_size=256,  # the byte corpus
@@ -135,7 +136,7 @@ def test_import_then_export_match_transformers(family: str, tmp_path: Path) -> N
     assert any(".experts.0." in name for name in tensor_names(tmp_path / "hf"))  # the per-expert layout
     run = tmp_path / "run"
     bias = ["moe.bias_update_rate=0.01"] if family == "deepseek_v3" else []  # moves the exported selection bias
-    trainer = Trainer(
+    trainer = make_trainer(
         compose([*import_overrides(tmp_path / "hf"), *RUN, *bias, "checkpoint.enabled=true", f"run.dir={run}"])
     )
     imported = logits_diff(trainer, theirs)
@@ -161,14 +162,14 @@ def test_fused_expert_tensors_import(tmp_path: Path) -> None:
         names = tensor_names(tmp_path / family)
         assert "model.layers.1.mlp.experts.gate_up_proj" in names and not any(".experts.0." in n for n in names)
         run = f"run.dir={tmp_path / f'run_{family}'}"
-        trainer = Trainer(compose([*import_overrides(tmp_path / family), *RUN, run]))
+        trainer = make_trainer(compose([*import_overrides(tmp_path / family), *RUN, run]))
         assert logits_diff(trainer, theirs) <= 1e-4, family
 
 
 def test_deepseek_rotate_half_layout_imports(tmp_path: Path) -> None:
     """DeepSeek-V3 with rope_interleave=false rotates (i, i + R/2): its rotary q and k rows are permuted."""
     theirs = save_tiny("deepseek_v3", tmp_path / "hf", rope_interleave=False)
-    trainer = Trainer(compose([*import_overrides(tmp_path / "hf"), *RUN, f"run.dir={tmp_path / 'run'}"]))
+    trainer = make_trainer(compose([*import_overrides(tmp_path / "hf"), *RUN, f"run.dir={tmp_path / 'run'}"]))
     assert logits_diff(trainer, theirs) <= 1e-4
 
 
@@ -194,9 +195,9 @@ def test_yarn_imports_and_exports(family: str, tmp_path: Path) -> None:
     theirs = save_tiny(family, tmp_path / "hf", rope_parameters=YARN_FAMILIES[family])
     overrides = [*import_overrides(tmp_path / "hf"), *RUN, "train.seq_len=128"]
     assert "model.rope_scaling=yarn" in overrides
-    plain = Trainer(compose([*overrides, "model.rope_scaling=none", f"run.dir={tmp_path / 'plain'}"]))
+    plain = make_trainer(compose([*overrides, "model.rope_scaling=none", f"run.dir={tmp_path / 'plain'}"]))
     assert logits_diff(plain, theirs) > 1e-2
-    trainer = Trainer(compose([*overrides, "checkpoint.enabled=true", f"run.dir={tmp_path / 'run'}"]))
+    trainer = make_trainer(compose([*overrides, "checkpoint.enabled=true", f"run.dir={tmp_path / 'run'}"]))
     imported = logits_diff(trainer, theirs)
     assert imported <= 1e-4, imported
 

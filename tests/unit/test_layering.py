@@ -1,8 +1,9 @@
-"""Imports go one way: moe <- parallel <- profiling <- train <- launch.
+"""Imports go one way: moe <- parallel <- profiling <- train <- (interop, job) <- plan <- launch.
 
-Parses every shipped module (the five packages and benchmarks' neighbours are not shipped) with `ast`,
-collects every import of a project package, function-local imports included so none can hide a cycle,
-and fails on an import of a higher layer or on a cycle between modules.
+Parses every shipped module of the one import package `moeyard` with `ast`, collects every import of a
+project package, function-local imports included so none can hide a cycle, and fails on an import of a
+higher layer, on a cycle between modules, and on a project import not spelled `moeyard.…`. A rank's start
+imports neither the Hugging Face interop nor `tokenizers`.
 
     .venv/bin/pytest -q tests/unit/test_layering.py
 """
@@ -10,15 +11,25 @@ and fails on an import of a higher layer or on a cycle between modules.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-LAYERS = ("moe", "parallel", "profiling", "train", "launch")
+LAYER_RANK = {"moe": 0, "parallel": 1, "profiling": 2, "train": 3, "interop": 4, "job": 4, "plan": 5, "launch": 6}
+"""Each shipped folder's layer: a module may import its own layer or a lower one. interop (HF, upcycling,
+`prepare`) and job (the schema and layout rules) are side by side: neither imports the other."""
+LAYERS = tuple(LAYER_RANK)
 
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(REPO).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    return ".".join(["moeyard", *(parts[:-1] if parts[-1] == "__init__" else parts)])
+
+
+def layer(module: str) -> str:
+    """`moeyard.train.trainer` -> `train`."""
+    return module.split(".")[1]
 
 
 def project_imports(path: Path) -> set[str]:
@@ -32,7 +43,7 @@ def project_imports(path: Path) -> set[str]:
             names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
         else:
             continue
-        found.update(n for n in names if n.split(".")[0] in LAYERS)
+        found.update(n for n in names if n.split(".")[0] in (*LAYERS, "moeyard"))
     return found
 
 
@@ -65,14 +76,36 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_no_module_imports_a_higher_layer() -> None:
-    rank = {layer: i for i, layer in enumerate(LAYERS)}
     upward = [
         f"{mod} imports {dep}"
         for mod, deps in import_graph().items()
         for dep in sorted(deps)
-        if rank[dep.split(".")[0]] > rank[mod.split(".")[0]]
+        if LAYER_RANK[layer(dep)] > LAYER_RANK[layer(mod)]
+        or (LAYER_RANK[layer(dep)] == LAYER_RANK[layer(mod)] and layer(dep) != layer(mod))
     ]
     assert not upward, upward
+
+
+def test_every_project_import_goes_through_moeyard() -> None:
+    """A bare `import train` would find a user's train.py first; only `moeyard.…` names are ours."""
+    bare = [
+        f"{path.relative_to(REPO)} imports {name}"
+        for folder in LAYERS
+        for path in (REPO / folder).rglob("*.py")
+        for name in sorted(project_imports(path))
+        if not name.startswith("moeyard.")
+    ]
+    assert not bare, bare
+
+
+def test_a_rank_imports_no_interop_and_no_tokenizers() -> None:
+    """What `python -P -m moeyard.launch.rank` loads before training: the per-rank run only."""
+    probe = "import sys, moeyard.launch.rank; print(' '.join(sorted(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-P", "-c", probe], check=True, capture_output=True, text=True)
+    modules = loaded.stdout.split()
+    assert "moeyard.train.trainer" in modules
+    offenders = [m for m in modules if m.startswith(("moeyard.interop", "moeyard.plan", "tokenizers", "transformers"))]
+    assert not offenders, offenders
 
 
 def test_no_import_cycles() -> None:
@@ -82,9 +115,8 @@ def test_no_import_cycles() -> None:
 def test_the_checks_see_a_violation() -> None:
     """The graph helpers catch an upward edge and a cycle when one is planted."""
     graph = import_graph()
-    graph["moe.router"] = {*graph["moe.router"], "launch.cli"}
-    rank = {layer: i for i, layer in enumerate(LAYERS)}
-    assert any(rank[d.split(".")[0]] > rank["moe"] for d in graph["moe.router"])
+    graph["moeyard.moe.router"] = {*graph["moeyard.moe.router"], "moeyard.launch.cli"}
+    assert any(LAYER_RANK[layer(d)] > LAYER_RANK["moe"] for d in graph["moeyard.moe.router"])
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 

@@ -41,15 +41,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from moe.config import ModelConfig, MoEConfig
-from moe.layer import MoELayer
-from moe.model import Transformer, init_weights
-from moe.router import Router, Routing, capacity_per_sequence
-from parallel.config import ParallelConfig
-from parallel.data_parallel import finish_grads, is_expert_param
-from parallel.dims import Axis, ParallelDims
-from parallel.grads import global_grad_norm
-from parallel.parallelize import build_parallel_model
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.moe.layer import MoELayer
+from moeyard.moe.model import Transformer, init_weights
+from moeyard.moe.router import Router, Routing, capacity_per_sequence
+from moeyard.parallel.config import ParallelConfig
+from moeyard.parallel.data_parallel import finish_grads, is_expert_param
+from moeyard.parallel.dims import Axis, ParallelDims
+from moeyard.parallel.grads import global_grad_norm
+from moeyard.parallel.parallelize import build_parallel_model
 from tests.helpers import spawn
 
 TOL = 1e-6

@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launch.config import compose
-from moe.attention import Attention, apply_rope, rope_table
-from moe.config import ModelConfig, MoEConfig
-from moe.layer import MoELayer, SwiGLU
-from moe.model import Transformer, init_full_tensor, init_weights
+from moeyard.job.compose import compose
+from moeyard.moe.attention import Attention, apply_rope, rope_table
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.moe.layer import MoELayer, SwiGLU
+from moeyard.moe.model import Transformer, init_full_tensor, init_weights
 
 SMALL = {"vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 48}
 SMALL_MOE = MoEConfig(num_experts=4, top_k=2, expert_hidden=16)

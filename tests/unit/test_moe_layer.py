@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe.config import MoEConfig
-from moe.experts import GroupedExperts
-from moe.layer import MoELayer
-from parallel.tensor import is_tp_partial
+from moeyard.moe.config import MoEConfig
+from moeyard.moe.experts import GroupedExperts
+from moeyard.moe.layer import MoELayer
+from moeyard.parallel.tensor import is_tp_partial
 
 G, S, D, F_HIDDEN = 2, 8, 16, 8  # D and F divisible by 8 so grouped_mm "on" is allowed
 

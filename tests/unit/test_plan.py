@@ -21,13 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import compose
-from launch.plan.calibration import GPU_DEFAULT
-from launch.plan.command import cmd_plan
-from launch.plan.cpu import profile_json
-from launch.plan.layouts import enumerate_layouts, plan
-from launch.plan.planner import apply_layout, cpu_device, layout_of, load_calibration
-from launch.validate import ConfigError, launcher_world_size, validate
+from moeyard.job.compose import compose
+from moeyard.job.schema import ConfigError
+from moeyard.launch.validate import validate
+from moeyard.plan.calibration import GPU_DEFAULT
+from moeyard.plan.command import cmd_plan
+from moeyard.plan.cpu import profile_json
+from moeyard.plan.layouts import enumerate_layouts, plan
+from moeyard.plan.planner import apply_layout, cpu_device, layout_of, load_calibration
 
 MIXTRAL_64 = ["model=mixtral_8x7b", "cluster.nodes=8", "cluster.gpus_per_node=8", "cluster.gpu=h100"]
 
@@ -61,7 +62,7 @@ def test_plan_json_has_every_layout_and_its_parts(capsys):
 
 def test_enumerated_layouts_validate_and_include_the_configured_one():
     cfg = compose(["experiment=mixtral_8x7b_h100", "run.dir=unused", "cluster.gpu=h100", "cluster.preflight=false"])
-    world = launcher_world_size(cfg)
+    world = cfg.launcher.world_size()
     layouts = enumerate_layouts(cfg, world, 8, 4)
     assert layout_of(cfg, world) in layouts
     for layout in layouts[:: max(1, len(layouts) // 40)]:  # a spread of them through the full validation
@@ -71,21 +72,21 @@ def test_enumerated_layouts_validate_and_include_the_configured_one():
 def test_train_refuses_a_layout_predicted_not_to_fit():
     base = ["experiment=mixtral_8x7b_h100", "run.dir=unused", "cluster.gpu=h100", "launcher.dry_run=true"]
     cfg = compose(base)
-    validate(cfg, launcher_world_size(cfg))  # the shipped preset fits
+    validate(cfg, cfg.launcher.world_size())  # the shipped preset fits
     greedy = compose(base + ["parallel.activation_checkpoint=none", "train.micro_batches=4"])
     with pytest.raises(ConfigError) as err:
-        validate(greedy, launcher_world_size(greedy))
+        validate(greedy, greedy.launcher.world_size())
     line = str(err.value)
     print(line)
     assert "\n" not in line and line.startswith("predicted peak memory ")
     assert "GB usable on cluster.gpu=h100" in line and "cluster.preflight=false" in line
     expert = compose(base + ["parallel.activation_checkpoint=none", "train.micro_batches=4", "cluster.preflight=false"])
-    validate(expert, launcher_world_size(expert))
+    validate(expert, expert.launcher.world_size())
 
 
 def test_deepseek_preset_fits_its_cluster():
     cfg = compose(["experiment=deepseek_v3_h100", "run.dir=unused", "cluster.gpu=h100"])
-    validate(cfg, launcher_world_size(cfg))
+    validate(cfg, cfg.launcher.world_size())
 
 
 def gpu_check_case(name: str):

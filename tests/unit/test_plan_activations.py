@@ -19,9 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launch.plan.activations import Shape, block_bytes, embedding_bytes, head_bytes
-from moe.config import ModelConfig, MoEConfig
-from moe.model import Transformer, init_weights
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.moe.model import Transformer, init_weights
+from moeyard.plan.activations import Shape, block_bytes, embedding_bytes, head_bytes
 
 BASE = dict(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_hidden=80, vocab_size=200, max_seq_len=64)
 MLA = dict(attention="mla", kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6)

@@ -12,7 +12,7 @@ Run: .venv/bin/pytest -q -s tests/unit/test_plan_published.py
 
 from __future__ import annotations
 
-from launch.plan.published import RUNS, compare, table
+from moeyard.plan.published import RUNS, compare, table
 
 GOAL = 0.20
 KNOWN_MISSES = {

@@ -17,9 +17,9 @@ from dataclasses import replace
 
 import pytest
 
-from launch.config import compose
-from parallel.dims import ParallelDims
-from parallel.memory import meta_rank, probe_shards, rank_memory, stage_memory
+from moeyard.job.compose import compose
+from moeyard.parallel.dims import ParallelDims
+from moeyard.parallel.memory import meta_rank, probe_shards, rank_memory, stage_memory
 
 CASES = [
     (["model=debug"], dict(tp=2, pp=2, ep=2, dp=2, dp_mode="fsdp"), 8),

@@ -25,10 +25,10 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from launch.config import compose
-from launch.validate import launcher_world_size, validate
-from moe.model import Transformer
-from parallel.memory import local_numel, meta_rank, rank_memory, shard_count
+from moeyard.job.compose import compose
+from moeyard.launch.validate import validate
+from moeyard.moe.model import Transformer
+from moeyard.parallel.memory import local_numel, meta_rank, rank_memory, shard_count
 
 GPU_BYTES = 80e9
 """An H100's 80 GB counted in decimal units: below the card's 80 GiB (85.9e9 B), a little extra margin."""
@@ -56,7 +56,7 @@ class RealAllocations(TorchDispatchMode):
 
 def _measure(preset: str) -> dict:
     cfg = compose([f"experiment={preset}", "run.dir=unused"])
-    world = launcher_world_size(cfg)
+    world = cfg.launcher.world_size()
     dims = validate(cfg, world)
     per_stage = dims.dp * dims.tp
     bf16 = cfg.train.dtype == "bf16"

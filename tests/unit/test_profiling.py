@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.config import compose
-from profiling.config import ProfilingConfig
-from profiling.sinks import ProgressBar, heatmap_image
-from profiling.timers import StepTimer, comm_kind, comm_times_ms
-from profiling.trace import TraceProfiler, check_trace_ranks
-from train.trainer import Trainer
+from moeyard.job.compose import compose
+from moeyard.profiling.config import ProfilingConfig
+from moeyard.profiling.sinks import ProgressBar, heatmap_image
+from moeyard.profiling.timers import StepTimer, comm_kind, comm_times_ms
+from moeyard.profiling.trace import TraceProfiler, check_trace_ranks
+from moeyard.train.trainer import Trainer
 
 REQUIRED = {
     "step",

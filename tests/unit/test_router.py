@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from moe.config import MoEConfig
-from moe.dispatcher import LocalDispatcher
-from moe.router import (
+from moeyard.moe.config import MoEConfig
+from moeyard.moe.dispatcher import LocalDispatcher
+from moeyard.moe.router import (
     Router,
     Routing,
     capacity_keep_mask,

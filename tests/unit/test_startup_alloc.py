@@ -24,14 +24,14 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import moe.init as init
-import parallel.data_parallel as data_parallel
-import parallel.parallelize as parallelize
-from launch.config import compose
-from moe.config import ModelConfig
-from parallel.state import full_state_dict
+import moeyard.moe.init as init
+import moeyard.parallel.data_parallel as data_parallel
+import moeyard.parallel.parallelize as parallelize
+from moeyard.job.compose import compose
+from moeyard.moe.config import ModelConfig
+from moeyard.parallel.state import full_state_dict
+from moeyard.train.trainer import Trainer
 from tests.helpers import TINY
-from train.trainer import Trainer
 
 CFG = ModelConfig()
 EXPERT = "layers.0.moe.experts.w1"

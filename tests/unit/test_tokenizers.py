@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-import train.data
-from launch.cli import main
-from launch.config import compose
-from launch.validate import ConfigError, validate
-from train.data import load_token_dir, load_tokenizer, prepare
+import moeyard.interop.prepare as prepare_module
+from moeyard.interop.prepare import load_tokenizer, prepare
+from moeyard.job.compose import compose
+from moeyard.job.schema import ConfigError
+from moeyard.launch.cli import main
+from moeyard.launch.validate import validate
+from moeyard.train.data import load_token_dir
 
 BIG_VOCAB = 70_000  # > 65,535: needs uint32
 BIG_EOS = BIG_VOCAB + 1  # ids: w0..w69999, [UNK], <|endoftext|>
@@ -192,9 +194,9 @@ def test_large_input_streams_in_batches_with_flat_memory(big_tok, tmp_path, monk
             fh.write(json.dumps({"text": " ".join(f"w{i}" for i in doc)}) + "\n")
     size = path.stat().st_size
     assert size > 3e6
-    monkeypatch.setattr(train.data, "PROGRESS_EVERY_S", 0.0)  # a line per batch: shows the batching
+    monkeypatch.setattr(prepare_module, "PROGRESS_EVERY_S", 0.0)  # a line per batch: shows the batching
     loaded = load_tokenizer(big_tok)  # its vocabulary's memory is fixed, whatever the input: not counted
-    monkeypatch.setattr(train.data, "load_tokenizer", lambda path, eos: loaded)
+    monkeypatch.setattr(prepare_module, "load_tokenizer", lambda path, eos: loaded)
     tracemalloc.start()
     try:
         meta = prepare([path], tmp_path / "out", tokenizer=big_tok, progress=True, batch_bytes=128 << 10)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import load_resolved
+from moeyard.job.compose import load_resolved
 
 COMMON = ["model=debug", "profiling.progress=false", "data.max_files=60"]
 SHORT = [

@@ -16,13 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launch.cli import main
-from launch.config import compose
-from launch.validate import ConfigError, validate
-from parallel.state import full_state_dict
-from tests.helpers import free_port, run_layout
-from train.trainer import Trainer
-from train.upcycle import dense_overrides, read_dense_config
+from moeyard.interop.upcycle import dense_overrides, read_dense_config
+from moeyard.job.compose import compose
+from moeyard.job.schema import ConfigError
+from moeyard.launch.cli import main
+from moeyard.launch.validate import validate
+from moeyard.parallel.state import full_state_dict
+from tests.helpers import free_port, make_trainer, run_layout
 
 SHAPE = dict(
     vocab_size=256,
@@ -97,7 +97,7 @@ def test_step0_logits_equal_the_dense_models(
     family, path, model = dense
     cfg = compose([*overrides(path, g, num_experts, top_k, tmp_path), *extra])
     validate(cfg, 1)
-    trainer = Trainer(cfg)
+    trainer = make_trainer(cfg)
     assert trainer.step == 0
     ours_model = trainer.pm.parts[0]
     moe = ours_model.layers["1"].moe  # block 0 is dense in the dense-first case
@@ -117,7 +117,7 @@ def test_cli_trains_two_steps_from_the_dense_model(dense, tmp_path: Path) -> Non
     """`moeyard train ... train.upcycle=true`: the first loss is the dense model's loss on that batch."""
     family, path, model = dense
     args = overrides(path, 2, 8, 4, tmp_path / "run")
-    trainer = Trainer(compose([*args[:-1], f"run.dir={tmp_path / 'batch'}"]))
+    trainer = make_trainer(compose([*args[:-1], f"run.dir={tmp_path / 'batch'}"]))
     x, y = trainer.data.batch(0, 4)
     with torch.no_grad():
         want = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten()).item()
@@ -145,7 +145,7 @@ def test_yarn_dense_model_upcycles(tmp_path: Path) -> None:
     cfg = compose(overrides(tmp_path / "qwen3", 2, 8, 4, tmp_path / "run"))
     assert (cfg.model.rope_scaling, cfg.model.yarn_factor, cfg.model.yarn_original_max_seq_len) == ("yarn", 4.0, 8)
     validate(cfg, 1)
-    trainer = Trainer(cfg)
+    trainer = make_trainer(cfg)
     x, _ = trainer.data.batch(0, 4)
     with torch.no_grad():
         ours, theirs = trainer.pm.parts[0](x), model(input_ids=x).logits
@@ -154,7 +154,7 @@ def test_yarn_dense_model_upcycles(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model.rope_scaling=none must be yarn"):
         validate(plain, 1)
     with torch.no_grad():  # the trainer itself does not validate: what plain RoPE would give
-        assert (Trainer(plain).pm.parts[0](x) - theirs).abs().max() > 1e-2
+        assert (make_trainer(plain).pm.parts[0](x) - theirs).abs().max() > 1e-2
 
 
 def test_llama3_rope_scaling_is_refused(tmp_path: Path) -> None:
@@ -196,7 +196,7 @@ def test_two_ranks_read_their_slices(llama: Path, layout: list[str], tmp_path: P
     """Each rank fills its shards (experts over ep, router rows over FSDP, heads over tp) from the dense files:
     the gathered weights are the one-process upcycled ones bit for bit."""
     base = [*overrides(llama, 2, 8, 4, tmp_path / "one"), "train.steps=1"]
-    want = full_state_dict(Trainer(compose(base)).pm)
+    want = full_state_dict(make_trainer(compose(base)).pm)
     result = run_layout([*base, *layout, f"run.dir={tmp_path / 'two'}"], 2, str(tmp_path / "r.pt"), free_port())
     assert result["initial"].keys() == want.keys()
     for name, value in want.items():
@@ -206,8 +206,8 @@ def test_two_ranks_read_their_slices(llama: Path, layout: list[str], tmp_path: P
 def test_any_box_is_that_box_of_the_whole(llama: Path) -> None:
     """A shard's read (router rows cutting through a copy, expert columns, q rows inside a head) is exactly
     the box of the one-process tensor."""
-    from train.hf import SafetensorsReader
-    from train.upcycle import read_upcycled_part
+    from moeyard.interop.hf import SafetensorsReader
+    from moeyard.interop.upcycle import read_upcycled_part
 
     cfg = compose(overrides(llama, 4, 8, 4, llama / "unused"))
     reader = SafetensorsReader(llama)

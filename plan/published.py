@@ -26,9 +26,9 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from launch.config import compose
-from launch.plan.planner import Prediction, layout_of, make_planner
-from launch.plan.timing import Features
+from moeyard.job.compose import compose
+from moeyard.plan.planner import Prediction, layout_of, make_planner
+from moeyard.plan.timing import Features
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from launch.plan.activations import (
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.parallel.config import ParallelConfig
+from moeyard.parallel.dims import ParallelDims
+from moeyard.parallel.memory import RankMemory
+from moeyard.parallel.pipeline import local_stage_ids, stage_layer_ranges
+from moeyard.plan.activations import (
     FP32,
     Shape,
     block_backward_bytes,
@@ -26,11 +31,6 @@ from launch.plan.activations import (
     head_backward_bytes,
     head_bytes,
 )
-from moe.config import ModelConfig, MoEConfig
-from parallel.config import ParallelConfig
-from parallel.dims import ParallelDims
-from parallel.memory import RankMemory
-from parallel.pipeline import local_stage_ids, stage_layer_ranges
 
 
 @dataclass(frozen=True)

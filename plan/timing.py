@@ -32,15 +32,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from math import ceil, log2
 
-from launch.plan.activations import FP32, Shape, routed_rows
-from launch.plan.calibration import Calibration
-from launch.plan.cluster import DeviceSpec
-from launch.plan.memory import checkpointed, signature
-from moe.config import ModelConfig, MoEConfig
-from parallel.config import ParallelConfig
-from parallel.dims import ParallelDims
-from parallel.memory import RankMemory
-from parallel.pipeline import local_stage_ids, stage_layer_ranges
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.parallel.config import ParallelConfig
+from moeyard.parallel.dims import ParallelDims
+from moeyard.parallel.memory import RankMemory
+from moeyard.parallel.pipeline import local_stage_ids, stage_layer_ranges
+from moeyard.plan.activations import FP32, Shape, routed_rows
+from moeyard.plan.calibration import Calibration
+from moeyard.plan.cluster import DeviceSpec
+from moeyard.plan.memory import checkpointed, signature
 
 
 @dataclass(frozen=True)

@@ -49,12 +49,12 @@ from pathlib import Path
 
 import torch
 
-from moe.config import ModelConfig, MoEConfig
-from moe.init import init_slice_
-from parallel import checkpoint as ckpt
-from parallel.shards import shard_extent
-from train.hf import SafetensorsReader
-from train.hf_families import rope_overrides
+from moeyard.interop.hf import SafetensorsReader
+from moeyard.interop.hf_families import rope_overrides
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.moe.init import init_slice_
+from moeyard.parallel import checkpoint as ckpt
+from moeyard.parallel.shards import shard_extent
 
 DENSE_FAMILIES = ("llama", "qwen3")
 """Hugging Face model_type values of the dense models that upcycle (LlamaForCausalLM, Qwen3ForCausalLM)."""

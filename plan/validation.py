@@ -26,11 +26,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.config import compose
-from launch.plan.calibration import Calibration
-from launch.plan.cpu import calibrate, measure_rates
-from launch.plan.measure import Job, run_layouts
-from launch.plan.planner import Planner, layout_of, make_planner
+from moeyard.job.compose import compose
+from moeyard.plan.calibration import Calibration
+from moeyard.plan.cpu import calibrate, measure_rates
+from moeyard.plan.measure import Job, run_layouts
+from moeyard.plan.planner import Planner, layout_of, make_planner
 
 MEMORY_WORKLOAD = (
     "model=debug",
@@ -244,7 +244,7 @@ def idle_fraction(seconds: float = 2.0) -> float:
 
 def planner_for(overrides: tuple[str, ...], rates: dict) -> Planner:
     """A planner for TIME_WORKLOAD plus `overrides`, on a CPU rank with the measured `rates`."""
-    from launch.plan.planner import cpu_device
+    from moeyard.plan.planner import cpu_device
 
     planner = make_planner(compose([*TIME_WORKLOAD, *overrides]), measure=False)
     planner.device = cpu_device(2, measure=False).with_cpu_rates(rates)

@@ -37,12 +37,12 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from torch.distributed.checkpoint.metadata import Metadata
 
-from moe.config import ModelConfig, MoEConfig
-from moe.model import Transformer
-from parallel import checkpoint as ckpt
-from parallel.safe_metadata import SafeFileSystemReader
-from parallel.shards import shard_extent
-from train.hf_families import FAMILIES, Family, Spec, family_of
+from moeyard.interop.hf_families import FAMILIES, Family, Spec, family_of
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.moe.model import Transformer
+from moeyard.parallel import checkpoint as ckpt
+from moeyard.parallel.safe_metadata import SafeFileSystemReader
+from moeyard.parallel.shards import shard_extent
 
 INDEX = "model.safetensors.index.json"
 _TOP = {

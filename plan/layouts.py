@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch.config import JobConfig
-from launch.plan.planner import Layout, Planner, Prediction, apply_layout, make_planner
-from launch.validate import ConfigError, _check_layout
-from parallel.dims import ParallelDims
+from moeyard.job.layout import check_layout
+from moeyard.job.schema import ConfigError, JobConfig
+from moeyard.parallel.dims import ParallelDims
+from moeyard.plan.planner import Layout, Planner, Prediction, apply_layout, make_planner
 
 
 def _divisors(n: int) -> list[int]:
@@ -38,7 +38,7 @@ def enumerate_layouts(cfg: JobConfig, world: int, per_node: int, nodes: int) -> 
                 for candidate in _variants(cfg, tp, pp, dp, ep, batch):
                     try:
                         applied = apply_layout(cfg, candidate)
-                        _check_layout(applied, ParallelDims.from_config(applied.parallel, world))
+                        check_layout(applied, ParallelDims.from_config(applied.parallel, world))
                     except (ConfigError, ValueError):
                         continue
                     out.append(candidate)

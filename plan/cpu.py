@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launch.plan.calibration import Calibration
-from launch.plan.cluster import DeviceSpec
-from profiling.flops import _cpu_key, cache_dir, measure_cpu_tflops
+from moeyard.plan.calibration import Calibration
+from moeyard.plan.cluster import DeviceSpec
+from moeyard.profiling.flops import _cpu_key, cache_dir, measure_cpu_tflops
 
 
 def _measure_copy_gbps(n: int = 16 * 2**20, reps: int = 7) -> float:
@@ -81,7 +81,7 @@ def measure_rates() -> dict[str, float]:
     """This CPU's single-thread GEMM rate, copy bandwidth and two-rank gloo loopback (module docstring)."""
     import tempfile
 
-    from launch.plan.measure import _spawn
+    from moeyard.plan.measure import _spawn
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)

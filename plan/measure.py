@@ -43,10 +43,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from launch.config import compose
-from parallel.dims import ParallelDims
-from train.process import run_then_leave
-from train.trainer import Trainer
+from moeyard.job.compose import compose
+from moeyard.parallel.dims import ParallelDims
+from moeyard.train.process import run_then_leave
+from moeyard.train.trainer import Trainer
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int]:

@@ -15,15 +15,15 @@ import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from launch.config import JobConfig
-from launch.plan.activations import FP32, Shape
-from launch.plan.calibration import Calibration, default_calibration
-from launch.plan.cluster import GPUS, ClusterConfig, DeviceSpec, check_cluster, ranks_per_node, resolve_kind
-from launch.plan.memory import RankPeak, rank_peak
-from launch.plan.timing import Features, StepTime, Topology, one_device_step_s, step_time
-from moe.config import ModelConfig, MoEConfig
-from parallel.dims import ParallelDims
-from parallel.memory import ShardProbe, probe_shards, stage_memory, stage_param_split
+from moeyard.job.schema import JobConfig
+from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.parallel.dims import ParallelDims
+from moeyard.parallel.memory import ShardProbe, probe_shards, stage_memory, stage_param_split
+from moeyard.plan.activations import FP32, Shape
+from moeyard.plan.calibration import Calibration, default_calibration
+from moeyard.plan.cluster import GPUS, ClusterConfig, DeviceSpec, check_cluster, ranks_per_node, resolve_kind
+from moeyard.plan.memory import RankPeak, rank_peak
+from moeyard.plan.timing import Features, StepTime, Topology, one_device_step_s, step_time
 
 
 @dataclass(frozen=True)
@@ -212,11 +212,11 @@ class Planner:
 
 def train_flops_per_token(model: ModelConfig, moe: MoEConfig, seq_len: int) -> float:
     """Model FLOPs per trained token (profiling/flops.py's convention: full S x S scores), MLA included."""
-    from profiling.flops import train_flops_per_token as gqa_flops
+    from moeyard.profiling.flops import train_flops_per_token as gqa_flops
 
     if getattr(model, "attention", "gqa") != "mla":
         return gqa_flops(model, moe, seq_len)
-    from launch.plan.timing import attention_work, ffn_work
+    from moeyard.plan.timing import attention_work, ffn_work
 
     shape = Shape(rows=1, seq=seq_len)
     total = 2 * model.dim * model.vocab_size
@@ -252,7 +252,7 @@ NOMINAL_CPU = {"peak_tflops": 0.05, "hbm_gbps": 10.0, "link_gbps": 1.0, "latency
 def cpu_device(per_node: int, measure: bool = True) -> DeviceSpec:
     """A CPU rank: one core with one torch thread, its share of the host's memory; its rates measured once
     and cached (calibration.py), or nominal ones without `measure`."""
-    from launch.plan.cpu import cpu_rates
+    from moeyard.plan.cpu import cpu_rates
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     rates = cpu_rates() if measure else NOMINAL_CPU
@@ -323,7 +323,7 @@ def _small(cfg: JobConfig, world: int, limit: float) -> bool:
     allowance fit in a quarter of the limit (the tests' and demos' tiny models), so no probe is needed."""
     import torch
 
-    from moe.model import Transformer
+    from moeyard.moe.model import Transformer
 
     with torch.device("meta"):
         params = sum(p.numel() for p in Transformer(cfg.model, cfg.moe).parameters())

@@ -9,9 +9,9 @@ import sys
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from launch.config import compose
-from launch.plan.layouts import PlanResult, plan
-from launch.plan.planner import Prediction
+from moeyard.job.compose import compose
+from moeyard.plan.layouts import PlanResult, plan
+from moeyard.plan.planner import Prediction
 
 GB = 1e9
 

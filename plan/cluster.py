@@ -14,29 +14,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
-from moe.config import choice
+from moeyard.job.schema import ClusterConfig
 
 GIB = 2**30
-
-
-@dataclass(kw_only=True)
-class ClusterConfig:
-    """Where the job will run, for `moeyard plan` and the pre-flight memory check of `moeyard train`."""
-
-    gpu: str = choice("auto", "h100", "h200", "h800", "a100", "cpu")
-    """Device kind; auto: this machine's GPU when CUDA is present (by name), else cpu."""
-    nodes: int = 1
-    """`moeyard plan`: nodes to plan for (`moeyard train` takes the world size from its launcher)."""
-    gpus_per_node: int = 0
-    """`moeyard plan`: ranks per node; 0 = 8 for a GPU kind, this machine's core count for cpu."""
-    memory_gb: float | None = None
-    """Usable device memory per rank in GB (1e9 B), overriding the table (e.g. a MIG slice)."""
-    moe_headroom: float = 1.2
-    """Routed rows a rank may receive under expert parallelism, over the balanced share (stated imbalance)."""
-    preflight: bool = True
-    """`moeyard train` stops before spawning when the layout is predicted not to fit; false lets it proceed."""
-    calibration: str | None = None
-    """A JSON file of measured efficiencies: benchmarks/gpu_check.py --out, or benchmarks/plan_cpu.py output."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moe.config import ModelConfig, MoEConfig
+from moeyard.moe.config import ModelConfig, MoEConfig
 
 Rule = tuple[bool, str, object, str]
 """(holds, our field, its value, the rule): one condition a config must meet to export to a family."""

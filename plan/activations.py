@@ -41,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import ceil
 
-from moe.config import ModelConfig, MoEConfig
+from moeyard.moe.config import ModelConfig, MoEConfig
 
 FP32 = 4
 INDEX = 8  # int64
