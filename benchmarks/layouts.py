@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from ranks import rank_env, spawn_ranks  # benchmarks/ranks.py, beside this script
 
 from moeyard.job.compose import compose
+from moeyard.train.spawn import spawn_ranks
 from moeyard.train.trainer import Trainer
 
 OVERLAP = ["moe.num_shared_experts=2", "profiling.breakdown_every=1"]
@@ -61,9 +61,8 @@ WORKLOAD = [
 TIMEOUT_S = 300
 
 
-def _rank(rank: int, world: int, port: int, overrides: list[str], threads: int, out: str) -> None:
+def _rank(rank: int, overrides: list[str], out: str) -> None:
     """One rank: train with the real trainer (its console output to a log), rank 0 saves per-step metrics."""
-    rank_env(rank, world, port, threads)
     with open(f"{out}.rank{rank}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
         history = Trainer(compose(overrides)).fit()
     if rank == 0:
@@ -75,7 +74,7 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], threads: int, 
 
 def run_layout(world: int, overrides: list[str], threads: int, out: Path) -> list[dict]:
     """Trains on `world` spawned gloo ranks (killed after TIMEOUT_S); returns rank 0's metrics per step."""
-    spawn_ranks(_rank, (overrides, threads, str(out)), world, TIMEOUT_S, f"layout {overrides}")
+    spawn_ranks(_rank, (overrides, str(out)), world, TIMEOUT_S, threads, f"layout {overrides}")
     return torch.load(out, weights_only=True)
 
 

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import io
 import os
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -37,8 +36,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moeyard.moe.config import MoEConfig
+from moeyard.moe.config import ModelConfig, MoEConfig
 from moeyard.moe.layer import MoELayer, SwiGLU
+from moeyard.moe.presets import ROUTINGS
+from moeyard.train.spawn import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,6 +61,22 @@ class Shape:
     topk_groups: int = 1
     shared: int = 0
     route_scale: float = 1.0
+
+    @classmethod
+    def of(cls, model: ModelConfig, moe: MoEConfig, tokens: int) -> Shape:
+        """One MoE layer of a model preset (moe/presets.py), on `tokens` tokens."""
+        return cls(
+            tokens=tokens,
+            dim=model.dim,
+            experts=moe.num_experts,
+            top_k=moe.top_k,
+            hidden=moe.expert_hidden,
+            router=moe.router,
+            groups=moe.n_groups,
+            topk_groups=moe.topk_groups,
+            shared=moe.num_shared_experts,
+            route_scale=moe.route_scale,
+        )
 
     def __str__(self) -> str:
         out = f"T={self.tokens} D={self.dim} E={self.experts} K={self.top_k} F={self.hidden}"
@@ -92,9 +109,12 @@ Step = Callable[[], None]
 
 
 def moe_config(shape: Shape, grouped_mm: str) -> MoEConfig:
-    """Our dropless layer config for `shape` (balancing-loss coefficients as in conf/moe and conf/model)."""
-    sigmoid = shape.router == "sigmoid_topk"
+    """Our dropless layer config for `shape`: sigmoid-routed shapes balance as DeepSeek-V3 does (the
+    `deepseek` recipe of moe/presets.py), softmax-routed ones with the default losses."""
+    balancing = dict(ROUTINGS["deepseek"].moe) if shape.router == "sigmoid_topk" else {}
+    balancing.pop("router", None)  # the shape names its router below
     return MoEConfig(
+        **balancing,
         num_experts=shape.experts,
         top_k=shape.top_k,
         expert_hidden=shape.hidden,
@@ -104,9 +124,6 @@ def moe_config(shape: Shape, grouped_mm: str) -> MoEConfig:
         route_scale=shape.route_scale,
         n_groups=shape.groups,
         topk_groups=shape.topk_groups,
-        aux_loss_coef=0.0 if sigmoid else 0.01,
-        seq_aux_loss_coef=1e-4 if sigmoid else 0.0,
-        z_loss_coef=0.0 if sigmoid else 0.001,
         grouped_mm=grouped_mm,
     )
 
@@ -253,9 +270,7 @@ def init_deepspeed(device: torch.device) -> None:
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=0, world_size=1)

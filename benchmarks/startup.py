@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from ranks import rank_env, spawn_ranks  # benchmarks/ranks.py, beside this script
 
 from moeyard.job.compose import compose
+from moeyard.train.spawn import spawn_ranks
 from moeyard.train.trainer import Trainer
 
 BIG_MODEL = [
@@ -69,9 +69,8 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
+def _rank(rank: int, overrides: list[str], out: str) -> None:
     """One rank: construct the trainer, record time and memory to OUT.rankN.json."""
-    rank_env(rank, world, port, threads=1)
     cfg = compose(overrides)
     before = _rss_mb()
     with open(f"{out}.rank{rank}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
@@ -89,7 +88,7 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> N
 def measure(world: int, overrides: list[str], out: Path) -> dict[str, float]:
     """Start-up on `world` fresh ranks: slowest rank's seconds, CPU seconds of all ranks, largest peak RSS and
     growth (MB)."""
-    spawn_ranks(_rank, (overrides, str(out)), world, TIMEOUT_S, f"start-up of {overrides}")
+    spawn_ranks(_rank, (overrides, str(out)), world, TIMEOUT_S, what=f"start-up of {overrides}")
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(world)]
     return {
         "seconds": max(r["seconds"] for r in ranks),

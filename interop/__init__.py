@@ -1,2 +1,7 @@
-"""Hugging Face interop (import, export, family maps), upcycling and `moeyard prepare`: offline tools, not on
-the rank's import path (a rank imports `moeyard.interop` only to load weights that train.init_from names)."""
+"""Hugging Face interop and `moeyard prepare`: offline tools, not on the rank's import path.
+
+hf.py (import, export, safetensors reads and streaming writes), hf_families.py (each family's names and
+refusals), upcycle.py (a dense Llama/Qwen3 into an MoE), weights.py (the weight loader handed to the Trainer),
+prepare.py (tokenization into token files). A rank imports `moeyard.interop` only to load the weights that
+train.init_from names.
+"""

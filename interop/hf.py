@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint.metadata import Metadata
 
 from moeyard.interop.hf_families import FAMILIES, Family, Spec, family_of
@@ -343,6 +343,38 @@ def check_hf_dir(hf_dir: Path, model: ModelConfig, moe: MoEConfig, field: str) -
             )
     if not (hf_dir / INDEX).is_file() and not (hf_dir / "model.safetensors").is_file():
         raise ValueError(f"{field}={hf_dir} has no {INDEX} or model.safetensors (rule: weights as safetensors)")
+    for file in _weight_files(hf_dir, field):
+        _check_safetensors(hf_dir / file, field)
+
+
+def _weight_files(hf_dir: Path, field: str) -> list[str]:
+    """The safetensors files of `hf_dir`: those its index maps tensors to, or model.safetensors."""
+    if not (hf_dir / INDEX).is_file():
+        return ["model.safetensors"]
+    try:
+        weight_map = json.loads((hf_dir / INDEX).read_text())["weight_map"]
+        return sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(
+            f"{field}={hf_dir}: {INDEX} is corrupt ({type(err).__name__}) (rule: a JSON index with a weight_map)"
+        ) from None
+
+
+def _check_safetensors(path: Path, field: str) -> None:
+    """The file's header parses and its tensors cover the file exactly, so a truncated or overwritten file is
+    found here, once, and not by every rank as it reads its slices (same-size damage to the tensor bytes is
+    not: the format carries no checksum)."""
+    if not path.is_file():
+        raise ValueError(f"{field}={path.parent}: {path.name} is missing (rule: every file the index names)")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        detail = str(err).removeprefix("Error while deserializing header: ")
+        raise ValueError(
+            f"{field}={path.parent}: {path.name} is truncated or corrupt ({detail}) "
+            "(rule: complete safetensors files; copy or download them again)"
+        ) from None
 
 
 @torch.no_grad()

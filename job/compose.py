@@ -17,9 +17,11 @@ from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from moeyard.job.presets import register
 from moeyard.job.schema import JobConfig
 
 ConfigStore.instance().store(name="moeyard_schema", node=JobConfig)
+register()  # the model presets and routing recipes of moe/presets.py: the `model` and `moe` groups
 
 
 def conf_dir() -> Path:
@@ -34,7 +36,7 @@ def compose(overrides: list[str], config_name: str = "config") -> JobConfig:
     cfg: JobConfig = OmegaConf.to_object(raw)
     lc = cfg.launcher
     # Agents on several nodes would each make their own timestamped directory: validation asks for run.dir.
-    if cfg.run.dir is None and not (lc.name == "torchrun" and lc.nnodes > 1):
+    if cfg.run.dir is None and not lc.runs_on_each_node():
         cfg.run.dir = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.name}"
     return cfg
 

@@ -13,8 +13,10 @@ def check(ok: bool, field: str, value: object, rule: str) -> None:
 
 
 def check_layout(cfg: JobConfig, dims: ParallelDims) -> None:
-    """The rules a parallel layout must meet for this model and batch; raises ConfigError (one line)."""
+    """The rules a parallel layout must meet for this model and batch; raises ConfigError or, for a rule of the
+    parallel group's own fields, ValueError (one line)."""
     m, e, t, p = cfg.model, cfg.moe, cfg.train, cfg.parallel
+    p.check()
     check(e.num_experts % dims.ep == 0, "parallel.ep", dims.ep, f"must divide moe.num_experts={e.num_experts}")
     check(m.n_heads % dims.tp == 0, "parallel.tp", dims.tp, f"must divide model.n_heads={m.n_heads}")
     check(m.n_kv_heads % dims.tp == 0, "parallel.tp", dims.tp, f"must divide model.n_kv_heads={m.n_kv_heads}")
@@ -37,7 +39,6 @@ def check_layout(cfg: JobConfig, dims: ParallelDims) -> None:
         f"must be divisible by the data-parallel degree dp={dims.dp}",
     )
     stages = dims.pp * p.pp_stages_per_rank
-    check(p.pp_stages_per_rank >= 1, "parallel.pp_stages_per_rank", p.pp_stages_per_rank, "must be >= 1")
     check(
         m.n_layers >= stages,
         "model.n_layers",
@@ -81,8 +82,6 @@ def check_layout(cfg: JobConfig, dims: ParallelDims) -> None:
         check(not m.tie_embeddings, "model.tie_embeddings", True, "is not supported with parallel.pp > 1")
     if dims.tp > 1:
         check(not m.tie_embeddings, "model.tie_embeddings", True, "is not supported with parallel.tp > 1")
-    check(p.ac_every >= 1, "parallel.ac_every", p.ac_every, "must be >= 1")
-    check(p.ep_chunks >= 1, "parallel.ep_chunks", p.ep_chunks, "must be >= 1")
     check(
         p.ep_overlap == "none" or dims.ep > 1,
         "parallel.ep_overlap",

@@ -27,8 +27,9 @@ class LauncherConfig:
     """torchrun/local: processes per node."""
     node_rank: int = 0
     """torchrun: this agent's node; node 0 hosts the c10d rendezvous store at rdzv_endpoint."""
-    rdzv_endpoint: str = "127.0.0.1:29500"
-    """torchrun: c10d rendezvous host:port; with nnodes > 1, an address of node 0 that every node reaches."""
+    rdzv_endpoint: str | None = None
+    """torchrun: c10d rendezvous host:port; with nnodes > 1, an address of node 0 that every node reaches.
+    Unset (one node only): torchrun's standalone mode picks a free local port, so jobs run side by side."""
     single_host: bool = False
     """torchrun with nnodes > 1: every agent runs on this host (a rehearsal of a multi-node job), so a
     loopback rdzv_endpoint is allowed."""
@@ -55,7 +56,7 @@ class LauncherConfig:
     mode: str = choice("srun", "torchrun")
     """slurm: one task per GPU via srun, or one torchrun per node."""
     dry_run: bool = False
-    """slurm: print the sbatch script instead of submitting."""
+    """Print what would start the job (slurm: the sbatch script; others: the command line) and start nothing."""
     wait: bool = False
     """slurm: follow the job and return its exit status."""
     python: str | None = None
@@ -68,6 +69,43 @@ class LauncherConfig:
     """mpi: extra launcher arguments, e.g. [-f, hosts] (MPICH) or [--oversubscribe] (Open MPI)."""
     timeout_s: int = 1800
     """Collective and rendezvous timeout in seconds."""
+
+    def fields_used(self) -> frozenset[str]:
+        """The fields this launcher reads (the others are ignored), so checks apply where they matter."""
+        common = {"name", "dry_run", "timeout_s"}
+        rendezvous = {"nnodes", "node_rank", "rdzv_endpoint", "single_host", "rdzv_id", "max_restarts"}
+        slurm = {"nodes", "tasks_per_node", "gpus_per_node", "partition", "account", "time", "constraint"}
+        slurm |= {"exclusive", "signal_s", "setup", "mode", "wait", "python", "max_restarts"}
+        own = {
+            "local": {"nproc_per_node"},
+            "torchrun": {"nproc_per_node", *rendezvous},
+            "slurm": slurm,
+            "mpi": {"np", "mpirun", "mpi_args"},
+        }[self.name]
+        return frozenset(common | own)
+
+    def in_process(self) -> bool:
+        """The job's one rank runs inside the `moeyard` process (launcher=local with one process)."""
+        return self.name == "local" and self.nproc_per_node == 1
+
+    def standalone(self) -> bool:
+        """One node and no rendezvous endpoint given: torchrun's standalone mode picks a free local port."""
+        return self.name == "local" or (self.nnodes == 1 and self.rdzv_endpoint is None)
+
+    def rendezvous(self) -> str:
+        """Where the torchrun agents meet, for messages."""
+        return "a free local port (torchrun --standalone)" if self.standalone() else str(self.rdzv_endpoint)
+
+    def runs_on_each_node(self) -> bool:
+        """The user starts `moeyard train` on every node (multi-node torchrun): each composes its own config."""
+        return self.name == "torchrun" and self.nnodes > 1
+
+    def rank_env_source(self) -> str:
+        """What tells a rank its rank and world size: "srun" (Slurm tasks), "mpi" (mpi4py), or "torchrun"
+        (which sets the torch.distributed variables itself)."""
+        if self.name == "slurm" and self.mode == "srun":
+            return "srun"
+        return "mpi" if self.name == "mpi" else "torchrun"
 
     def world_size(self) -> int:
         """How many ranks this launcher starts."""

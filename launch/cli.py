@@ -1,4 +1,4 @@
-"""`moeyard` command line: train, prepare (and the subcommands other modules register)."""
+"""`moeyard` command line: train, prepare, export, import, dashboard and plan (COMMANDS maps each to its handler)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import json
 import sys
 from pathlib import Path
 
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from moeyard.interop.hf import export, hydra_overrides, read_hf_config
 from moeyard.interop.prepare import prepare
-from moeyard.job.compose import compose, write_resolved
+from moeyard.job.compose import compose, conf_dir, to_yaml, write_resolved
 from moeyard.job.schema import ConfigError
 from moeyard.launch.launchers import launch
 from moeyard.launch.validate import validate
@@ -34,10 +37,79 @@ def compose_error_line(err: Exception, overrides: list[str]) -> str:
     return f"{given}: {detail}"
 
 
-def cmd_train(overrides: list[str]) -> int:
-    """Composes and validates the config once, writes it resolved, then starts the configured launcher."""
+TRAIN_USAGE = "usage: moeyard train [-h|--help] [--cfg job] [GROUP=OPTION ...] [KEY=VALUE ...]"
+
+
+def parse_train_args(argv: list[str]) -> tuple[list[str], bool, str | None]:
+    """Hydra's command-line conventions: the overrides, whether --help was asked, and --cfg's value."""
+    overrides, want_help, show = [], False, None
+    args = iter(argv)
+    for arg in args:
+        if arg in ("-h", "--help"):
+            want_help = True
+        elif arg in ("-c", "--cfg") or arg.startswith("--cfg="):
+            show = arg.partition("=")[2] or next(args, "")
+        elif arg.startswith("-"):
+            raise ValueError(f"train: {arg} is not an option (rule: {TRAIN_USAGE.removeprefix('usage: ')})")
+        else:
+            overrides.append(arg)
+    if show is not None and show != "job":
+        raise ValueError(
+            f"train: --cfg {show or '(missing)'} (rule: --cfg job prints the composed job config; moeyard "
+            "composes without Hydra's own runtime config, so there is no hydra or all)"
+        )
+    return overrides, want_help, show
+
+
+def default_options() -> str:
+    """The options conf/config.yaml's defaults list picks, as overrides (model=debug moe=default ...)."""
+    picked = []
+    for item in OmegaConf.load(conf_dir() / "config.yaml").defaults:
+        if not isinstance(item, str):
+            picked += [f"{group.removeprefix('optional ')}={option}" for group, option in item.items() if option]
+    return " ".join(picked)
+
+
+def group_options() -> dict[str, list[str]]:
+    """Each config group's options: YAML files of conf/ and presets registered in Hydra's config store alike."""
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        hydra = GlobalHydra.instance().hydra
+        groups = [g for g in hydra.list_all_config_groups() if not g.startswith("hydra")]
+        return {g: sorted(hydra.config_loader.get_group_options(g)) for g in sorted(groups)}
+
+
+def train_help(cfg_yaml: str) -> str:
+    """Usage, the config groups with their options (Hydra's `--help` layout), then the composed config."""
+    return "\n".join(
+        [
+            TRAIN_USAGE,
+            "Composes a job from the config groups and overrides, validates it, writes it resolved into run.dir",
+            "and starts the configured launcher (nothing starts when the config breaks a rule).",
+            "",
+            "== Configuration groups ==",
+            "Compose your configuration from those groups (GROUP=OPTION)",
+            "",
+            *(f"{group}: {', '.join(options)}" for group, options in group_options().items()),
+            f"(defaults: {default_options()})",
+            "",
+            "== Config ==",
+            "Override anything in the config (KEY=VALUE, e.g. train.steps=5)",
+            "",
+            cfg_yaml,
+        ]
+    )
+
+
+def cmd_train(argv: list[str]) -> int:
+    """Composes and validates the config once, writes it resolved, then starts the configured launcher.
+
+    --help prints the groups and the composed config, --cfg job the composed config; both start nothing."""
+    overrides, want_help, show = parse_train_args(argv)
     try:
         cfg = compose(overrides)
+        if want_help or show:
+            print(train_help(to_yaml(cfg)) if want_help else to_yaml(cfg), end="")
+            return 0
         validate(cfg, cfg.launcher.world_size())
     except (HydraException, OmegaConfBaseException) as err:
         print(f"moeyard: config error: {compose_error_line(err, overrides)}", file=sys.stderr)

@@ -19,16 +19,17 @@ from moeyard.job.schema import JobConfig
 from moeyard.launch.entry import weight_loader
 from moeyard.launch.mpi import rank_env_from_mpi
 from moeyard.launch.slurm import rank_env_from_slurm
+from moeyard.train.guard import exit_on_stop_signals
 from moeyard.train.process import leave
 from moeyard.train.trainer import init_distributed, pick_device, train
 
 
 def rank_env(cfg: JobConfig) -> dict[str, str]:
     """The torch.distributed variables this process lacks, from the launcher that started it."""
-    lc = cfg.launcher
-    if lc.name == "slurm" and lc.mode == "srun":
+    source = cfg.launcher.rank_env_source()
+    if source == "srun":
         return rank_env_from_slurm(os.environ)
-    if lc.name == "mpi":
+    if source == "mpi":
         return rank_env_from_mpi()
     return {}  # started by torchrun (launcher local, torchrun, or slurm mode=torchrun)
 
@@ -79,6 +80,7 @@ def run(cfg: JobConfig, console: TextIO) -> int:
 
 
 def main() -> int:
+    exit_on_stop_signals()  # a stop before the first step ends the rank quietly; the step guard takes over then
     # One thread per rank unless told otherwise, as torchrun does: ranks sharing a node would oversubscribe.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cfg = load_resolved(os.environ["MOEYARD_CONFIG"])
@@ -88,7 +90,7 @@ def main() -> int:
     if rank != 0:
         redirect_output(rank_log(Path(cfg.run.dir), rank))
     status = run(cfg, console)
-    if status and cfg.launcher.name == "mpi":
+    if status and cfg.launcher.rank_env_source() == "mpi":
         from mpi4py import MPI
 
         MPI.COMM_WORLD.Abort(status)  # the other ranks may wait in a collective: end the whole job
@@ -98,7 +100,7 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         code = main()
-    except SystemExit as stop:  # a run stopped by SIGTERM exits 143 once its checkpoint is saved (train.guard)
+    except SystemExit as stop:  # a stopped run exits 128+signal once its checkpoint is saved (train.guard)
         if isinstance(stop.code, str):
             print(stop.code, file=sys.stderr)
         code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)

@@ -2,13 +2,44 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
 
 def choice(default: str, *others: str) -> Any:
-    """A string field limited to `default` and `others` (OmegaConf has no Literal; `launch.validate` checks)."""
+    """A string field limited to `default` and `others` (OmegaConf has no Literal; `check_fields` checks)."""
     return field(default=default, metadata={"choices": (default, *others)})
+
+
+def require(ok: bool, field: str, value: object, rule: str) -> None:
+    """Raises ValueError "field=value rule" unless `ok`: the one-line error of every config group's `check()`.
+
+    ValueError, not the job's ConfigError, because the groups sit below the job schema; `launch` shows it as a
+    config error."""
+    if not ok:
+        raise ValueError(f"{field}={value} {rule}")
+
+
+def check_fields(node: object, prefix: str) -> None:
+    """Every key of the dataclass `node` is a schema field, and every `choice(...)` field holds a listed value."""
+    # Hydra's `+key=value` appends keys the structured schema lacks; OmegaConf then sets them as attributes.
+    known = [f.name for f in dataclasses.fields(node)]
+    for name in vars(node):
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+        rule = f"is not a field of {type(node).__name__} (rule: keys must be schema fields{hint})"
+        require(name in known, f"{prefix}{name}", getattr(node, name), rule)
+    for f in dataclasses.fields(node):
+        if "choices" in f.metadata:
+            value = getattr(node, f.name)
+            require(
+                value in f.metadata["choices"],
+                f"{prefix}{f.name}",
+                value,
+                f"must be one of {', '.join(f.metadata['choices'])}",
+            )
 
 
 @dataclass(kw_only=True)
@@ -91,6 +122,30 @@ class ModelConfig:
     def rope_dim(self) -> int:
         """Channels per head that RoPE rotates (the width of the rotary table)."""
         return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    def check(self) -> None:
+        """Raises ValueError naming the first model field whose value breaks a rule."""
+        check_fields(self, "model.")
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size", "max_seq_len"):
+            require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "must be >= 1")
+        require(
+            self.dim % self.n_heads == 0 or self.head_dim_override is not None or self.attention == "mla",
+            "model.dim",
+            self.dim,
+            f"must be divisible by model.n_heads={self.n_heads} (or set model.head_dim_override)",
+        )
+        self.check_attention()
+        require(
+            self.n_heads % self.n_kv_heads == 0,
+            "model.n_kv_heads",
+            self.n_kv_heads,
+            f"must divide model.n_heads={self.n_heads}",
+        )
+        require(self.first_dense_layers >= 0, "model.first_dense_layers", self.first_dense_layers, "must be >= 0")
+        require(self.moe_every >= 1, "model.moe_every", self.moe_every, "must be >= 1")
+        for name in ("rope_theta", "norm_eps"):
+            require(getattr(self, name) > 0, f"model.{name}", getattr(self, name), "must be > 0")
+        require(self.init_std >= 0, "model.init_std", self.init_std, "must be >= 0")
 
     def check_attention(self) -> None:
         """Raises ValueError naming the first attention or RoPE field whose value breaks a rule."""
@@ -177,6 +232,29 @@ class MoEConfig:
         if self.num_shared_experts == 0:
             return 0
         return self.shared_expert_hidden or self.num_shared_experts * self.expert_hidden
+
+    def check(self) -> None:
+        """Raises ValueError naming the first MoE field whose value breaks a rule."""
+        check_fields(self, "moe.")
+        require(self.num_experts >= 1, "moe.num_experts", self.num_experts, "must be >= 1")
+        experts = f"moe.num_experts={self.num_experts}"
+        require(1 <= self.top_k <= self.num_experts, "moe.top_k", self.top_k, f"must be in [1, {experts}]")
+        require(self.expert_hidden >= 1, "moe.expert_hidden", self.expert_hidden, "must be >= 1")
+        require(self.num_shared_experts >= 0, "moe.num_shared_experts", self.num_shared_experts, "must be >= 0")
+        self.check_shared()
+        cf = self.capacity_factor
+        require(cf is None or cf > 0, "moe.capacity_factor", cf, "must be > 0, or null for dropless")
+        groups_ok = self.n_groups >= 1 and self.num_experts % self.n_groups == 0
+        require(groups_ok, "moe.n_groups", self.n_groups, f"must divide {experts}")
+        in_groups = f"must be in [1, moe.n_groups={self.n_groups}]"
+        require(1 <= self.topk_groups <= self.n_groups, "moe.topk_groups", self.topk_groups, in_groups)
+        if self.n_groups > 1:
+            reachable = self.topk_groups * (self.num_experts // self.n_groups)
+            rule = f"must be <= experts in the chosen groups ({reachable})"
+            require(self.top_k <= reachable, "moe.top_k", self.top_k, rule)
+        require(self.route_scale > 0, "moe.route_scale", self.route_scale, "must be > 0")
+        for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            require(getattr(self, name) >= 0, f"moe.{name}", getattr(self, name), "must be >= 0")
 
     def check_shared(self) -> None:
         """Raises ValueError naming the first shared-expert field whose value breaks a rule."""

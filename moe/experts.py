@@ -12,6 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 HAS_GROUPED_MM = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
+FUSED_GROUPED_MM_ARCHS = (9, 10)
+"""CUDA compute-capability majors (sm90, sm100) where torch's grouped_mm is one fused CUTLASS kernel, for
+bf16 only (aten/src/ATen/native/cuda/GroupedBlas.cpp, torch 2.11 and later). Elsewhere torch's fallback reads
+the offsets back to the host and runs one matmul per expert: a wait for the device in each of the layer's
+three forward and six backward grouped matmuls."""
 
 
 def _grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -29,9 +34,9 @@ def _eager_grouped_mm(fn, x_ND: torch.Tensor, w_EDF: torch.Tensor, offsets_E: to
     return fn(x_ND, w_EDF, offs=offsets_E)
 
 
-def looped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """Reference: one matmul per expert over its slice of the sorted tokens."""
-    chunks = torch.split(x_ND, counts_E.tolist())
+def looped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor | list[int]) -> torch.Tensor:
+    """Reference: one matmul per expert over its slice of the sorted tokens (counts read on the host)."""
+    chunks = torch.split(x_ND, counts_E if isinstance(counts_E, list) else counts_E.tolist())
     # unbind, not w_EDF[e]: each indexing op's backward writes a full [E, D, F] gradient (cost grows with E^2).
     return torch.cat([chunk @ w_DF for chunk, w_DF in zip(chunks, w_EDF.unbind(0), strict=True)])
 
@@ -58,7 +63,7 @@ class GroupedExperts(nn.Module):
             # A rank can receive no tokens; keep the weights in the graph so their (zero) grads exist.
             return x_ND + 0 * (self.w1.sum() + self.w2.sum() + self.w3.sum())
         w1, w2, w3 = self.w1, self.w2, self.w3
-        dtype = _autocast_dtype(x_ND.device.type)
+        dtype = autocast_dtype(x_ND.device.type)
         if dtype is not None:
             # Autocast does not cover grouped_mm: without this the experts would run in fp32 under bf16
             # training whenever the weights are fp32 masters (replicate mode). The casts are differentiable,
@@ -70,13 +75,46 @@ class GroupedExperts(nn.Module):
             offsets_E = counts_E.cumsum(0).to(torch.int32)
             mm = lambda a, w: _grouped_mm(a.contiguous(), w, offsets_E)
         else:
-            mm = lambda a, w: looped_mm(a, w, counts_E)
+            counts = counts_E.tolist()  # the layer's one host read, shared by its three matmuls
+            mm = lambda a, w: looped_mm(a, w, counts)
         h_NF = F.silu(mm(x_ND, w1)) * mm(x_ND, w3)
         return mm(h_NF, w2)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
+def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype in force on `device_type`, or None outside autocast."""
     if not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+def grouped_mm_unfused_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why torch's grouped_mm would take its host-reading fallback on `device` for `dtype`, or None when it
+    runs without one (the fused kernel on CUDA; on CPU the offsets are host memory already)."""
+    if device.type != "cuda":
+        return None
+    if torch.version.hip is not None:
+        return "ROCm has no fused grouped_mm kernel"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in FUSED_GROUPED_MM_ARCHS:
+        return f"torch has no fused grouped_mm kernel for sm{major}{minor} (only sm90/sm100)"
+    if dtype != torch.bfloat16:
+        return f"torch's fused grouped_mm kernel takes bf16, not {str(dtype).removeprefix('torch.')} (train.dtype)"
+    return None
+
+
+def choose_expert_path(experts: list[GroupedExperts], setting: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Settles how `experts` multiply on `device` in compute `dtype`, once, at start-up; returns the line that
+    says which path runs and why ("" when it is the expected one). moe.grouped_mm=on where the fused kernel
+    is missing is refused (ValueError): its fallback waits for the device in every matmul."""
+    reason = grouped_mm_unfused_reason(device, dtype)
+    if reason is None or not any(e.use_grouped_mm for e in experts):
+        return ""
+    if setting == "on":
+        raise ValueError(f"moe.grouped_mm=on cannot run fused here: {reason} (rule: use auto or off)")
+    for e in experts:
+        e.use_grouped_mm = False
+    return (
+        f"moe: experts run one matmul per expert, reading the counts once per layer ({reason}; its fallback "
+        "would read them back in each of the layer's nine grouped matmuls)"
+    )

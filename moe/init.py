@@ -6,17 +6,18 @@ two 24-bit parts of them into one standard normal, and the parameter's std scale
 therefore fills exactly its local shard (its experts, its tensor-parallel slice, its FSDP rows) without ever
 creating the full tensor, and every layout starts from the same weights as one process.
 
-Values are generated in blocks of at most BLOCK elements, so temporaries stay small (never larger than the
-shard being filled, rounded up to 64 elements). On a CPU an element costs about twice what torch.randn's does
-(some 15 ns against 7 on one core: int64 multiplies and int-to-float conversions are not vectorised); on a
-GPU the same ops run on the device.
+Values are generated in blocks of at most BLOCK elements on a CPU (DEVICE_BLOCK on a GPU), so temporaries
+stay small (never larger than the shard being filled, rounded up to 64 elements). On a CPU an element costs
+about twice what torch.randn's does (some 15 ns against 7 on one core: int64 multiplies and int-to-float
+conversions are not vectorised), and blocks run on several threads; on a GPU the same ops run on the device.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -27,8 +28,10 @@ _LANES = 64
 vectorised path (their scalar tail loop computes log and cos with different rounding): the same element gets
 the same bits whichever block, shard or layout it is generated in."""
 BLOCK = (1 << 15) - _LANES
-"""Most elements generated at once: small temporaries, and under torch's parallel grain (32768), so no op is
-split over threads at a point that is not a multiple of _LANES."""
+"""Most elements generated at once on a CPU: small temporaries, and under torch's parallel grain (32768), so
+no op is split over threads at a point that is not a multiple of _LANES."""
+DEVICE_BLOCK = 1 << 22
+"""Most elements generated at once on a GPU: 4 Mi elements, about 100 MB of temporaries."""
 _M64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
@@ -73,32 +76,58 @@ def normal_at(index: torch.Tensor, key: int, std: float = 1.0) -> torch.Tensor:
     return u1.log_().mul_(-2.0 * std * std).sqrt_().mul_(angle.cos_())
 
 
-def _fill_normal_(out: torch.Tensor, key: int, std: float, base: int, strides: Sequence[int]) -> None:
-    """Fills `out`, whose element [i0, i1, ...] is full-tensor flat index base + sum(i_d * strides[d])."""
-    n = out.numel()
-    if n <= BLOCK:
-        padded = -(-n // _LANES) * _LANES
-        if all(size == 1 or strides[d] == math.prod(out.shape[d + 1 :]) for d, size in enumerate(out.shape)):
-            # The block is one run of the full tensor's flat indices (the padding just runs on).
-            index = torch.arange(base, base + padded, device=out.device)
-        else:
-            index = torch.zeros(padded, dtype=torch.int64, device=out.device)
-            view = index[:n].view(out.shape)
-            view.fill_(base)
-            for d, (size, stride) in enumerate(zip(out.shape, strides, strict=True)):
-                shape = [1] * out.ndim
-                shape[d] = size
-                view.add_(torch.arange(0, size * stride, stride, device=out.device).view(shape))
-        out.copy_(normal_at(index, key, std)[:n].view(out.shape))
+def _leaves(out: torch.Tensor, base: int, strides: Sequence[int], block: int) -> Iterator[tuple]:
+    """`out` cut into blocks of at most `block` elements: (view, its base flat index, strides), in order."""
+    if out.numel() <= block:
+        yield out, base, strides
         return
     inner = math.prod(out.shape[1:])
-    if inner > BLOCK:  # one leading index at a time, each split further
+    if inner > block:  # one leading index at a time, each split further
         for i in range(out.shape[0]):
-            _fill_normal_(out[i], key, std, base + i * strides[0], strides[1:])
+            yield from _leaves(out[i], base + i * strides[0], strides[1:], block)
         return
-    rows = BLOCK // inner
+    rows = block // inner
     for i in range(0, out.shape[0], rows):
-        _fill_normal_(out[i : i + rows], key, std, base + i * strides[0], strides)
+        yield from _leaves(out[i : i + rows], base + i * strides[0], strides, block)
+
+
+@torch.no_grad()  # here too: grad mode is per thread, and blocks of a parameter may fill on worker threads
+def _fill_block_(out: torch.Tensor, key: int, std: float, base: int, strides: Sequence[int]) -> None:
+    """Fills one block, whose element [i0, i1, ...] is full-tensor flat index base + sum(i_d * strides[d])."""
+    n = out.numel()
+    padded = -(-n // _LANES) * _LANES
+    if all(size == 1 or strides[d] == math.prod(out.shape[d + 1 :]) for d, size in enumerate(out.shape)):
+        # The block is one run of the full tensor's flat indices (the padding just runs on).
+        index = torch.arange(base, base + padded, device=out.device)
+    else:
+        index = torch.zeros(padded, dtype=torch.int64, device=out.device)
+        view = index[:n].view(out.shape)
+        view.fill_(base)
+        for d, (size, stride) in enumerate(zip(out.shape, strides, strict=True)):
+            shape = [1] * out.ndim
+            shape[d] = size
+            view.add_(torch.arange(0, size * stride, stride, device=out.device).view(shape))
+    out.copy_(normal_at(index, key, std)[:n].view(out.shape))
+
+
+def _fill_normal_(out: torch.Tensor, key: int, std: float, base: int, strides: Sequence[int]) -> None:
+    """Fills `out`, whose element [i0, i1, ...] is full-tensor flat index base + sum(i_d * strides[d]).
+
+    On a CPU the blocks stay under torch's parallel grain (each op runs on one thread, so no element
+    changes path with the thread count) and run side by side on torch's thread count of Python threads
+    (ops release the interpreter lock), which gives back the parallelism. On a GPU an element's bits do not
+    depend on its block, and every op is a kernel launch: blocks of DEVICE_BLOCK keep a multi-billion
+    parameter shard's start-up in seconds rather than minutes of launches.
+    """
+    on_cpu = out.device.type == "cpu"
+    leaves = list(_leaves(out, base, strides, BLOCK if on_cpu else DEVICE_BLOCK))
+    threads = torch.get_num_threads() if on_cpu else 1
+    if threads == 1 or len(leaves) == 1:
+        for view, start, view_strides in leaves:
+            _fill_block_(view, key, std, start, view_strides)
+        return
+    with ThreadPoolExecutor(min(threads, len(leaves))) as pool:
+        list(pool.map(lambda leaf: _fill_block_(leaf[0], key, std, leaf[1], leaf[2]), leaves))
 
 
 def init_rule(fqn: str, ndim: int, cfg: ModelConfig) -> float | str:

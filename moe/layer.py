@@ -47,7 +47,11 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 
 def _recomputing() -> bool:
-    """True while autograd runs a backward pass (activation-checkpoint recompute): skip stat recording."""
+    """True while autograd runs a backward pass (activation-checkpoint recompute): skip stat recording.
+
+    Eager only: torch.compile cannot trace this query (a graph break in every MoE layer), so a compiled
+    forward leaves its statistics in `pending_stats` instead (see `MoELayer._record`).
+    """
     return torch._C._current_graph_task_id() != -1
 
 
@@ -66,6 +70,8 @@ class MoELayer(nn.Module):
         self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts)
         self.stats: list[dict[str, torch.Tensor]] = []
         """Detached per-forward routing statistics, drained by the trainer after each step."""
+        self.pending_stats: dict[str, torch.Tensor] | None = None
+        """A compiled forward's statistics, moved into `stats` by `take_pending_stats` after the block."""
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
@@ -89,9 +95,28 @@ class MoELayer(nn.Module):
             weighted_aux = weighted_aux / split.parts
         if torch.is_grad_enabled() and weighted_aux.requires_grad:
             out_TD = _AttachAuxLoss.apply(out_TD, weighted_aux)
-        if not _recomputing():
-            self.stats.append(self._stats(routing, result.received_E))
+        self._record(self._stats(routing, result.received_E))
         return out_TD.view(B, S, D)
+
+    def _record(self, stats: dict[str, torch.Tensor]) -> None:
+        """Keeps one forward's statistics, but none of an activation-checkpoint recompute.
+
+        Under torch.compile an append to `self.stats` would guard on the list's length and recompile the
+        block for every micro-batch, and the recompute test is untraceable. So a compiled forward only
+        stores its statistics (an attribute store: no guard), and the model's eager loop moves them into
+        `stats` after the block returns (`take_pending_stats`); a recompute runs inside backward, never
+        in that loop, so it only overwrites `pending_stats` with the same values.
+        """
+        if torch.compiler.is_compiling():
+            self.pending_stats = stats
+        elif not _recomputing():
+            self.stats.append(stats)
+
+    def take_pending_stats(self) -> None:
+        """After this layer's block ran compiled: its forward's statistics join `stats`."""
+        if self.pending_stats is not None:
+            self.stats.append(self.pending_stats)
+            self.pending_stats = None
 
     def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
         out_TD = self.shared_experts(x_TD)
@@ -113,5 +138,5 @@ class MoELayer(nn.Module):
 
     def drain_stats(self) -> list[dict[str, torch.Tensor]]:
         """Returns and clears the statistics recorded since the last call."""
-        stats, self.stats = self.stats, []
+        stats, self.stats, self.pending_stats = self.stats, [], None
         return stats

@@ -73,6 +73,8 @@ class Transformer(nn.Module):
             rope = self.rope[positions_BS]  # [B, S, R/2, 2]: each token's angles, once for every block
         for block in self.layers.values():
             h = block(h, rope, mask)
+            if block.moe is not None:
+                block.moe.take_pending_stats()  # a compiled block's routing statistics (MoELayer._record)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

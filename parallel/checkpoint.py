@@ -2,10 +2,14 @@
 layout, and resharded on load.
 
 On disk: RUN_DIR/checkpoints/step_N/ holds DCP's files (one per rank plus .metadata), meta.json (step, model
-shape, the layout it was saved under, the size of every file) and a COMPLETE marker. A save writes
-step_N.tmp; rank 0 writes meta.json and COMPLETE only after every rank's files are on disk, then renames the
-directory. A crash mid-save leaves a .tmp directory (or one without COMPLETE) that is never taken for a
-checkpoint, and the next save removes it.
+shape, the layout it was saved under, the size and CRC-32C of every file, the run lineage it belongs to) and
+a COMPLETE marker. A save writes step_N.tmp; rank 0 writes meta.json and COMPLETE only after every rank's
+files are on disk, then renames the directory. A crash mid-save leaves a .tmp directory (or one without
+COMPLETE) that is never taken for a checkpoint, and the next save removes it. Each rank checksums its files
+while writing them (parallel/checksums.py); `resolve` verifies them before a checkpoint is used.
+
+Keep-last-K only ever deletes saves of the saving run's own lineage (the run that started it and every run
+resumed from its saves): a directory holding other runs' checkpoints loses none of them.
 
 A save may also run in the background (`start_save(background=True)`, DCP's async_save): the sealing
 then waits in `finish_save` until every rank's write has finished.
@@ -37,11 +41,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.parallel.checksums import ALGORITHM, ChecksumWriter, file_checksum, first_mismatch
 from moeyard.parallel.safe_metadata import SafeFileSystemReader
 from moeyard.parallel.shards import layout_free
 
 CHECKPOINTS = "checkpoints"
-FORMAT = 1
+FORMAT = 2
+READS = (1, 2)
+"""Formats this moeyard loads: 1 predates checksums (its files are checked by size only)."""
 DCP_METADATA = "dcp_metadata"
 """Key of `read_meta`'s result holding the parsed DCP .metadata (in memory only, never in meta.json)."""
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -58,6 +65,10 @@ SHAPE_FIELDS = {
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line naming the field, the path and the rule."""
+
+
+Verifier = Callable[[Path, dict, str], None]
+"""Checks a checkpoint's files against its meta.json (path, meta, field); raises CheckpointError."""
 
 
 # --- finding checkpoints ------------------------------------------------------------------------------------
@@ -85,15 +96,35 @@ def _sealed_dirs(root: Path) -> list[Path]:
     return [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "COMPLETE").is_file()]
 
 
-def latest_usable(root: Path, field: str, on_skip: Callable[[str], None]) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint under `root` that reads back, with its meta.json; every sealed
-    checkpoint passed over (unreadable meta.json, missing or truncated files) is reported to `on_skip`."""
+def verify_checksums(path: Path, meta: dict, field: str, share: tuple[int, int] = (0, 1)) -> None:
+    """Reads the checkpoint's files and compares each with the checksum meta.json records; raises
+    CheckpointError at the first that differs. share=(i, n): only every n-th file from the i-th (the
+    caller's part when n processes split the reading)."""
+    if meta.get("format") == 1:
+        return  # saved before checksums: its files were checked by size only
+    checksums = meta.get("checksums")
+    if not isinstance(checksums, dict):
+        raise CheckpointError(
+            f"{field}={path}: meta.json has no checksums (rule: checkpoint files must be complete and unaltered)"
+        )
+    index, count = share
+    problem = first_mismatch(path, checksums, sorted(meta["files"])[index::count])
+    if problem:
+        raise CheckpointError(f"{field}={path}: {problem} (rule: checkpoint files must be complete and unaltered)")
+
+
+def latest_usable(
+    root: Path, field: str, on_skip: Callable[[str], None], verify: Verifier | None
+) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint under `root` that reads back and passes `verify`, with its meta.json;
+    every sealed checkpoint passed over (unreadable meta.json, missing, truncated or altered files) is
+    reported to `on_skip`."""
     ordered = [path for _, path in complete_checkpoints(root)]
     for path in sorted(set(_sealed_dirs(root)) - set(ordered)):
         on_skip(f"{field}=auto skipped {path}: meta.json is missing or corrupt (its save order is unknown)")
     for path in reversed(ordered):
         try:
-            return path, read_meta(path, field)
+            return path, _checked(path, field, verify)
         except CheckpointError as err:
             on_skip(f"{field}=auto skipped {path}: {err}")
     return None
@@ -104,24 +135,30 @@ def _stderr(line: str) -> None:
 
 
 def resolve(
-    spec: str | None, run_dir: str | Path, field: str, on_skip: Callable[[str], None] = _stderr
+    spec: str | None,
+    run_dir: str | Path,
+    field: str,
+    on_skip: Callable[[str], None] = _stderr,
+    verify: Verifier | None = verify_checksums,
 ) -> tuple[Path, dict] | None:
     """The checkpoint `spec` names and its meta.json (read once): none, auto (the newest usable save in the
     run, if any, saying which newer ones it skipped and why) or a path.
 
     A path may be a step_N directory, a run directory or its checkpoints/ directory (then its latest save).
+    verify: how file contents are checked against their checksums (default: `verify_checksums`, every file in
+    this process; None skips it, for a caller whose ranks verify before loading).
     """
     if spec in (None, "", "none"):
         return None
     if spec == "auto":
-        return latest_usable(checkpoint_root(run_dir), field, on_skip)
+        return latest_usable(checkpoint_root(run_dir), field, on_skip, verify)
     path = Path(spec)
     if (path / "COMPLETE").is_file() and not path.name.endswith(".tmp"):  # .tmp: a save never sealed
-        return path, read_meta(path, field)
+        return path, _checked(path, field, verify)
     for root in (checkpoint_root(path), path):
         found = complete_checkpoints(root)
         if found:
-            return found[-1][1], read_meta(found[-1][1], field)
+            return found[-1][1], _checked(found[-1][1], field, verify)
     if (path / "meta.json").exists() or (path / ".metadata").exists() or path.name.endswith(".tmp"):
         raise CheckpointError(
             f"{field}={spec} is an incomplete checkpoint: it has no COMPLETE marker "
@@ -144,8 +181,8 @@ def read_meta(path: Path, field: str) -> dict:
             f"{field}={path}: meta.json is missing or corrupt ({type(err).__name__}) "
             "(rule: a checkpoint is a step_N directory written by moeyard)"
         ) from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{field}={path}: format={meta.get('format')} (rule: this moeyard reads format {FORMAT})")
+    if meta.get("format") not in READS:
+        raise CheckpointError(f"{field}={path}: format={meta.get('format')} (rule: this moeyard reads formats {READS})")
     for name, size in files.items():
         actual = (path / name).stat().st_size if (path / name).is_file() else None
         if actual != size:
@@ -161,6 +198,13 @@ def read_meta(path: Path, field: str) -> dict:
             "(rule: checkpoint files must be complete and unaltered)"
         ) from None
     meta["step"] = step
+    return meta
+
+
+def _checked(path: Path, field: str, verify: Verifier | None) -> dict:
+    meta = read_meta(path, field)
+    if verify is not None:
+        verify(path, meta, field)
     return meta
 
 
@@ -292,6 +336,8 @@ class PendingSave:
     """What meta.json records (the caller's meta, the step, whether optimizer state and which RNGs are in)."""
     written: Future
     """Resolves (to DCP's Metadata) once this rank's files are on disk; raises if the write failed."""
+    checksums: dict[str, int]
+    """CRC-32C of each file this rank wrote, by name: filled in as the write finishes each file."""
 
 
 def start_save(
@@ -320,7 +366,7 @@ def start_save(
     rng = rng_states()
     state = build_state(pm, optimizer, rank, rng)
     meta = {**meta, "step": step, "optimizer": optimizer is not None, "rng": sorted(rng)}
-    writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
+    writer = ChecksumWriter(tmp, single_file_per_rank=True, sync_files=True)
     no_dist = not dist.is_initialized()
     if background and no_dist:
         # DCP's writer thread warns after single_process_quiet has returned; in one process it always would.
@@ -337,7 +383,7 @@ def start_save(
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     assert isinstance(written, Future), type(written)  # FileSystemWriter stages synchronously
-    return PendingSave(step=step, tmp=tmp, final=final, meta=meta, written=written)
+    return PendingSave(step=step, tmp=tmp, final=final, meta=meta, written=written, checksums=writer.checksums)
 
 
 def finish_save(
@@ -347,7 +393,7 @@ def finish_save(
     before_seal: Callable[[Path], None] | None = None,
 ) -> Path:
     """Waits for this rank's write, then (once every rank's has finished) rank 0 seals the save and keeps
-    the newest `keep` saves (a collective). Returns the sealed step_N.
+    the newest `keep` saves of its lineage (meta["lineage"]; a collective). Returns the sealed step_N.
 
     `on_written(tmp)` runs on every rank once its files are in the unsealed directory; `before_seal(tmp)` on
     rank 0 once every rank's are, before meta.json.
@@ -358,12 +404,12 @@ def finish_save(
         pending.written.result()
         if on_written is not None:
             on_written(tmp)
-        _barrier()
+        checksums = _gather_checksums(pending.checksums)  # also the barrier: every rank's files are written
         if rank == 0:
             if before_seal is not None:
                 before_seal(tmp)
-            _seal(tmp, pending.final, root, pending.meta)
-            for _, old in complete_checkpoints(root)[:-keep]:
+            _seal(tmp, pending.final, root, pending.meta, checksums)
+            for old in own_checkpoints(root, pending.meta.get("lineage"))[:-keep]:
                 remove_checkpoint(old)
     except BaseException:
         if rank == 0:
@@ -390,22 +436,63 @@ def save(
     return finish_save(start_save(pm, optimizer, step, root, meta), keep, on_written, before_seal)
 
 
-def _seal(tmp: Path, final: Path, root: Path, meta: dict) -> None:
-    """meta.json, then COMPLETE, then the rename: only a fully written directory ever becomes step_N."""
+def _gather_checksums(mine: dict[str, int]) -> dict[str, int]:
+    """Every rank's file checksums, merged, on rank 0 (a collective over all ranks; {} elsewhere)."""
+    if not dist.is_initialized():
+        return dict(mine)
+    rank = dist.get_rank()
+    gathered: list[dict[str, int] | None] = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(dict(mine), gathered, dst=0)
+    return {name: crc for part in gathered or () for name, crc in part.items()}
+
+
+def own_checkpoints(root: Path, lineage: str | None) -> list[Path]:
+    """Complete checkpoints under `root` saved by runs of `lineage`, oldest save first."""
+    return [path for _, path in complete_checkpoints(root) if _lineage(path) == lineage]
+
+
+def _lineage(path: Path) -> str | None:
+    try:
+        return json.loads((path / "meta.json").read_text()).get("lineage")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _seal(tmp: Path, final: Path, root: Path, meta: dict, checksums: dict[str, int]) -> None:
+    """meta.json, then COMPLETE, then the rename: only a fully written directory ever becomes step_N.
+
+    `checksums`: what the ranks computed while writing; a file written another way (a before_seal
+    callback's) is read back for its checksum here.
+    """
     found = complete_checkpoints(root)
+    names = [p.name for p in sorted(tmp.iterdir()) if p.is_file()]
     meta = {
         "format": FORMAT,
         **meta,
         "seq": found[-1][0] + 1 if found else 1,
-        "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()},
+        "files": {name: (tmp / name).stat().st_size for name in names},
+        "checksum": ALGORITHM,
+        "checksums": {name: checksums[name] if name in checksums else file_checksum(tmp / name) for name in names},
     }
     _write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
     _write_synced(tmp / "COMPLETE", f"step {meta['step']}\n")
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again (a resumed run passing it): the new save replaces it
-        remove_checkpoint(final)
+        _replace_aside(final, meta.get("lineage"))
     os.replace(tmp, final)
     _fsync_dir(root)
+
+
+def _replace_aside(final: Path, lineage: str | None) -> None:
+    """Clears the way for a save of step_N: our own lineage's old step_N is deleted; another run's is
+    renamed step_N.other-<seq> (never taken for a checkpoint, never deleted by us)."""
+    if _lineage(final) == lineage:
+        remove_checkpoint(final)
+        return
+    n = 1
+    while final.with_name(f"{final.name}.other-{n}").exists():
+        n += 1
+    os.replace(final, final.with_name(f"{final.name}.other-{n}"))
 
 
 def load(pm, optimizer, path: Path, meta: dict, field: str, *, weights_only: bool = False) -> None:

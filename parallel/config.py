@@ -1,18 +1,23 @@
-"""Parallel layout configuration (the Hydra schema of the `parallel` group)."""
+"""Parallel layout configuration: `ParallelConfig`, the Hydra schema of the `parallel` group, and its own checks.
+
+The rules that need the model or the world size (degrees dividing heads, experts, the batch) are in
+`moeyard.job.layout` and `ParallelDims`; docs/parallel.md describes every layout.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moeyard.moe.config import choice
+from moeyard.moe.config import check_fields, choice, require
 
 
 @dataclass(kw_only=True)
 class ParallelConfig:
     """Degrees of each parallelism and how they are applied.
 
-    World size = pp * dp * tp. Expert parallelism folds into data parallelism: the ep ranks of an MoE layer
-    are ep consecutive data-parallel ranks, and the remaining dp/ep ranks (expert-data-parallel) hold
+    World size = pp * dp * tp. Expert parallelism folds over the data- and tensor-parallel ranks of a pipeline
+    stage: its dp * tp ranks are regrouped into edp * ep, the ep consecutive ranks of a group split each MoE
+    layer's experts (tp ranks first, then neighbouring dp ranks), and the edp = dp * tp / ep groups hold
     replicas of the same experts.
     """
 
@@ -23,7 +28,7 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel degree (stages over ranks)."""
     ep: int = 1
-    """Expert-parallel degree; divides dp and moe.num_experts."""
+    """Expert-parallel degree; divides dp * tp and moe.num_experts."""
     dp_mode: str = choice("replicate", "fsdp")
     """Replicate parameters and all-reduce gradients, or shard parameters, grads and optimizer state (FSDP2)."""
     sequence_parallel: bool = False
@@ -44,3 +49,10 @@ class ParallelConfig:
     """With ep > 1: hide the all-to-alls behind the shared experts, or behind another chunk's experts."""
     ep_chunks: int = 2
     """ep_overlap=chunked: token chunks per MoE layer."""
+
+    def check(self) -> None:
+        """Raises ValueError naming the first field whose value breaks a rule of its own (the rules against the
+        world size, the model and the batch are `ParallelDims.from_config` and `job.layout.check_layout`)."""
+        check_fields(self, "parallel.")
+        for name in ("pp_stages_per_rank", "ac_every", "ep_chunks"):
+            require(getattr(self, name) >= 1, f"parallel.{name}", getattr(self, name), "must be >= 1")

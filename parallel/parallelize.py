@@ -110,9 +110,14 @@ def apply_ac(part: Transformer, mode: str, every: int) -> None:
 
 
 def apply_compile(part: Transformer) -> None:
-    """Compiles each block in place (repeated blocks share one compiled graph)."""
+    """Compiles each block in place (repeated blocks share one compiled graph).
+
+    Under activation checkpointing the block inside the checkpoint is compiled, not the wrapper: compiled
+    from outside, the checkpoint becomes a higher-order op whose body may not mutate modules (the MoE
+    layer hands out its routing statistics), and one such break leaves the whole block uncompiled.
+    """
     for block in part.layers.values():
-        block.compile()
+        getattr(block, "_checkpoint_wrapped_module", block).compile()
 
 
 def build_parallel_model(

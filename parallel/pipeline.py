@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
     Schedule1F1B,
     ScheduleGPipe,
@@ -23,6 +22,7 @@ from torch.distributed.pipelining.schedules import (
 from torch.distributed.tensor import DTensor, Shard
 
 from moeyard.moe.model import Transformer
+from moeyard.parallel.compat import pipeline_stage
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
@@ -65,6 +65,9 @@ class StageShapes:
     vocab_size: int
     hidden_dtype: torch.dtype
     """The residual stream's dtype between blocks (bf16 when FSDP casts parameters to bf16)."""
+    logits_dtype: torch.dtype = torch.float32
+    """The last stage's output dtype: bf16 under bf16 autocast or bf16 parameters (torch 2.11 checks a stage's
+    outputs against what it declares)."""
     tp_mesh: DeviceMesh | None = None
     """With tp > 1 the logits are vocab-sharded DTensors."""
     sequence_parallel: bool = False
@@ -84,9 +87,9 @@ class StageShapes:
         if stage_id < n_stages - 1:
             return self.hidden()
         if self.tp_mesh is None:
-            return self._meta((self.micro_rows, self.seq_len, self.vocab_size), torch.float32)
+            return self._meta((self.micro_rows, self.seq_len, self.vocab_size), self.logits_dtype)
         tp = self.tp_mesh.size()
-        local = self._meta((self.micro_rows, self.seq_len, self.vocab_size // tp), torch.float32)
+        local = self._meta((self.micro_rows, self.seq_len, self.vocab_size // tp), self.logits_dtype)
         return DTensor.from_local(local, self.tp_mesh, [Shard(-1)], run_check=False)
 
     def input_grads(self, stage_id: int) -> tuple[torch.Tensor | None]:
@@ -117,14 +120,14 @@ def build_schedule(
     """Wraps each local stage module with its declared input and output shapes and builds the configured
     schedule (gradients scaled by 1/n_microbatches)."""
     pipe_stages = [
-        PipelineStage(
+        pipeline_stage(
             module,
             sid,
             n_stages,
             device,
             input_args=shapes.inputs(sid),
             output_args=shapes.outputs(sid, n_stages),
-            # With DTensor logits (tp > 1) the schedule needs the gradients declared too to stay static.
+            # With DTensor logits (tp > 1) torch 2.13's schedule needs the gradients declared to stay static.
             input_grads=shapes.input_grads(sid),
             output_grads=shapes.output_grads(sid, n_stages),
             group=pp_mesh.get_group(),

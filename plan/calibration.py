@@ -6,15 +6,17 @@ measurements rather than fitted to anything here: cuBLAS bf16 GEMMs reach about 
 (80% on an A100), flash attention forward+backward about 45%, memory-bound kernels about 80% of HBM
 bandwidth, NCCL ring collectives about 80% of the link (all-to-all about 65%).
 
-Two ways to re-measure them (launch/plan/planner.py's `load_calibration` reads either file):
+Two ways to re-measure them (plan/planner.py's `load_calibration` reads either file):
 
 - `benchmarks/gpu_check.py --out FILE` on the GPU (`--calibration FILE`, or cluster.calibration=FILE). Keys
   read: `peak_tflops`; `layers[].dtype` and `layers[].variants[]` where `variant` starts with "floor"
   (its `expert_tflops`: the grouped-GEMM rate on real MoE shapes) -> gemm_eff = median rate / peak_tflops;
-  `models[]` with `precision` "autocast" (what train.dtype=bf16 runs): `model`, `batch`, `seq_len`,
-  `step_ms_median`. The run of "mixtral_8x7b_2blocks" (compute-bound) scales attn_eff and mem_eff so that
-  the one-GPU prediction of that step equals the measured one; the run of "debug" (launch-bound) then sets
-  layer_s, the fixed cost per block and micro-batch. The two model shapes are gpu_check.py's own.
+  `models[]` with `precision` "autocast" (what train.dtype=bf16 runs), `compile` false and
+  `activation_checkpoint` "none" (the runs the time model describes; gpu_check also trains each model
+  compiled and checkpointed): `model`, `model_config`, `moe_config`, `batch`, `seq_len`, `step_ms_median`,
+  each step timed through the real Trainer in one micro-batch. The run of "mixtral_8x7b_2blocks"
+  (compute-bound) scales attn_eff and mem_eff so that the one-GPU prediction of that step equals the measured
+  one; the run of "debug" (launch-bound) then sets layer_s, the fixed cost per block and micro-batch.
 - On a CPU, benchmarks/plan_cpu.py (and the CPU validation test) measure the rank's GEMM rate, its memory
   bandwidth and gloo over loopback, then fit one scale on the three efficiencies and the fixed costs to short
   training runs of the real trainer (launch/plan/cpu.py), and write a JSON with "kind": "cpu", "device" and

@@ -10,6 +10,8 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from moeyard.job.compose import compose
+from moeyard.moe.config import check_fields
+from moeyard.plan.cluster import check_cluster
 from moeyard.plan.layouts import PlanResult, plan
 from moeyard.plan.planner import Prediction
 
@@ -127,8 +129,13 @@ def cmd_plan(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = compose(args.overrides)
+        check_fields(cfg.cluster, "cluster.")  # as `moeyard train` checks it
+        check_cluster(cfg.cluster)
     except (HydraException, OmegaConfBaseException) as err:
         print(f"moeyard: config error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"moeyard: config error: {err}", file=sys.stderr)
         return 2
     result = plan(cfg, args.calibration)
     print(json.dumps(as_json(result), indent=1) if args.json else render(result, args.top))

@@ -1,6 +1,6 @@
 """A CPU rank's rates, measured once, and the one-off calibration of the time model to the real trainer.
 
-Rates (`cpu_rates`, cached per CPU model and torch version in profiling.flops.cache_dir()/plan_cpu.json): the
+Rates (`cpu_rates`, cached per CPU model and torch version in profiling/devices.py's one locked cache): the
 fp32 GEMM rate of one torch thread, the bandwidth of a large copy, and gloo over loopback between two spawned
 ranks, kind by kind (4 MB all_reduce, all_gather, reduce_scatter, all_to_all and send; a 4-byte all_reduce
 for latency): gloo's all_gather and reduce_scatter run several times slower per byte than its all_reduce.
@@ -16,9 +16,7 @@ the per-feature costs, other micro-batch counts for the one-process ones.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict, replace
@@ -27,9 +25,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moeyard.parallel.compat import all_gather_into, reduce_scatter_into
 from moeyard.plan.calibration import Calibration
-from moeyard.plan.cluster import DeviceSpec
-from moeyard.profiling.flops import _cpu_key, cache_dir, measure_cpu_tflops
+from moeyard.profiling.devices import DeviceSpec, cached, cpu_key, measure_cpu_tflops
+from moeyard.train.spawn import spawn_ranks
 
 
 def _measure_copy_gbps(n: int = 16 * 2**20, reps: int = 7) -> float:
@@ -46,20 +45,18 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _gloo_rank(rank: int, world: int, port: int, out: str) -> None:
+def _gloo_rank(rank: int, out: str) -> None:
     """Times each kind of collective between two ranks; rank 0 writes their bus bandwidths (ring shares:
     all_reduce moves the buffer once per rank at two ranks, all_gather and reduce_scatter half the whole
     buffer, all_to_all half its input, a send all of it) and the latency of a 4-byte all_reduce."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     dist.init_process_group("gloo")
     n = 2**20  # 4 MB of fp32 per rank
     x, whole = torch.zeros(n), torch.zeros(2 * n)
     peer = 1 - rank
     ops = {
         "all_reduce": (lambda: dist.all_reduce(x), n),
-        "all_gather": (lambda: dist.all_gather_single(whole, x), n),
-        "reduce_scatter": (lambda: dist.reduce_scatter_single(x, whole), n),
+        "all_gather": (lambda: all_gather_into(whole, x), n),
+        "reduce_scatter": (lambda: reduce_scatter_into(x, whole), n),
         "all_to_all": (lambda: dist.all_to_all_single(torch.empty(n), x), n // 2),
         "send": (lambda: dist.send(x, peer) if rank == 0 else dist.recv(x, peer), n),
     }
@@ -81,8 +78,6 @@ def measure_rates() -> dict[str, float]:
     """This CPU's single-thread GEMM rate, copy bandwidth and two-rank gloo loopback (module docstring)."""
     import tempfile
 
-    from moeyard.plan.measure import _spawn
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -91,25 +86,14 @@ def measure_rates() -> dict[str, float]:
     finally:
         torch.set_num_threads(before)
     with tempfile.TemporaryDirectory() as tmp:
-        _spawn(_gloo_rank, (f"{tmp}/gloo.json",), 2, 120)
+        spawn_ranks(_gloo_rank, (f"{tmp}/gloo.json",), 2, timeout_s=120, what="gloo loopback measurement")
         gloo = json.loads(Path(f"{tmp}/gloo.json").read_text())
     return {"peak_tflops": peak, "hbm_gbps": copy, "link_gbps": gloo["collective_gbps"]["all_reduce"], **gloo}
 
 
 def cpu_rates() -> dict[str, float]:
-    """`measure_rates`, cached (ranks starting together take a file lock)."""
-    path = cache_dir() / "plan_cpu.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = _cpu_key().replace("threads=" + str(torch.get_num_threads()), "threads=1") + "|plan=3"
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        table = json.loads(path.read_text()) if path.exists() else {}
-        if key not in table:
-            table[key] = measure_rates()
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(table, indent=1))
-            os.replace(tmp, path)
-    return table[key]
+    """`measure_rates`, measured once per CPU (one torch thread) and torch build, and cached."""
+    return cached("plan_cpu.json", cpu_key(threads=1) + "|plan=3", measure_rates)
 
 
 PARAMS = ("scale", "layer_s", "tp_layer_s", "sp_layer_s", "ep_layer_s", "fsdp_layer_s", "pp_micro_s", "step_s")

@@ -23,20 +23,17 @@ thread each), so a validation pays the process start-up once per world size.
 
 from __future__ import annotations
 
-import os
 import re
 import statistics
 import tempfile
 import time
 import traceback
 import weakref
-from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch._C._profiler import _EventType
 from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -45,7 +42,7 @@ from torch.utils._pytree import tree_leaves
 
 from moeyard.job.compose import compose
 from moeyard.parallel.dims import ParallelDims
-from moeyard.train.process import run_then_leave
+from moeyard.train.spawn import spawn_ranks
 from moeyard.train.trainer import Trainer
 
 
@@ -234,11 +231,7 @@ def run_job(job: Job, run_dir: str) -> dict:
     return out
 
 
-def _rank_main(rank: int, world: int, port: int, jobs: list[Job], out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
+def _rank_main(rank: int, jobs: list[Job], out_dir: str) -> None:
     results = []
     with open(f"{out_dir}/rank{rank}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
         for job in jobs:
@@ -264,27 +257,6 @@ def run_layouts(jobs: list[Job], world: int, timeout_s: float = 600.0) -> list[l
             finally:
                 torch.set_num_threads(before)
         else:
-            _spawn(_rank_main, (jobs, tmp), world, timeout_s)
+            spawn_ranks(_rank_main, (jobs, tmp), world, timeout_s, what="plan measurement")
             per_rank = [torch.load(f"{tmp}/rank{r}.pt", weights_only=True) for r in range(world)]
     return [list(results) for results in zip(*per_rank, strict=True)]
-
-
-def _spawn(fn: Callable, args: tuple, world: int, timeout_s: float) -> None:
-    from socket import socket
-
-    with socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # Each rank leaves without interpreter finalization once it has written its results (train.process.leave).
-    ctx = mp.start_processes(
-        run_then_leave, args=(fn, world, port, *args), nprocs=world, start_method="spawn", join=False
-    )
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"plan measurement on {world} ranks still running after {timeout_s}s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()

@@ -5,7 +5,8 @@ peak = params + gradients + AdamW state       (parallel/memory.py: counted from 
      + saved activations of the micro-batches the schedule keeps in flight (activations.py, per block)
      + the largest backward working set on top of them (the loss's, or a block's, with its recomputation)
      + buffers: pipeline receive buffers (one per micro-batch and direction, kept by torch's pipelining) and
-       the stage outputs it keeps until their backward, FSDP's gathered copies (root unit and two blocks)
+       the stage outputs it keeps until their backward (the last stage's logits too, only while in flight),
+       FSDP's gathered copies (root unit and two blocks)
      + fixed: CUDA context, workspaces and NCCL buffers, and allocator fragmentation (cluster.py's table)
 
 Micro-batches in flight per pipeline rank r of pp (m micro-batches): one without a pipeline, m under GPipe,
@@ -132,7 +133,9 @@ def rank_peak(
         if sid < n_stages - 1:
             buffers += micro * hidden + count * hidden  # gradient receive buffers; outputs kept for backward
         elif dims.pp > 1:
-            buffers += micro * logits  # the last stage keeps every micro-batch's output until the step ends
+            # The last stage's logits, held by torch's schedule until their backward (the trainer asks it for
+            # no outputs, so none is kept until the step ends).
+            buffers += count * logits
         for name, value in saved.items():
             parts[name] = parts.get(name, 0) + count * value
         working = max(working, over)

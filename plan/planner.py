@@ -21,9 +21,10 @@ from moeyard.parallel.dims import ParallelDims
 from moeyard.parallel.memory import ShardProbe, probe_shards, stage_memory, stage_param_split
 from moeyard.plan.activations import FP32, Shape
 from moeyard.plan.calibration import Calibration, default_calibration
-from moeyard.plan.cluster import GPUS, ClusterConfig, DeviceSpec, check_cluster, ranks_per_node, resolve_kind
+from moeyard.plan.cluster import ClusterConfig, check_cluster, ranks_per_node, resolve_kind
 from moeyard.plan.memory import RankPeak, rank_peak
 from moeyard.plan.timing import Features, StepTime, Topology, one_device_step_s, step_time
+from moeyard.profiling.devices import GPUS, DeviceSpec
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,24 @@ class Layout:
         if self.pp_layers:
             out.append(f"parallel.pp_layers=[{','.join(map(str, self.pp_layers))}]")
         return out
+
+    @property
+    def world(self) -> int:
+        """Ranks the layout runs on (ep folds over dp x tp)."""
+        return self.tp * self.pp * self.dp
+
+    def name(self) -> str:
+        """A short name from what differs from one process, e.g. tp2-sp-pp2-v2-ep2-dp2-fsdp-ac-full (the
+        micro-batch count left out): the tests' and benchmarks' layout ids."""
+        parts = [f"tp{self.tp}" + ("-sp" if self.sp else "")] if self.tp > 1 else []
+        if self.pp > 1:
+            schedule = {"gpipe": "-gpipe", "interleaved_1f1b": f"-v{self.vpp}"}.get(self.schedule, "")
+            parts.append(f"pp{self.pp}{schedule}")
+            parts += ["+".join(map(str, self.pp_layers))] if self.pp_layers else []
+        parts += [f"ep{self.ep}"] if self.ep > 1 else []
+        parts += [f"dp{self.dp}" + ("-fsdp" if self.dp_mode == "fsdp" else "")] if self.dp > 1 else []
+        parts += [f"ac-{self.ac}"] if self.ac != "none" else []
+        return "-".join(parts) or "single"
 
     def label(self) -> str:
         sched = {"interleaved_1f1b": f" v{self.vpp}", "gpipe": " gpipe"}.get(self.schedule, "") if self.pp > 1 else ""
@@ -156,7 +175,7 @@ class Planner:
 
     @property
     def bf16(self) -> bool:
-        return self.cfg.train.dtype == "bf16" and self.kind != "cpu"
+        return self.cfg.train.dtype in ("bf16", "auto") and self.kind != "cpu"  # auto: bf16 on a GPU
 
     def probe(self, tp: int, ep: int) -> ShardProbe:
         if (tp, ep) not in self._probes:
@@ -275,19 +294,18 @@ def cpu_device(per_node: int, measure: bool = True) -> DeviceSpec:
 def _preflight_kind(cfg: JobConfig) -> str | None:
     """The device to check against: cluster.gpu when set, else this machine's GPU when the job trains on
     it; None (no check) for a CPU job with cluster.gpu=auto, and for a GPU job submitted from a machine
-    without one (set cluster.gpu to what the nodes have)."""
-    import torch
-
+    without one (set cluster.gpu to what the nodes have). The GPU is found from the driver's files, so
+    this launching process never initialises CUDA (plan/cluster.py `gpu_names`)."""
     if cfg.cluster.gpu != "auto":
         return cfg.cluster.gpu
-    if cfg.train.device != "cpu" and torch.cuda.is_available():
-        return resolve_kind(cfg.cluster)
+    if cfg.train.device != "cpu":
+        kind = resolve_kind(cfg.cluster)
+        return kind if kind != "cpu" else None
     return None
 
 
 def _local_ranks(cfg: JobConfig, world: int) -> int:
-    lc = cfg.launcher
-    return {"slurm": lc.tasks_per_node, "torchrun": lc.nproc_per_node, "local": lc.nproc_per_node}.get(lc.name, world)
+    return cfg.launcher.ranks_per_node()
 
 
 def preflight(cfg: JobConfig, world: int) -> str | None:
@@ -359,7 +377,7 @@ def from_gpu_check(data: dict, kind: str, source: str) -> Calibration:
     if floors:
         cal = replace(cal, gemm_eff=min(0.95, statistics.median(floors) / peak))
     device = replace(GPUS.get(kind, GPUS["h100"]), peak_tflops=peak)
-    runs = {r["model"]: r for r in data.get("models", []) if r.get("precision") == "autocast" and "error" not in r}
+    runs = {r["model"]: r for r in data.get("models", []) if _is_baseline_run(r)}
     big = runs.get("mixtral_8x7b_2blocks")
     if big:
         model, moe = _run_shapes(big)
@@ -379,6 +397,13 @@ def from_gpu_check(data: dict, kind: str, source: str) -> Calibration:
         spare = small["step_ms_median"] / 1e3 - compute - cal.step_s
         cal = replace(cal, layer_s=max(0.0, spare / model.n_layers))
     return cal
+
+
+def _is_baseline_run(run: dict) -> bool:
+    """A gpu_check run the time model describes: bf16 autocast, eager, no activation checkpointing (its
+    compiled and checkpointed runs of the same model are measured too, and left out here)."""
+    plain = not run.get("compile", False) and run.get("activation_checkpoint", "none") == "none"
+    return run.get("precision") == "autocast" and "error" not in run and plain
 
 
 def _run_shapes(run: dict) -> tuple[ModelConfig, MoEConfig]:

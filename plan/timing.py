@@ -39,8 +39,8 @@ from moeyard.parallel.memory import RankMemory
 from moeyard.parallel.pipeline import local_stage_ids, stage_layer_ranges
 from moeyard.plan.activations import FP32, Shape, routed_rows
 from moeyard.plan.calibration import Calibration
-from moeyard.plan.cluster import DeviceSpec
 from moeyard.plan.memory import checkpointed, signature
+from moeyard.profiling.devices import DeviceSpec
 
 
 @dataclass(frozen=True)

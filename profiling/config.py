@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moeyard.moe.config import check_fields, require
+
 
 @dataclass(kw_only=True)
 class ProfilingConfig:
     """Throughput/MFU metering, step breakdown, traces and the expert-load tracker."""
 
-    breakdown_every: int = 10
-    """Time the step phases every N steps (sampling avoids a host sync per step on GPU); 0 = never."""
+    breakdown_every: int = 100
+    """Time the step phases every N steps; 0 = never. A sampled step waits for the GPU at every phase (and
+    records collectives with torch.profiler), so it is slower than the others: sampled rarely by default;
+    pick a multiple of train.log_every, since the breakdown is written with a logging step's metrics."""
     breakdown_ranks: list[int] = field(default_factory=lambda: [0])
     """Ranks that time the breakdown (rank 0 writes metrics.jsonl; others would pay for nothing)."""
     collectives: bool = True
@@ -43,3 +47,19 @@ class ProfilingConfig:
     """Warn when max/mean expert load passes this."""
     peak_tflops: float | None = None
     """Override the per-device peak used for MFU."""
+
+    def check(self, world_size: int) -> None:
+        """Raises ValueError naming the first field whose value breaks a rule, for a job of `world_size` ranks."""
+        check_fields(self, "profiling.")
+        for name in ("breakdown_every", "trace_wait", "trace_warmup", "trace_repeat"):
+            require(getattr(self, name) >= 0, f"profiling.{name}", getattr(self, name), "must be >= 0")
+        for name in ("trace_active", "dead_expert_steps"):
+            require(getattr(self, name) >= 1, f"profiling.{name}", getattr(self, name), "must be >= 1")
+        require(self.imbalance_warn >= 1, "profiling.imbalance_warn", self.imbalance_warn, "must be >= 1 (max/mean)")
+        peak = self.peak_tflops
+        require(peak is None or peak > 0, "profiling.peak_tflops", peak, "must be > 0, or null for the device's")
+        ranks = {"breakdown_ranks": self.breakdown_ranks, "trace_ranks": self.trace_ranks if self.torch_trace else []}
+        for name, listed in ranks.items():
+            bad = [r for r in listed if not 0 <= r < world_size]
+            rule = f"has ranks {bad} outside the job (rule: 0 <= rank < world size {world_size})"
+            require(not bad, f"profiling.{name}", list(listed), rule)

@@ -165,7 +165,15 @@ def cmd_dashboard(argv: list[str]) -> int:
         return 0
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"moeyard dashboard: warning: --host {args.host} exposes the run to the network", file=sys.stderr)
-    server = make_server(args.run_dir, args.host, args.port)
+    try:
+        server = make_server(args.run_dir, args.host, args.port)
+    except OSError as err:  # port taken, or an address not of this machine
+        print(
+            f"moeyard dashboard: --port={args.port} on --host={args.host}: {err.strerror} "
+            "(rule: a free port of this machine; --port 0 picks one)",
+            file=sys.stderr,
+        )
+        return 2
     host, port = server.server_address[:2]
     print(f"moeyard dashboard: serving {args.run_dir} at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
     try:

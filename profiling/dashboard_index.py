@@ -11,6 +11,11 @@ profiling/expert_load.py). The page gets
   most MAX_BARS buckets, and a layer x step imbalance heatmap of at most MAX_COLUMNS columns (the max of each
   bucket, so a bad step shows);
 - the layer x expert heatmap of one logged step, when it asks for that step.
+
+A resumed run logs the steps after its checkpoint again. It cuts metrics.jsonl back to the checkpoint's step
+by writing a new file (train/checkpointing.py), which the index notices as another inode and reads afresh;
+and in any file, a step at or below one read before starts over from there: the index keeps each step once,
+as the run that continued logged it.
 """
 
 from __future__ import annotations
@@ -154,6 +159,8 @@ class RunIndex:
         self.run_dir = run_dir
         self.lock = threading.Lock()
         self.offsets = dict.fromkeys(FEEDS, 0)
+        self.inodes: dict[str, int | None] = dict.fromkeys(FEEDS)
+        self.last_step = dict.fromkeys(FEEDS, 0)
         self.metrics: dict[int, dict[str, float]] = {}  # by step: a resumed run's re-logged step replaces the old
         self.load: dict[int, LoadStep] = {}
         self.version = 0
@@ -165,10 +172,13 @@ class RunIndex:
         with self.lock:
             done = True
             for feed, name in FEEDS.items():
+                replaced = self._replaced(feed, self.run_dir / name)
                 lines, self.offsets[feed], reset, more = read_lines(self.run_dir / name, self.offsets[feed], limit)
                 done = done and not more
+                reset = reset or replaced
                 if reset:
                     (self.metrics if feed == "metrics" else self.load).clear()
+                    self.last_step[feed] = 0
                 for start, line in lines:
                     self._add(feed, start, line)
                 if reset or lines:
@@ -176,16 +186,31 @@ class RunIndex:
                     self._sorted = None
             return done
 
+    def _replaced(self, feed: str, path: Path) -> bool:
+        """Whether `path` is another file than the one read so far (then it is read from its start)."""
+        inode = path.stat().st_ino if path.exists() else None
+        replaced = self.inodes[feed] is not None and inode != self.inodes[feed]
+        self.inodes[feed] = inode
+        if replaced:
+            self.offsets[feed] = 0
+        return replaced
+
     def _add(self, feed: str, start: int, line: bytes) -> None:
         try:
             if feed == "metrics":
                 row = parse_metrics_line(line)
-                self.metrics[int(row["step"])] = row
+                step, keep = int(row["step"]), self.metrics
+                value: Any = row
             else:
-                entry = parse_load_line(start, line)
-                self.load[entry.step] = entry
+                value = parse_load_line(start, line)
+                step, keep = value.step, self.load
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            pass  # a line cut by a crash; the lines after it are still good
+            return  # a line cut by a crash; the lines after it are still good
+        if step <= self.last_step[feed]:  # a resumed run: the steps from here on are logged again
+            for old in [s for s in keep if s >= step]:
+                del keep[old]
+        self.last_step[feed] = step
+        keep[step] = value
 
     def load_steps(self) -> list[int]:
         """Logged load steps in order (call with the lock held)."""

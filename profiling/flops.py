@@ -1,4 +1,4 @@
-"""Model FLOPs per token from the active parameters, device peaks, and peak memory.
+"""Model FLOPs per token from the active parameters, the peak they are measured against, and peak memory.
 
 Forward FLOPs per token, counting a multiply-add as 2 FLOPs and only matrix multiplies (norms, softmax, RoPE
 and the embedding lookup are left out, as in the PaLM and Megatron MFU conventions):
@@ -21,27 +21,12 @@ about half of it.
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
-import platform
 import resource
-import time
-from pathlib import Path
 
 import torch
 
 from moeyard.moe.config import ModelConfig, MoEConfig
-
-# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from NVIDIA's data sheets. Matched in order
-# against torch.cuda.get_device_name(), e.g. "NVIDIA H100 80GB HBM3" (SXM) or "NVIDIA H100 PCIe".
-PEAK_BF16_TFLOPS: dict[str, float] = {
-    "H200": 989.0,
-    "H100 PCIe": 756.0,
-    "H100 NVL": 835.0,
-    "H100": 989.0,
-    "A100": 312.0,
-}
+from moeyard.profiling.devices import cpu_peak_tflops, gpu_peak_tflops
 
 
 def attention_flops_per_token(model: ModelConfig, seq_len: int) -> tuple[int, int]:
@@ -85,65 +70,9 @@ def train_flops_per_token(model: ModelConfig, moe: MoEConfig, seq_len: int) -> i
     return 3 * forward_flops_per_token(model, moe, seq_len)
 
 
-def gpu_peak_tflops(device_name: str) -> float | None:
-    """bf16 dense peak of a known GPU, or None."""
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in device_name), None)
-
-
-def measure_cpu_tflops(n: int = 1024, reps: int = 8) -> float:
-    """Best fp32 GEMM rate of an n x n x n matmul with this process's torch threads (TFLOP/s)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up: thread pool start and caches
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e12
-
-
-def _cpu_key() -> str:
-    """Identifies what the GEMM rate depends on: CPU model, torch threads, torch build."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{model}|threads={torch.get_num_threads()}|torch={torch.__version__}"
-
-
-def cache_dir() -> Path:
-    """$MOEYARD_CACHE, else $XDG_CACHE_HOME/moeyard, else ~/.cache/moeyard."""
-    if "MOEYARD_CACHE" in os.environ:
-        return Path(os.environ["MOEYARD_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moeyard"
-
-
-def cpu_peak_tflops(cache: Path | None = None) -> float:
-    """This CPU's fp32 GEMM peak, measured once per (CPU, threads, torch) and cached in a JSON file.
-
-    Ranks starting together take a file lock, so one measures alone while the others wait and then read.
-    """
-    path = cache or cache_dir() / "cpu_peak.json"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError:  # a read-only home: measure every time rather than fail
-        return measure_cpu_tflops()
-    key = _cpu_key()
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        table = json.loads(path.read_text()) if path.exists() else {}
-        if key not in table:
-            table[key] = measure_cpu_tflops()
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(table, indent=1))
-            os.replace(tmp, path)
-    return float(table[key])
-
-
 def device_peak_tflops(device: torch.device, override: float | None = None) -> float | None:
-    """Per-device peak for MFU: the override, the GPU table (bf16), or the measured CPU GEMM rate (fp32)."""
+    """Per-device peak for MFU: the override, the device table's bf16 peak (profiling/devices.py), or the
+    measured CPU GEMM rate (fp32)."""
     if override:
         return override
     if device.type == "cuda":

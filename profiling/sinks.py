@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+METRICS_FILE = "metrics.jsonl"
 SHOWN = ("loss", "aux_loss", "z_loss", "eval_loss", "lr", "tokens_per_s", "mfu")
 
 # A viridis-like ramp (dark blue -> green -> yellow) for load heatmap images; no matplotlib needed.
@@ -51,6 +53,40 @@ class TensorBoardSink:
         self.writer.close()
 
 
+def cut_metrics(run_dir: Path, step: int) -> int:
+    """Drops the lines of RUN_DIR/metrics.jsonl logged after `step`, and any line a crash cut short; returns
+    how many. A run resumed from step N logs the steps after N again: so each step is in the file once.
+
+    Atomic: the kept lines go to a new file that then replaces the old one (a crash leaves one or the other),
+    and a reader tailing the file sees a new file (another inode) and reads it from the start.
+    """
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return 0
+    tmp, cut = path.with_name(f"{METRICS_FILE}.tmp"), 0
+    with path.open("rb") as old, tmp.open("wb") as new:
+        for line in old:
+            if line.endswith(b"\n") and _logged_step(line) <= step:
+                new.write(line)
+            else:
+                cut += 1
+        new.flush()
+        os.fsync(new.fileno())
+    if cut:
+        os.replace(tmp, path)
+    else:
+        tmp.unlink()
+    return cut
+
+
+def _logged_step(line: bytes) -> float:
+    """The step of a metrics line; infinity for a line that does not parse (cut short by a crash)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class MetricsLog:
     """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl and shows it on rank 0."""
 
@@ -65,7 +101,7 @@ class MetricsLog:
         if not is_writer:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        self.file = (run_dir / METRICS_FILE).open("a", buffering=1)
         if tensorboard:
             self.tb = TensorBoardSink(run_dir)
         if progress and sys.stdout.isatty():

@@ -1,7 +1,14 @@
-"""Shared test fixtures: one torch thread per test module, and the installed `moeyard` console script."""
+"""Shared test fixtures: one torch thread per test module, and the installed `moeyard` console script.
+
+Every test runs on CPU and gloo, as in CI, even where CUDA exists: this hides the GPUs before anything starts
+CUDA (train.device=auto would pick one, and each rank of a multi-rank test would claim GPU `rank`), unless
+the run selects the `gpu` tests alone (`pytest -m gpu`). Tests marked `gpu` that train run the Trainer in a
+subprocess that sees the machine's GPUs (`host_gpu_env`), so they run in either case.
+"""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -11,6 +18,23 @@ import pytest
 import torch
 
 MOEYARD = Path(sys.executable).with_name("moeyard")
+_HOST_GPUS = os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("markexpr") != "gpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+@pytest.fixture(scope="session")
+def host_gpu_env() -> dict[str, str]:
+    """This process's environment with the GPUs it was started with visible (for a `gpu` test's subprocess)."""
+    env = dict(os.environ)
+    if _HOST_GPUS is None:
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = _HOST_GPUS
+    return env
 
 
 @pytest.fixture(autouse=True, scope="module")

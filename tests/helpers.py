@@ -1,5 +1,6 @@
-"""Helpers shared by the test modules (not a test module): ports and rank environments, the tiny configs,
-running `moeyard` and layouts on gloo ranks, and reading losses back.
+"""Helpers shared by the test modules (not a test module): the tiny configs, running `moeyard` and layouts on
+gloo ranks (spawned, with their ports and environments, by the shipped train/spawn.py), and reading losses
+back.
 
 Every multi-rank launcher run is compared with one process training the same config (model=debug, 5 steps);
 the reference is computed once per pytest session and cached under its base temp directory. `run_layout`
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moeyard.job.compose import compose
 from moeyard.launch.entry import weight_loader
 from moeyard.parallel.state import full_optimizer_state, full_state_dict
-from moeyard.train.process import run_then_leave
+from moeyard.train.spawn import free_port, local_rank_env
+from moeyard.train.spawn import spawn_ranks as spawn  # the shipped helper, under the name the tests use
 from moeyard.train.trainer import Trainer
 
 TINY = [
@@ -37,8 +37,9 @@ TINY = [
     "profiling=off",
     "train.eval_every=0",
     "moe.bias_update_rate=0.01",
+    "train.log_every=1",
 ]
-"""A two-block debug model with aux-free bias on, for checkpoint and fault tests."""
+"""A two-block debug model with aux-free bias on, for checkpoint and fault tests (every step logged)."""
 
 
 def make_trainer(cfg, **kwargs) -> Trainer:
@@ -50,24 +51,10 @@ def history_losses(history: list[dict]) -> list[float]:
     return [h["loss"] for h in history]
 
 
-BASE = ["model=debug", "train.steps=5", "profiling.progress=false"]
+BASE = ["model=debug", "train.steps=5", "profiling.progress=false", "train.log_every=1"]
 REPO = Path(__file__).resolve().parent.parent
 MOEYARD = Path(sys.executable).with_name("moeyard")
 """The installed `moeyard` console script of the running (venv) python."""
-
-
-def local_rank_env(rank: int, world: int, port: int) -> None:
-    """Environment of one gloo rank of a `world`-process group on this machine, one torch thread each."""
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def moeyard_cmd(*overrides: str) -> list[str]:
@@ -134,7 +121,8 @@ def layout_facts(trainer: Trainer) -> dict:
             blocks.append(int(lid))
             if hasattr(block, "_checkpoint_wrapped_module"):
                 ac.append(int(lid))
-            if getattr(block, "_compiled_call_impl", None) is not None:
+            inner = getattr(block, "_checkpoint_wrapped_module", block)  # compiled inside the checkpoint
+            if getattr(inner, "_compiled_call_impl", None) is not None:
                 compiled.append(int(lid))
         for lid, moe in part.moe_layers().items():
             d = moe.dispatcher
@@ -154,7 +142,7 @@ def layout_facts(trainer: Trainer) -> dict:
 
 def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
     local_rank_env(rank, world, port)
-    cfg = compose(overrides)
+    cfg = compose(["train.log_every=1", *overrides])  # every step's losses, for the comparisons
     trainer = make_trainer(cfg)
     initial = full_state_dict(trainer.pm)
     history = trainer.fit()
@@ -170,12 +158,6 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> N
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def spawn(fn, args: tuple, nprocs: int, join: bool = True):
-    """torch.multiprocessing's spawn of `fn(rank, *args)` on `nprocs` processes, each leaving as a
-    `moeyard` rank does (`train.process.leave`) once `fn` returns; an exception in `fn` fails as before."""
-    return mp.start_processes(run_then_leave, args=(fn, *args), nprocs=nprocs, start_method="spawn", join=join)
 
 
 def run_layout(overrides: list[str], world: int, out: str, port: int) -> dict:

@@ -1,1 +1,1 @@
-"""The per-rank run: training loop, optimizer and schedule, data, checkpoint policy, HF interop, guard."""
+"""The per-rank run: training loop, optimizer and schedule, data, checkpoint policy, step guard, callbacks."""

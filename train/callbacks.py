@@ -25,8 +25,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
-
 
 class Callback:
     """No-op hooks; override the ones you need."""
@@ -53,6 +51,12 @@ class Callbacks(Callback):
     @classmethod
     def from_config(cls, specs: list[Any]) -> Callbacks:
         """Instantiates `train.callbacks` entries ({_target_: ..., **kwargs}); each must be a Callback."""
+        if not specs:
+            return cls([])
+        # Imported here, not at the top: only configured callbacks need Hydra, and the trainer also runs
+        # where it is not installed (benchmarks/gpu_check.py on a GPU machine without hydra-core).
+        from hydra.utils import instantiate
+
         callbacks = []
         for i, spec in enumerate(specs):
             cb = instantiate(spec)

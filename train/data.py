@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import json
 import sysconfig
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from moeyard.moe.config import choice
+from moeyard.moe.config import check_fields, choice, require
 
 EOS = 0
 TOKENIZER = "bytes"
+LARGEST_BYTE = 255
+"""The largest id of the byte tokenizer (the stdlib corpus): what the vocabulary must exceed."""
 
 
 @dataclass(kw_only=True)
@@ -41,6 +43,34 @@ class DataConfig:
     """stdlib: how many source files to read (sorted by path, so the corpus is the same everywhere)."""
     document_mask: bool = False
     """Keep packed documents apart: attention stays inside a document and positions restart at its start."""
+
+    def check(self) -> None:
+        """Raises ValueError naming the first field whose value breaks a rule (the files: `check_vocab`)."""
+        check_fields(self, "data.")
+        require(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
+        require(self.max_files >= 1, "data.max_files", self.max_files, "must be >= 1")
+        rule = "must name a `moeyard prepare` directory when data.source=tokens"
+        require(self.source != "tokens" or bool(self.path), "data.path", self.path, rule)
+
+
+def check_vocab(cfg: DataConfig, vocab_size: int) -> None:
+    """Opens the configured data as a rank would and checks that its token ids fit a vocabulary of
+    `vocab_size`: ValueError naming the field. The launcher calls it once, before any rank starts."""
+    if cfg.source == "stdlib":
+        check_token_ids(LARGEST_BYTE, "data.source=stdlib", vocab_size)
+    else:
+        read_token_dir(cfg.path, vocab_size)
+
+
+def check_token_ids(largest: int, source: str, vocab_size: int) -> None:
+    """Token ids index rows of the embedding: an id at or past `vocab_size` would fail inside a rank."""
+    rule = f"(rule: token ids must fit the embedding; set model.vocab_size>={largest + 1})"
+    require(
+        largest < vocab_size,
+        "model.vocab_size",
+        vocab_size,
+        f"must exceed the largest token id {largest} of {source} {rule}",
+    )
 
 
 def encode(text: str) -> np.ndarray:
@@ -87,13 +117,17 @@ def read_token_dir(path: str | Path, vocab_size: int) -> tuple[np.ndarray, dict]
             f"data.path={path}: tokens.bin has {bin_path.stat().st_size} bytes, meta.json promises "
             f"{num_tokens} x {dtype.itemsize} (rule: the file must be complete)"
         )
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(num_tokens,))
+    if "vocab_size" not in meta:  # written by hand or by an old `moeyard prepare`: the ids themselves tell
+        largest = int(tokens.max()) if num_tokens else 0
+        check_token_ids(largest, f"data.path={path} (meta.json records no vocab_size)", vocab_size)
     vocab = int(meta.get("vocab_size", 0))
     if vocab > vocab_size:
         raise ValueError(
             f"data.path={path}: vocab_size={vocab} of tokenizer {meta.get('tokenizer', TOKENIZER)} exceeds "
             f"model.vocab_size={vocab_size} (rule: token ids must fit the embedding; set model.vocab_size>={vocab})"
         )
-    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(num_tokens,)), meta
+    return tokens, meta
 
 
 def load_token_dir(path: str | Path, vocab_size: int) -> np.ndarray:
@@ -154,6 +188,7 @@ class TokenData:
 def build_data(cfg: DataConfig, seq_len: int, seed: int, vocab_size: int) -> TokenData:
     """Loads the configured token stream and splits off the held-out tail."""
     if cfg.source == "stdlib":
+        check_token_ids(LARGEST_BYTE, "data.source=stdlib", vocab_size)
         tokens, eos_id = tokenize_files(stdlib_files(cfg.max_files)), EOS
     else:
         tokens, meta = read_token_dir(cfg.path, vocab_size)
@@ -172,3 +207,48 @@ def build_data(cfg: DataConfig, seq_len: int, seed: int, vocab_size: int) -> Tok
         eos_id=eos_id,
         document_mask=cfg.document_mask,
     )
+
+
+def pins_memory(device: torch.device) -> bool:
+    """Whether batches bound for `device` are staged in pinned host memory: only for CUDA (torch can pin
+    only with an accelerator present, and a CPU "copy" moves nothing)."""
+    return device.type == "cuda"
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` without making the host wait for it.
+
+    A copy from pageable memory makes CUDA wait for the stream before staging it (the host blocks until the
+    device has finished all queued work), and so does any copy without non_blocking. From pinned memory a
+    non_blocking copy is only queued; torch's pinned-memory cache keeps the buffer until the copy is done.
+    """
+    if pins_memory(device):
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+class Prefetcher:
+    """Hands out step N's batch on the device, and prepares step N+1's while step N runs.
+
+    `prefetch(n + 1)` is called once step N's work is queued: the host samples, pins and queues the copy of
+    the next batch while the device still computes step N (the host runs ahead of the device, since steps
+    between logging steps never read from it). No thread: the sampling is short, and a thread would compete
+    with the launching thread for the interpreter lock.
+    """
+
+    def __init__(self, host_batch: Callable[[int], tuple[torch.Tensor, ...]], device: torch.device) -> None:
+        """`host_batch(step)`: this rank's rows of step's batch, on the host."""
+        self.host_batch = host_batch
+        self.device = device
+        self._next: tuple[int, tuple[torch.Tensor, ...]] | None = None
+
+    def prefetch(self, step: int) -> None:
+        self._next = (step, self._transfer(step))
+
+    def get(self, step: int) -> tuple[torch.Tensor, ...]:
+        """Step's batch on the device (the prefetched one, or transferred now after a resume or a skip)."""
+        ready, self._next = self._next, None
+        return ready[1] if ready is not None and ready[0] == step else self._transfer(step)
+
+    def _transfer(self, step: int) -> tuple[torch.Tensor, ...]:
+        return tuple(to_device(t, self.device) for t in self.host_batch(step))

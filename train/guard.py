@@ -1,13 +1,15 @@
-"""The step guard on every rank: SIGTERM and non-finite steps.
+"""The step guard on every rank: stop signals and non-finite steps.
 
-- SIGTERM (Slurm's time limit, torchrun stopping its workers) only sets a flag. Ranks agree on it at the
-  next step, finish that step, save a checkpoint and exit 143, so no rank stops inside a collective.
+- SIGTERM (Slurm's time limit, `moeyard` forwarding its own) and SIGINT (Ctrl-C, which means the same) only set
+  a flag. Ranks agree on it at the next step, finish that step, save a checkpoint and exit 128+signal (143,
+  130), so no rank stops inside a collective. Before the first step there is nothing to save: a stop signal
+  then ends the process at once, as `Stopped` (`exit_on_stop_signals`).
 - A step whose gradient norm is NaN/Inf (a non-finite loss gives one too) is skipped or halts the run
   (train.nonfinite); the step is marked `nonfinite` in metrics.jsonl either way. The norm is global (identical
   on every rank), so ranks agree without a collective.
 
 Host synchronisations: with a fused optimizer (the default on CUDA) the skip is decided on the device
-(AdamW's `found_inf`, as torch's GradScaler drives it), and the host learns of skipped steps, and of SIGTERM
+(AdamW's `found_inf`, as torch's GradScaler drives it), and the host learns of skipped steps, and of stop
 flags, only at logging steps, in the trainer's one packed collective: a SIGTERM is honoured at the first
 logging step after it (every step with train.log_every=1), and train.nonfinite=halt stops there. Without a
 fused optimizer (the CPU default) the step's flag is read on the host at once, which costs nothing on CPU.
@@ -27,13 +29,35 @@ import torch.distributed as dist
 from moeyard.profiling.sinks import MetricsLog
 from moeyard.train.collectives import CollectiveLog
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(SystemExit):
+    """The exit of a process stopped by `signum`: status 128+signum, like a process the signal ended."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+def exit_on_stop_signals() -> dict[int, object]:
+    """SIGTERM and SIGINT raise `Stopped` (no KeyboardInterrupt traceback) until the step guard takes over;
+    returns the handlers they had (none off the main thread, where Python delivers no signals)."""
+
+    def stop(signum, frame) -> None:
+        raise Stopped(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+
 
 class NonFiniteError(ValueError):
     """A step produced NaN/Inf under train.nonfinite=halt (a ValueError: the CLI shows it as one line)."""
 
 
 class StepGuard:
-    """Per-rank SIGTERM flag and non-finite step policy; the trainer calls `allow_update` once per step."""
+    """Per-rank stop-signal flag and non-finite step policy; the trainer calls `allow_update` once per step."""
 
     def __init__(
         self, policy: str, rank: int, log: MetricsLog, collectives: CollectiveLog, current_step: Callable[[], int]
@@ -49,35 +73,33 @@ class StepGuard:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self._pending_bad: torch.Tensor | None = None
         self._ok: torch.Tensor | None = None
-        self._terminated = False
-        self._previous = None
-        self._handling = False
+        self._signal: int | None = None  # the first stop signal this rank received
+        self._previous: dict[int, object] = {}
 
-    def _handle_sigterm(self) -> None:
-        """From the first step to the end of fit (a trainer that never trains keeps the default)."""
-        if not self._handling and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-            self._handling = True
+    def _handle_signals(self) -> None:
+        """From the first step to the end of fit (a trainer that never trains keeps the previous handlers)."""
+        if not self._previous and threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._terminated = True
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = self._signal or signum
         # One line, so a rank stuck outside collectives still says where it was; os.write because a
         # handler may interrupt a print in progress.
         line = (
-            f"moeyard rank {self.rank}: SIGTERM in step {self.current_step()} (last collective entered: "
-            f"{self.collectives.last()}); finishing the step, then saving and exiting\n"
+            f"moeyard rank {self.rank}: {signal.Signals(signum).name} in step {self.current_step()} (last "
+            f"collective entered: {self.collectives.last()}); finishing the step, then saving and exiting\n"
         )
         os.write(2, line.encode())
 
     def close(self) -> None:
-        """Gives SIGTERM back its previous handler."""
-        if self._handling:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._handling = False
+        """Gives the stop signals back their previous handlers."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
     def allow_update(self, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
         """After backward and clipping: False = skip the optimizer step (decided on the host)."""
-        self._handle_sigterm()
+        self._handle_signals()
         self.bad_step = False
         bad = ~torch.isfinite(grad_norm)
         if optimizer.defaults.get("fused"):
@@ -98,12 +120,14 @@ class StepGuard:
         return self._ok
 
     def pack(self, device: torch.device) -> torch.Tensor:
-        """[non-finite steps since the last logging step, SIGTERM seen] for the logging step's collective."""
+        """[non-finite steps since the last logging step, stop signal seen] for the logging step's collective."""
         pending = self._pending_bad if self._pending_bad is not None else torch.zeros((), device=device)
-        return torch.stack([pending.to(device, torch.float64), torch.tensor(float(self._terminated), device=device)])
+        # torch.full, not torch.tensor(value, device=...): that one copies from pageable memory and waits.
+        stop = torch.full((), float(self._signal is not None), dtype=torch.float64, device=device)
+        return torch.stack([pending.to(device, torch.float64), stop])
 
     def unpack(self, values: list[float], grad_norm: float, loss: float) -> None:
-        """At a logging step, the packed flags summed over ranks: SIGTERM agreement and deferred skips."""
+        """At a logging step, the packed flags summed over ranks: stop agreement and deferred skips."""
         self.stop_requested = self.stop_requested or values[1] > 0
         self._pending_bad = None
         if values[0] > 0:
@@ -134,6 +158,7 @@ class StepGuard:
         return {"nonfinite": 1, "skipped_steps": self.skipped_steps} if self.bad_step else {}
 
     def exit_if_stopped(self) -> None:
-        """After a SIGTERM-triggered stop (its checkpoint saved): exit 143 like a process ended by SIGTERM."""
+        """After a stop (its checkpoint saved): exit 128+signal like a process the signal ended; a rank that
+        stopped because another was signalled exits as if SIGTERM'd."""
         if self.stop_requested:
-            raise SystemExit(128 + signal.SIGTERM)
+            raise Stopped(self._signal or signal.SIGTERM)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.tensor import DTensor
 
-from moeyard.moe.config import choice
+from moeyard.moe.config import check_fields, choice, require
 
 
 @dataclass(kw_only=True)
@@ -30,6 +30,18 @@ class OptimConfig:
     """Clip the global gradient norm to this (0 = off)."""
     fused: str = choice("auto", "on", "off")
     """Fused AdamW kernel (auto: on CUDA only; the foreach kernel elsewhere)."""
+
+    def check(self) -> None:
+        """Raises ValueError naming the first field whose value breaks a rule."""
+        check_fields(self, "optim.")
+        require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        for name in ("beta1", "beta2"):
+            require(0 <= getattr(self, name) < 1, f"optim.{name}", getattr(self, name), "must be in [0, 1)")
+        require(self.eps > 0, "optim.eps", self.eps, "must be > 0")
+        require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
 
 
 def lr_at(step: int, o: OptimConfig, total_steps: int) -> float:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from moeyard.moe.experts import choose_expert_path
 from moeyard.parallel.data_parallel import finish_grads
 from moeyard.parallel.dims import Axis, ParallelDims
 from moeyard.parallel.grads import clip_grads, scale_grads
@@ -29,8 +30,8 @@ from moeyard.profiling.sinks import MetricsLog
 from moeyard.train.callbacks import Callback, Callbacks
 from moeyard.train.checkpointing import Checkpointer, WeightLoader, checkpoint_meta, find_resume
 from moeyard.train.collectives import CollectiveLog, apply_timeouts, recording
-from moeyard.train.config import TrainerConfig
-from moeyard.train.data import TokenData, build_data
+from moeyard.train.config import TrainerConfig, computes_in_bf16
+from moeyard.train.data import Prefetcher, TokenData, build_data, to_device
 from moeyard.train.guard import NonFiniteError, StepGuard
 from moeyard.train.optim import build_optimizer, lr_at
 
@@ -38,11 +39,16 @@ DEFAULT_TIMEOUT_S = 1800
 
 
 def pick_device(want: str) -> torch.device:
-    """train.device: cuda, cpu, or auto (CUDA when available)."""
+    """train.device: cuda, cpu, or auto (CUDA when available).
+
+    A rank that sees one GPU uses it whatever its local rank: Slurm's --gpus-per-task (and a
+    CUDA_VISIBLE_DEVICES per rank) leave each rank exactly its own GPU, as cuda:0. With several visible,
+    the local rank picks.
+    """
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = 0 if torch.cuda.device_count() == 1 else int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -108,6 +114,7 @@ class Trainer:
         resume = find_resume(cfg.train.resume, cfg.run.dir, self.rank, cfg.model, cfg.moe)
         self._build_model(init=resume is None)
         self.data: TokenData = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
+        self.batches = Prefetcher(self._host_batch, self.device)
         self._build_services(collectives or CollectiveLog(), timeout_s)
         self.step = self.checkpointer.restore(resume, cfg.train.init_from, cfg.model, cfg.moe, load_weights)
 
@@ -133,6 +140,11 @@ class Trainer:
             init,
         )
         attach_schedule(self.pm, cfg.parallel, self.device, t.micro_batches, lm_loss, self._stage_shapes())
+        experts = [moe.experts for moe in self.pm.moe_layers().values()]
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        line = choose_expert_path(experts, cfg.moe.grouped_mm, self.device, dtype)
+        if line and self.rank == 0:
+            print(f"moeyard: {line}", flush=True)
         self.optimizer = build_optimizer(self.pm.named_parameters(), cfg.optim, self.device)
 
     def _build_services(self, collectives: CollectiveLog, timeout_s: int) -> None:
@@ -151,7 +163,13 @@ class Trainer:
         collectives.step = lambda: self.step + 1
         self.guard = StepGuard(t.nonfinite, self.rank, self.log, collectives, lambda: self.step + 1)
         self.checkpointer = Checkpointer(
-            cfg.checkpoint, cfg.run.dir, self.pm, self.optimizer, self.rank, self.callbacks, self._checkpoint_meta
+            cfg.checkpoint.resolved(t.steps, t.init_from),
+            cfg.run.dir,
+            self.pm,
+            self.optimizer,
+            self.rank,
+            self.callbacks,
+            self._checkpoint_meta,
         )
         if dist.is_initialized():
             # launcher.timeout_s for the mesh's groups and the checkpoint writer's (torch's default is 30 min)
@@ -167,6 +185,7 @@ class Trainer:
             dim=cfg.model.dim,
             vocab_size=cfg.model.vocab_size,
             hidden_dtype=torch.bfloat16 if fsdp_bf16 else torch.float32,
+            logits_dtype=torch.bfloat16 if self.bf16 else torch.float32,
             tp_mesh=self.mesh[Axis.TP.value] if self.dims.tp > 1 else None,
             sequence_parallel=cfg.parallel.sequence_parallel,
         )
@@ -179,17 +198,27 @@ class Trainer:
 
     @property
     def bf16(self) -> bool:
-        return self.cfg.train.dtype == "bf16"
+        """Whether this run computes under bf16 autocast (train.dtype, with auto settled by the device)."""
+        return computes_in_bf16(self.cfg.train.dtype, self.device.type)
 
     def _autocast(self):
         """bf16 autocast on the training device (CPU too: it supports bf16, and tests run the bf16 path)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def local_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """This dp rank's rows of a global batch, micro-batch after micro-batch [M * micro_rows, S]."""
+        """This dp rank's rows of a global batch, micro-batch after micro-batch [M * micro_rows, S], on the
+        device."""
+        return to_device(self._own_rows(x), self.device)
+
+    def _own_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """This dp rank's rows of a global batch [M * micro_rows, S], where `x` is (on the host)."""
         m, r = self.cfg.train.micro_batches, self.micro_rows
-        per_micro = x.view(m, self.dims.dp, r, -1)[:, self.dp_rank]
-        return per_micro.reshape(m * r, -1).to(self.device)
+        return x.view(m, self.dims.dp, r, -1)[:, self.dp_rank].reshape(m * r, -1)
+
+    def _host_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's inputs and targets of step's global batch, on the host (cut before the copy)."""
+        x, y = self.data.batch(step, self.cfg.train.batch_size)
+        return self._own_rows(x), self._own_rows(y)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """Accumulates the gradient of the step's mean loss; returns the per-micro-batch LM losses."""
@@ -199,8 +228,11 @@ class Trainer:
             if self.pm.schedule is not None:
                 args = (x,) if self.pm.has_first_stage else ()
                 target = y if self.pm.has_last_stage else None
+                # No outputs back: torch would keep every micro-batch's logits until the step ends; the
+                # losses come from the loss function, in `losses`.
                 with self.prof.phase("forward_backward"):  # [profiling] a schedule interleaves the two
-                    self.pm.schedule.step(*args, target=target, losses=losses, **self._stage_kwargs(x))
+                    kwargs = self._stage_kwargs(x)
+                    self.pm.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
                 return [_plain(loss) for loss in losses]
             model = self.pm.parts[0]
             doc = self.data.documents(x)  # data.document_mask: document ids [M * rows, S], else None
@@ -220,8 +252,7 @@ class Trainer:
         cfg, step = self.cfg, self.step
         self.prof.step_begin(step)  # [profiling] breakdown on sampled steps, NVTX ranges on CUDA
         with self.prof.phase("data"):  # [profiling]
-            x, y = self.data.batch(step, cfg.train.batch_size)
-            x, y = self.local_rows(x), self.local_rows(y)
+            x, y = self.batches.get(step)  # copied while the previous step ran (Prefetcher)
         lr = lr_at(step, cfg.optim, cfg.train.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -237,6 +268,8 @@ class Trainer:
             if updated:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if step + 1 < cfg.train.steps:
+            self.batches.prefetch(step + 1)  # step's work is queued: the next batch travels while it runs
         layer_stats = {lid: moe.drain_stats() for lid, moe in self.pm.moe_layers().items()}
         # One forward per micro-batch and layer: pipeline stages declare their shapes instead of running one
         # on placeholder data, and recomputation under activation checkpointing records nothing.

@@ -15,6 +15,7 @@ import pytest
 
 from moeyard.job.compose import compose
 from moeyard.launch.cli import main as cli_main
+from moeyard.launch.entry import rank_command
 from moeyard.launch.mpi import find_mpirun, mpi_command
 from tests.helpers import BASE, assert_same_losses, moeyard, reference_losses, run_losses
 
@@ -38,7 +39,7 @@ def test_venv_mpiexec_is_found_without_path(monkeypatch, tmp_path):
 
 def test_mpi_command_line():
     cfg = compose([*BASE, "launcher=mpi", "launcher.np=4", "parallel.ep=2", "launcher.mpi_args=[-bind-to,none]"])
-    assert mpi_command(cfg)[1:] == ["-bind-to", "none", "-n", "4", sys.executable, "-m", "moeyard.launch.rank"]
+    assert mpi_command(cfg)[1:] == ["-bind-to", "none", "-n", "4", *rank_command()]
 
 
 def test_missing_mpirun_fails_before_spawning(tmp_path, capsys):

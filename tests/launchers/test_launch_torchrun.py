@@ -8,6 +8,8 @@ spawns. Run: .venv/bin/pytest -q tests/launchers/test_launch_torchrun.py
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -130,7 +132,9 @@ def test_failing_ranks_are_named_with_their_logs(tmp_path, capsys):
 )
 def test_bad_requests_fail_before_spawning(tmp_path, capsys, overrides, message):
     run_dir = tmp_path / "run"
-    assert cli_main(["train", *BASE, "launcher=torchrun", *overrides, f"run.dir={run_dir}"]) == 2
+    given = any(o.startswith("launcher.rdzv_endpoint=") for o in overrides)
+    endpoint = [] if given else [f"launcher.rdzv_endpoint=127.0.0.1:{free_port()}"]  # nnodes > 1 needs one
+    assert cli_main(["train", *BASE, "launcher=torchrun", *endpoint, *overrides, f"run.dir={run_dir}"]) == 2
     assert capsys.readouterr().err == f"moeyard: config error: {message}\n"
     assert not run_dir.exists()  # nothing written, nothing started
 
@@ -140,3 +144,66 @@ def test_multinode_torchrun_needs_an_explicit_run_dir(capsys):
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("moeyard: config error: run.dir=None must be given for launcher.nnodes=2 (rule: ")
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_two_single_node_jobs_run_side_by_side(tmp_path):
+    """Each picks its own free rendezvous port: launcher=local and launcher=torchrun without an endpoint."""
+    launchers = [["launcher=local", "launcher.nproc_per_node=2"], ["launcher=torchrun", "launcher.nproc_per_node=2"]]
+    tiny = [*BASE, "train.steps=3", "train.seq_len=32"]
+    jobs = [
+        start_agent([*tiny, *lc, f"run.dir={tmp_path / f'run{i}'}"], tmp_path / f"job{i}")
+        for i, lc in enumerate(launchers)
+    ]
+    try:
+        statuses = [job.wait(timeout=240) for job in jobs]
+    finally:
+        for job in jobs:
+            job.kill()
+    errs = {f.name: f.read_text()[-2000:] for f in tmp_path.glob("job*.stderr")}
+    assert statuses == [0, 0], errs
+    for i in range(2):
+        last = (tmp_path / f"run{i}" / "metrics.jsonl").read_text().splitlines()[-1]
+        assert json.loads(last)["step"] == 3
+
+
+def test_busy_rendezvous_port_fails_before_spawning(tmp_path, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        endpoint = f"127.0.0.1:{busy.getsockname()[1]}"
+        run_dir = tmp_path / "run"
+        args = ["train", *BASE, "launcher=torchrun", f"launcher.rdzv_endpoint={endpoint}", f"run.dir={run_dir}"]
+        assert cli_main(args) == 2
+    assert capsys.readouterr().err == (
+        f"moeyard: config error: launcher.rdzv_endpoint={endpoint}: port {endpoint.split(':')[1]} is already in use "
+        "on this host (rule: node 0 hosts the rendezvous there; pick a free port, or leave launcher.rdzv_endpoint "
+        "unset on one node)\n"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_multinode_torchrun_needs_an_endpoint(tmp_path, capsys):
+    args = ["train", *BASE, "launcher=torchrun", "launcher.nnodes=2", f"run.dir={tmp_path / 'run'}"]
+    assert cli_main(args) == 2
+    assert capsys.readouterr().err == (
+        "moeyard: config error: launcher.rdzv_endpoint=None must be given for launcher.nnodes=2 (rule: every "
+        "node's agent meets at node 0's host:port)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "shown"),
+    [
+        (["launcher.nproc_per_node=2"], ["-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone"]),
+        ([], ["-P", "-m", "moeyard.launch.rank"]),
+    ],
+)
+def test_local_dry_run_prints_the_command_and_starts_nothing(tmp_path, capsys, overrides, shown):
+    run_dir = tmp_path / "run"
+    assert cli_main(["train", *BASE, *overrides, "launcher.dry_run=true", f"run.dir={run_dir}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith(f"MOEYARD_CONFIG={run_dir / 'config.yaml'} "), out
+    assert " ".join(shown) in out[0]
+    assert [p.name for p in run_dir.iterdir()] == ["config.yaml"]  # the file the command reads; nothing else

@@ -5,7 +5,9 @@ with a positive time and ratio, and that each baseline row has ratio 1.00, so th
 the code under them changes.
 
 `gpu_check.py` runs at tiny shapes on CPU with Hydra and OmegaConf made unimportable (the GPU machine has
-neither), and its JSON report is checked the same way.
+neither): the real Trainer trains each run (one compiled under activation checkpointing, with no graph break),
+every first-contact check passes (pp2 on two gloo ranks included), and `moeyard plan --calibration` reads its
+JSON report.
 
 Run: .venv/bin/pytest -q tests/multiproc/test_benchmarks.py
 """
@@ -21,6 +23,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from moeyard.plan.planner import load_calibration
 
 REPO = Path(__file__).resolve().parents[2]
 NUMBER = r"\d+(?:\.\d+)?"
@@ -92,7 +96,8 @@ runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
 """
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
 def test_gpu_check_runs_on_cpu_without_hydra(tmp_path: Path) -> None:
     report_path = tmp_path / "gpu_check.json"
     proc = subprocess.run(
@@ -100,17 +105,30 @@ def test_gpu_check_runs_on_cpu_without_hydra(tmp_path: Path) -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=140,
+        timeout=280,
     )
     assert proc.returncode == 0, f"gpu_check.py --quick failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
-    assert "MFU" in proc.stdout and "x floor" in proc.stdout
+    assert "MFU" in proc.stdout and "x floor" in proc.stdout, proc.stdout
     report = json.loads(report_path.read_text())
     assert report["transformers_skipped"] is None
-    assert [m["model"] for m in report["models"]] == ["debug", "mixtral_8x7b_2blocks_small"]
+
+    # the real Trainer's runs: eager, compiled under full activation checkpointing, and the Mixtral-width cut
+    runs = [(m["model"], m["compile"], m["activation_checkpoint"]) for m in report["models"]]
+    assert runs == [("debug", False, "none"), ("debug", True, "full"), ("mixtral_8x7b_2blocks_small", False, "none")]
     for m in report["models"]:
         assert m["tokens_per_s"] > 0 and m["tflops"] > 0 and m["mfu"] > 0, m
-        assert math.isfinite(m["loss_first"]) and math.isfinite(m["loss_last"]), m
+        assert all(math.isfinite(loss) for loss in m["losses"].values()) and len(m["losses"]) >= 2, m
         assert m["model_config"]["name"] == m["model"] and m["moe_config"]["num_experts"] > 0, m
+        assert m["predicted_peak"]["total_gb"] > 0, m  # the planner's prediction of the same job
+    compiled = report["models"][1]["compiled"]
+    assert compiled["graphs"] >= 1 and compiled["graph_breaks"] == 0, compiled
+
+    checks = {(c["check"], c["case"]): c for c in report["checks"]}
+    assert {check for check, _ in checks} == {"pipeline", "grouped_mm", "h2d copy", "attention"}, checks.keys()
+    assert all(c["status"] in ("ok", "info") for c in checks.values()), checks
+    pp2 = checks[("pipeline", "pp2 bf16, 2 CPU ranks")]
+    assert len(pp2["losses"]) == len(pp2["single"]) == 3, pp2
+
     assert [layer["shape"]["router"] for layer in report["layers"]] == ["softmax_topk", "sigmoid_topk"]
     for layer in report["layers"]:
         rows = {row["variant"]: row for row in layer["variants"]}
@@ -119,3 +137,7 @@ def test_gpu_check_runs_on_cpu_without_hydra(tmp_path: Path) -> None:
         assert all(row["ms"] > 0 and row["expert_tflops"] > 0 for row in rows.values()), rows
         shape = layer["shape"]
         assert layer["tokens_per_expert"]["mean"] == shape["tokens"] * shape["top_k"] / shape["experts"]
+
+    # `moeyard plan --calibration` reads the file as written
+    cal, _ = load_calibration(report_path, "h100")
+    assert cal.source == str(report_path)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ import torch
 from moeyard.moe.config import MoEConfig
 from moeyard.moe.experts import GroupedExperts
 from moeyard.moe.layer import MoELayer, SwiGLU
-from tests.helpers import free_port, local_rank_env, spawn
+from tests.helpers import spawn
 
 REPO = Path(__file__).resolve().parents[2]
 D, F, E, B, S = 32, 48, 8, 2, 16
@@ -118,8 +117,7 @@ def ours_ep_layer(ours: MoELayer, rank: int, world: int) -> MoELayer:
     return layer
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    local_rank_env(rank, world, port)
+def _worker(rank: int, world: int, out_dir: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
@@ -154,16 +152,7 @@ def _spawn(world: int, out_dir: Path) -> list[dict]:
     """Runs `_worker` on `world` gloo ranks, killing them all if they outlive SPAWN_TIMEOUT_S."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     os.environ.setdefault("DS_BUILD_OPS", "0")
-    ctx = spawn(_worker, (world, free_port(), str(out_dir)), world, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"DeepSpeed reference ranks (world={world}) still running at {SPAWN_TIMEOUT_S}s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
+    spawn(_worker, (world, str(out_dir)), world, timeout_s=SPAWN_TIMEOUT_S, what="DeepSpeed reference")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 

@@ -31,6 +31,7 @@ BASE = [
     "train.eval_every=0",
     "profiling.progress=false",
     "profiling.breakdown_every=3",
+    "train.log_every=1",
     "moe.capacity_factor=1.0",
     "moe.bias_update_rate=0.01",
 ]

@@ -19,7 +19,14 @@ from moeyard.job.compose import compose
 from moeyard.train.trainer import Trainer
 from tests.helpers import free_port, local_rank_env, spawn
 
-BASE = ["model=debug", "train.seq_len=32", "train.batch_size=4", "profiling=off", "train.eval_every=0"]
+BASE = [
+    "model=debug",
+    "train.seq_len=32",
+    "train.batch_size=4",
+    "profiling=off",
+    "train.eval_every=0",
+    "train.log_every=1",
+]
 
 
 def moe_flops(trainer: Trainer) -> dict[str, int]:

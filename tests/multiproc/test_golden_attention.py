@@ -9,7 +9,8 @@ under the layouts whose plans treat it specially, with its sharding in place.
   split with their rows, the shared norm weights replicated with tp-partial gradients.
 
 Reuses tests/multiproc/test_golden.py: its debug-model BASE, single-process references, tolerances
-(EXACT) and `assert_layout_applied`, whose table of tensor-parallel dims learns the new weights here.
+(`tolerance`: EXACT unless the reference made decisions within rounding of a tie) and
+`assert_layout_applied`, whose table of tensor-parallel dims learns the new weights here.
 
     .venv/bin/pytest -q tests/multiproc/test_golden_attention.py   # ~3 min on 2 idle cores
 """
@@ -64,4 +65,4 @@ def test_attention_variant_trains_like_one_process(world, layout, variant, tmp_p
     got = run_layout(overrides, world, str(tmp_path / "got.pt"), free_port())
     with mock.patch.dict(golden._TP_DIM, ATTENTION_TP_DIM):
         golden.assert_layout_applied(overrides, world, got)
-    golden.assert_same_training(ref, got, golden.EXACT)
+    golden.assert_same_training(ref, got)

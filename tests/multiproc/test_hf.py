@@ -242,6 +242,7 @@ def test_bfloat16_export_runs_in_transformers_close_to_fp32(exported, exported_b
 # --- every family under tp2*ep2 and pp2 ---------------------------------------------------------------------
 
 FAMILY_RUN = [
+    "train.log_every=1",
     "data.max_files=20",
     "train.seq_len=32",
     "profiling=off",

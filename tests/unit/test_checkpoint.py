@@ -1,6 +1,6 @@
 """Checkpoint mechanics in one process: atomic step_N directories, keep-last-K, which directory counts as
-the latest complete save, integrity checks (truncated files, corrupt or code-carrying metadata), and a
-save/load round trip of parameters, expert biases, AdamW state and the RNG.
+the latest complete save, integrity checks (truncated files, corrupt or code-carrying metadata), a
+save/load round trip of parameters, expert biases, AdamW state and the RNG, and when a run saves by default.
 Run: .venv/bin/pytest -q tests/unit/test_checkpoint.py
 """
 
@@ -18,6 +18,7 @@ import torch
 
 from moeyard.job.compose import compose
 from moeyard.parallel import checkpoint as ckpt
+from moeyard.train.checkpointing import CheckpointConfig
 from moeyard.train.optim import build_optimizer
 from moeyard.train.trainer import Trainer
 from tests.helpers import TINY
@@ -197,3 +198,28 @@ def test_every_torch_load_is_weights_only() -> None:
                 if owner == "pickle" and node.func.attr in ("load", "loads"):
                     offenders.append(f"{path.relative_to(repo)}:{node.lineno}")
     assert not offenders
+
+
+@pytest.mark.parametrize(
+    ("overrides", "steps", "init_from", "enabled", "every"),
+    [
+        ({}, 20, None, False, 10),  # a smoke test or CI run: nothing written
+        ({}, 21, None, True, 10),
+        ({}, 200, None, True, 20),  # a tenth of the run
+        ({}, 100_000, None, True, 1000),  # never more than 1000 steps lost
+        ({}, 5, "hf_dir", True, 10),  # a fine-tune is always saved (at its end here)
+        ({"enabled": False}, 200, "hf_dir", False, 20),  # unless the user says no
+        ({"every": 3}, 6, None, True, 3),  # asking for a period turns saving on
+        ({"enabled": True, "every": 0}, 6, None, True, 0),
+    ],
+)
+def test_checkpointing_defaults(overrides: dict, steps: int, init_from: str | None, enabled: bool, every: int) -> None:
+    c = CheckpointConfig(**overrides).resolved(steps, init_from)
+    assert (c.enabled, c.every) == (enabled, every)
+
+
+def test_a_run_that_never_saves_says_so_last(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    Trainer(compose([*TINY, "train.steps=2", f"run.dir={tmp_path}"])).fit()
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("moeyard: run ended at step 2 without a checkpoint (checkpoint.enabled=false;")
+    assert not (tmp_path / "checkpoints").exists()

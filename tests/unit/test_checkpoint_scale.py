@@ -67,8 +67,11 @@ def test_async_save_writes_what_a_sync_save_writes(tmp_path: Path) -> None:
         a, b = (tmp_path / run / "checkpoints" / f"step_{step}" for run in ("async", "sync"))
         meta_a, meta_b = (json.loads((p / "meta.json").read_text()) for p in (a, b))
         files_a, files_b = meta_a.pop("files"), meta_b.pop("files")
+        sums_a, sums_b = meta_a.pop("checksums"), meta_b.pop("checksums")  # .metadata names its directory
+        assert meta_a.pop("lineage") != meta_b.pop("lineage")  # two runs
         assert meta_a == meta_b
         assert files_a.keys() == files_b.keys() and files_a["__0_0.distcp"] == files_b["__0_0.distcp"]
+        assert sums_a.keys() == sums_b.keys() and sums_a["__0_0.distcp"] == sums_b["__0_0.distcp"]
         got, want = saved_tensors(a), saved_tensors(b)
         assert got.keys() == want.keys()
         for key, value in want.items():

@@ -1,8 +1,9 @@
-"""Every preset in conf/ composes, validates and builds; bad configs fail with one line, before any spawn.
+"""Every preset (conf/ YAML or registered in Hydra's config store) composes, validates and builds; `moeyard
+train --help` and `--cfg job` follow Hydra's conventions; the console script fails with one line, exit 2.
 
 Small models are built for real and run a forward pass; the Mixtral-8x7B and DeepSeek-V3 shapes are built
-on the meta device and their parameter counts checked against a formula. The bad-config cases run the
-installed `moeyard` console script. Run: `.venv/bin/pytest -q tests/unit/test_config.py`.
+on the meta device and their parameter counts checked against a formula. The table of bad inputs is
+tests/unit/test_bad_inputs.py. Run: `.venv/bin/pytest -q tests/unit/test_config.py`.
 """
 
 from __future__ import annotations
@@ -11,18 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from moeyard.interop.prepare import prepare
 from moeyard.job.compose import compose, conf_dir, load_resolved, to_yaml, write_resolved
 from moeyard.job.schema import ConfigError
+from moeyard.launch.cli import group_options, main
 from moeyard.launch.validate import validate
 from moeyard.moe.config import ModelConfig, MoEConfig
 from moeyard.moe.model import Transformer, init_weights
 
 GROUPS = ("model", "moe", "optim", "data", "parallel", "launcher", "profiling", "experiment")
+STORED = ConfigStore.instance().repo  # the model presets and routing recipes of moe/presets.py (job/presets.py)
 PRESETS = [(g, p.stem) for g in GROUPS for p in sorted((conf_dir() / g).glob("*.yaml"))]
+PRESETS += [(g, name.removesuffix(".yaml")) for g in GROUPS for name in sorted(STORED.get(g, {}))]
 BIG = 100e6  # parameters; above this a model is built on the meta device only
 
 
@@ -57,11 +62,17 @@ def leaves(node: dict, prefix: str = ""):
 
 
 def assert_preset_applied(cfg, group: str, preset: str) -> None:
-    """Every value the preset file sets is in the composed config (experiments win over model presets)."""
+    """Every value the preset file (or stored preset) sets is in the composed config (experiments win over
+    model presets)."""
     path = conf_dir() / group / f"{preset}.yaml"
-    values = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    if path.exists():
+        values = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        at_root = "@package _global_" in path.read_text()
+    else:
+        node = STORED[group][f"{preset}.yaml"]
+        values, at_root = OmegaConf.to_container(node.node), node.package == "_global_"
     values.pop("defaults", None)
-    if "@package _global_" not in path.read_text():
+    if not at_root:
         values = {group: values}
     composed = OmegaConf.structured(cfg)
     for key, value in leaves(values):
@@ -164,38 +175,40 @@ def test_appended_unknown_key_fails_validation():
         validate(cfg, 1)
 
 
-BAD_CLI = [
-    (["moe.top_k=9"], "moe.top_k=9", "must be in [1, moe.num_experts=8]"),
-    (["moe.router=topk"], "moe.router=topk", "must be one of softmax_topk, sigmoid_topk, expert_choice"),
-    (["moe.drop_policy=random"], "moe.drop_policy=random", "must be one of probability, position"),
-    (["launcher=torchrun", "parallel.ep=3"], "parallel.ep=3", "must divide dp x tp = 2x1"),
-    (["launcher=torchrun", "parallel.tp=4"], "parallel.pp*tp=4", "must divide the world size 2"),
-    (["parallel.dp=2"], "parallel.pp*dp*tp=1*2*1", "must equal the world size 1"),
-    (["model.dimm=3"], "model.dimm=3", "is not a config field"),
-    (["model.dim=abc"], "model.dim=abc", "could not be converted to Integer"),
-    (["+moe.topk=2"], "moe.topk=2", "did you mean moe.top_k"),
-    (["moe.grouped_mm=on", "moe.expert_hidden=12"], "moe.grouped_mm=on", "moe.expert_hidden=12 divisible by 8"),
-    (["data=tokens", "data.path=missing_dir"], "data.path=missing_dir", "run `moeyard prepare` first"),
-]
-
-
-@pytest.mark.parametrize("overrides, names, rule", BAD_CLI, ids=[" ".join(c[0]) for c in BAD_CLI])
-def test_bad_config_exits_with_one_line_before_spawning(moeyard, tmp_path, overrides, names, rule):
+def test_console_script_bad_config_is_one_line_exit_2(moeyard, tmp_path):
     run_dir = tmp_path / "run"
-    proc = moeyard("train", *overrides, f"run.dir={run_dir}", timeout=60)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("moeyard: config error: ") and names in lines[0] and rule in lines[0]
-    assert "Traceback" not in proc.stderr + proc.stdout
+    proc = moeyard("train", "moe.top_k=9", f"run.dir={run_dir}", timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().splitlines() == ["moeyard: config error: moe.top_k=9 must be in [1, moe.num_experts=8]"]
     assert not run_dir.exists()  # nothing written, nothing launched
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_train_help_lists_usage_groups_and_options(flag, capsys):
+    assert main(["train", flag]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: moeyard train")
+    groups = group_options()
+    assert set(GROUPS) <= set(groups) and {p for g, p in PRESETS} <= {o for g in groups.values() for o in g}
+    for group, options in groups.items():
+        assert f"\n{group}: {', '.join(options)}\n" in out
+    assert "== Config ==" in out and "\nmodel:\n  name: debug\n" in out
+
+
+@pytest.mark.parametrize("args", [["--cfg", "job"], ["--cfg=job"], ["-c", "job"]], ids=" ".join)
+def test_train_cfg_job_prints_the_composed_config_and_starts_nothing(args, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    overrides = ["model=demo", "train.steps=7", f"run.dir={run_dir}"]
+    assert main(["train", *overrides, *args]) == 0
+    assert capsys.readouterr().out == to_yaml(compose(overrides))
+    assert not run_dir.exists()
 
 
 def test_unwritable_run_dir_is_one_line(moeyard, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     proc = moeyard("train", f"run.dir={blocker}/run", timeout=60)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"moeyard: run.dir={blocker}/run: Not a directory (rule: must be a writable directory)"
     ]

@@ -78,7 +78,7 @@ def test_prepare_cli_then_train_from_tokens(moeyard, text_dir, tmp_path):
     run = tmp_path / "run"
     proc = moeyard(
         "train", "model=debug", "data=tokens", f"data.path={out}", "train.steps=3", "train.batch_size=2",
-        "train.seq_len=16", "train.eval_every=0", "profiling.progress=false", f"run.dir={run}",
+        "train.seq_len=16", "train.log_every=1", "train.eval_every=0", "profiling.progress=false", f"run.dir={run}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -81,6 +81,7 @@ def doc_overrides(path: str) -> list[str]:
         "model.n_layers=2",
         "train.seq_len=32",
         "train.steps=2",
+        "train.log_every=1",
         "train.batch_size=4",
         "profiling=off",
         "train.eval_every=2",

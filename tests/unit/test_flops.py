@@ -18,8 +18,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from moeyard.job.compose import compose
 from moeyard.moe.model import Transformer, init_weights
-from moeyard.profiling import flops
-from moeyard.profiling.flops import forward_flops_per_token, gpu_peak_tflops, train_flops_per_token
+from moeyard.plan.cluster import detect_kind
+from moeyard.profiling import devices
+from moeyard.profiling.devices import GPUS, gpu_peak_tflops
+from moeyard.profiling.flops import forward_flops_per_token, train_flops_per_token
 from moeyard.profiling.profiler import throughput
 
 
@@ -78,24 +80,30 @@ def test_debug_model_flops_by_hand() -> None:
 
 
 def test_gpu_peak_table() -> None:
-    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4  # H100 SXM data sheet, dense bf16
     assert gpu_peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert gpu_peak_tflops("NVIDIA H200") == 989.0
+    assert gpu_peak_tflops("NVIDIA H200") == 989.4
     assert gpu_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert gpu_peak_tflops("NVIDIA GeForce RTX 3090") is None
 
 
+def test_profiler_and_planner_read_one_device_table() -> None:
+    """The MFU's peak of a GPU is the peak the planner plans that GPU with."""
+    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H200", "NVIDIA A100-SXM4-80GB"):
+        assert GPUS[detect_kind([name])].peak_tflops == gpu_peak_tflops(name)
+
+
 def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch) -> None:
     cache = tmp_path / "cpu_peak.json"
-    first = flops.cpu_peak_tflops(cache)
+    first = devices.cpu_peak_tflops(cache)
     assert 1e-4 < first < 100  # a real GEMM rate in TFLOP/s
     assert list(json.loads(cache.read_text()).values()) == [first]
 
     def must_not_measure() -> float:
         raise AssertionError("measured again despite the cache")
 
-    monkeypatch.setattr(flops, "measure_cpu_tflops", must_not_measure)
-    assert flops.cpu_peak_tflops(cache) == first
+    monkeypatch.setattr(devices, "measure_cpu_tflops", must_not_measure)
+    assert devices.cpu_peak_tflops(cache) == first
 
 
 def test_throughput_and_mfu_by_hand() -> None:

@@ -65,7 +65,7 @@ def test_configs_come_from_the_installed_package(tmp_path, wheel):
         timeout=240,
         capture_output=True,
     )
-    assert (target / "moeyard" / "conf" / "model" / "mixtral_8x7b.yaml").is_file()
+    assert (target / "moeyard" / "conf" / "experiment" / "mixtral_8x7b_h100.yaml").is_file()
     probe = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
         "from moeyard.job.compose import compose, conf_dir;"

@@ -89,6 +89,7 @@ def traced_run(tmp_path_factory) -> Path:
             "train.eval_every=0",
             "profiling=torch_trace",
             "profiling.breakdown_every=2",
+            "train.log_every=1",
             "profiling.tensorboard=true",
             "profiling.progress=false",
             f"run.dir={run_dir}",

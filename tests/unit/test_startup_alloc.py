@@ -96,6 +96,7 @@ def test_values_look_normal_and_depend_on_name_and_seed():
 
 def test_filling_a_shard_creates_nothing_larger_than_one_block(monkeypatch):
     monkeypatch.setattr(init, "BLOCK", 1024 - init._LANES)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # blocks on this thread: the mode sees only its ops
     out = torch.empty(3, 40, 50)  # 6000 elements: several blocks of whole rows
     with OpLog() as log:
         init.init_slice_(out, EXPERT, (8, 40, 100), (2, 0, 50), CFG, seed=0)
@@ -171,3 +172,16 @@ def test_allreduce_grads_buckets_dense_and_leaves_size_one_experts_in_place(one_
         assert torch.equal(p.grad, want[name]), name
     cats = [n for op, n in log.ops if op.startswith("cat")]
     assert cats == [64 + 8], cats  # dense wq + norm flattened together; experts reduced in place
+
+
+def test_a_parameter_of_many_blocks_fills_on_threads_like_on_one(monkeypatch):
+    """A parameter (requires grad) larger than a block, filled under no_grad as build_parallel_model does:
+    its blocks run on worker threads (each with its own grad mode) and give the one-thread bits."""
+    shape = (3, 40, 50)
+    param = torch.nn.Parameter(torch.empty(shape))
+    monkeypatch.setattr(init, "BLOCK", 1024 - init._LANES)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    with torch.no_grad():
+        init.init_slice_(param, EXPERT, shape, (0, 0, 0), CFG, seed=0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert torch.equal(param.detach(), init.init_full_tensor(EXPERT, shape, CFG, seed=0))

@@ -228,7 +228,7 @@ def test_cli_prepares_uint32_tokens_then_trains_on_them(moeyard, big_tok, tmp_pa
     assert main([*argv, "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "6020 uint32 tokens (20 documents)" in stdout and "tokenizer big-wl" in stdout
-    common = ["experiment=debug", "data=tokens", f"data.path={out}", "train.steps=2"]
+    common = ["experiment=debug", "data=tokens", f"data.path={out}", "train.steps=2", "train.log_every=1"]
     with pytest.raises(ConfigError) as info:  # validation before spawning: the debug model has 256 ids
         validate(compose([*common, "run.dir=unused"]), 1)
     msg = str(info.value)

@@ -13,7 +13,7 @@ import pytest
 
 from moeyard.job.compose import load_resolved
 
-COMMON = ["model=debug", "profiling.progress=false", "data.max_files=60"]
+COMMON = ["model=debug", "profiling.progress=false", "data.max_files=60", "train.log_every=1"]
 SHORT = [
     *COMMON,
     "train.steps=8",

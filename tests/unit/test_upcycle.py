@@ -67,6 +67,7 @@ def overrides(hf_dir: Path, g: int, num_experts: int, top_k: int, run_dir: Path)
     fmt = lambda v: "null" if v is None else str(v).lower() if isinstance(v, bool) else v
     return [
         "model=debug",
+        "train.log_every=1",
         *(f"{k}={fmt(v)}" for k, v in dense_overrides(hf).items()),
         f"moe.num_experts={num_experts}",
         f"moe.top_k={top_k}",
