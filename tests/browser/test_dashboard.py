@@ -40,7 +40,10 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--no-first-run",
 ]
-TRAIN = ["train", "model=debug", "train.eval_every=0", "profiling.progress=false", "data.max_files=40"]
+TRAIN = [
+    "train", "model=debug", "train.eval_every=0", "train.log_every=1", "profiling.progress=false",
+    "data.max_files=40",
+]  # fmt: skip
 HEATMAP_SHAPE = "(() => { const z = document.getElementById('heatmap').data[0].z; return [z.length, z[0].length]; })()"
 SLIDER_MAX = "Number(document.getElementById('step-slider').max)"
 STEP_LABEL = "document.getElementById('step-label').textContent.startsWith('step {} ')"
@@ -164,8 +167,10 @@ def test_live_dashboard_in_headless_chromium(moeyard, tmp_path: Path) -> None:
             assert "num_experts: 8" in page.inner_text("#config")
 
             # Train again into the same run directory while the page is open: it must pick up the new lines.
+            # A used run.dir takes train.resume=auto; with no checkpoint saved (3 steps) the run starts over and
+            # cuts metrics.jsonl back to step 0, so the page shows the new run's 6 steps once each.
             second = subprocess.Popen(
-                [str(MOEYARD), *TRAIN, "train.steps=6", f"run.dir={run_dir}"],
+                [str(MOEYARD), *TRAIN, "train.steps=6", "train.resume=auto", f"run.dir={run_dir}"],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 text=True,

@@ -75,7 +75,7 @@ def test_dry_run_prints_the_sbatch_script(tmp_path, capsys):
         "source /opt/venv/bin/activate",
         f"export MOEYARD_CONFIG={run_dir}/config.yaml",
         f'eval "$({sys.executable} -m moeyard.launch.slurm master)"',
-        f"srun --kill-on-bad-exit=1 {sys.executable} -m moeyard.launch.rank",
+        f"srun --kill-on-bad-exit=1 {sys.executable} -P -m moeyard.launch.rank",
     ]:
         assert line in script.splitlines(), line
     assert script.index("module load cuda") < script.index("srun")
@@ -100,7 +100,7 @@ def test_dry_run_torchrun_mode_starts_one_agent_per_node(tmp_path, capsys):
         f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 --ntasks=$SLURM_JOB_NUM_NODES {sys.executable} "
         "-m torch.distributed.run --nnodes=$SLURM_JOB_NUM_NODES --nproc-per-node=4 --max-restarts=0 "
         "--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv-id=$SLURM_JOB_ID "
-        "--rdzv-conf=join_timeout=60 -m moeyard.launch.rank"
+        f"--rdzv-conf=join_timeout=60 --no-python {sys.executable} -P -m moeyard.launch.rank"
     )
 
 

@@ -106,7 +106,7 @@ def _losses(run_dir: Path) -> list[float]:
 @pytest.mark.multiproc
 @pytest.mark.timeout(600)
 def test_torchrun_tp2_pp2_ep2_matches_one_process(tmp_path):
-    common = ["model=debug", "train.steps=5", "profiling.progress=false"]
+    common = ["model=debug", "train.steps=5", "train.log_every=1", "profiling.progress=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single"
     subprocess.run([*MOEYARD, "train", *common, f"run.dir={single}"], check=True, timeout=300, env=env)
