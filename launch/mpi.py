@@ -16,6 +16,7 @@ from pathlib import Path
 
 from moeyard.job.schema import ConfigError, JobConfig
 from moeyard.launch.entry import rank_command
+from moeyard.train.spawn import free_port
 
 
 def find_mpirun(name: str) -> str:
@@ -49,12 +50,6 @@ def master_address(hosts: list[str]) -> str:
     return addr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def rank_env_from_mpi() -> dict[str, str]:
     """The torch.distributed variables of this MPI rank; collective over MPI.COMM_WORLD."""
     from mpi4py import MPI
@@ -64,7 +59,7 @@ def rank_env_from_mpi() -> dict[str, str]:
     where = None
     if comm.rank == 0:
         addr = os.environ.get("MASTER_ADDR") or master_address(hosts)
-        where = (addr, os.environ.get("MASTER_PORT") or str(free_port()))
+        where = (addr, os.environ.get("MASTER_PORT") or str(free_port("")))  # every interface: other hosts connect
     addr, port = comm.bcast(where, root=0)
     local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).rank  # portable across MPICH and Open MPI
     return {

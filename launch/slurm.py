@@ -23,6 +23,7 @@ from pathlib import Path
 
 from moeyard.job.schema import ConfigError, JobConfig, LauncherConfig
 from moeyard.launch.entry import rank_command
+from moeyard.train.spawn import free_port
 
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
 POLL_S = 1.0
@@ -203,16 +204,10 @@ def first_node(env: Mapping[str, str]) -> str:
     return out.stdout.split()[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def master_env(env: Mapping[str, str]) -> dict[str, str]:
     """MASTER_ADDR/PORT: kept when already set, else the first node and a port free on this (batch) host."""
     addr = env.get("MASTER_ADDR") or node_address(first_node(env))
-    port = env.get("MASTER_PORT") or str(free_port())
+    port = env.get("MASTER_PORT") or str(free_port(""))  # on every interface: the other nodes connect to it
     return {"MASTER_ADDR": addr, "MASTER_PORT": port}
 
 

@@ -21,10 +21,11 @@ import torch.multiprocessing as mp
 from moeyard.train.process import run_then_leave
 
 
-def free_port() -> int:
-    """A TCP port free on the loopback interface now (the kernel's pick)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free now on `host` (the kernel's pick): loopback for local ranks, "" (every interface) for
+    a rendezvous that other nodes reach."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

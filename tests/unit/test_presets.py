@@ -23,16 +23,9 @@ from moeyard.job.compose import as_dict, compose, conf_dir
 from moeyard.job.schema import JobConfig
 from moeyard.moe.config import ModelConfig, MoEConfig
 from moeyard.moe.presets import PRESETS, ROUTING_DECISIONS, ROUTINGS, default_of
+from tests.unit.test_config import leaves
 
 BEFORE = json.loads((Path(__file__).with_name("presets_before.json")).read_text())
-
-
-def leaves(node: dict, prefix: str = ""):
-    for key, value in node.items():
-        if isinstance(value, dict):
-            yield from leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def schema_default(path: str):
