@@ -25,29 +25,38 @@ import torch
 import torch.distributed as dist
 
 from moeyard.job.compose import compose
+from moeyard.plan.planner import Layout
 from moeyard.train.spawn import spawn_ranks
 from moeyard.train.trainer import Trainer
 
 OVERLAP = ["moe.num_shared_experts=2", "profiling.breakdown_every=1"]
 """The overlap rows: shared experts to hide the dispatch behind, and every step's breakdown (its time inside
 all-to-all, `a2a ms`, and forward time)."""
-LAYOUTS: dict[str, tuple[int, list[str]]] = {
-    "single": (1, []),
-    "single mt": (1, []),
-    "dp2": (2, []),
-    "dp2 fsdp": (2, ["parallel.dp_mode=fsdp"]),
-    "tp2": (2, ["parallel.tp=2"]),
-    "tp2 sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
-    "ep2": (2, ["parallel.ep=2"]),
-    "pp2": (2, ["parallel.pp=2"]),
-    "tp2·ep2": (4, ["parallel.tp=2", "parallel.ep=2"]),
-    "pp2·ep2": (4, ["parallel.pp=2", "parallel.ep=2"]),
-    "ep2 ovl none": (2, ["parallel.ep=2", *OVERLAP]),
-    "ep2 ovl shared": (2, ["parallel.ep=2", "parallel.ep_overlap=shared", *OVERLAP]),
-    "ep2 ovl chunk": (2, ["parallel.ep=2", "parallel.ep_overlap=chunked", "parallel.ep_chunks=4", *OVERLAP]),
+MICRO_BATCHES = 2
+"""Micro-batches of every row (WORKLOAD's), so the pipeline layouts have work per stage."""
+LAYOUTS: dict[str, tuple[Layout, list[str]]] = {
+    "single": (Layout.single(micro_batches=MICRO_BATCHES), []),
+    "single mt": (Layout.single(micro_batches=MICRO_BATCHES), []),
+    "dp2": (Layout.single(micro_batches=MICRO_BATCHES, dp=2), []),
+    "dp2 fsdp": (Layout.single(micro_batches=MICRO_BATCHES, dp=2, dp_mode="fsdp"), []),
+    "tp2": (Layout.single(micro_batches=MICRO_BATCHES, tp=2), []),
+    "tp2 sp": (Layout.single(micro_batches=MICRO_BATCHES, tp=2, sp=True), []),
+    "ep2": (Layout.single(micro_batches=MICRO_BATCHES, dp=2, ep=2), []),
+    "pp2": (Layout.single(micro_batches=MICRO_BATCHES, pp=2), []),
+    "tp2·ep2": (Layout.single(micro_batches=MICRO_BATCHES, tp=2, dp=2, ep=2), []),
+    "pp2·ep2": (Layout.single(micro_batches=MICRO_BATCHES, pp=2, dp=2, ep=2), []),
+    "ep2 ovl none": (Layout.single(micro_batches=MICRO_BATCHES, dp=2, ep=2), OVERLAP),
+    "ep2 ovl shared": (
+        Layout.single(micro_batches=MICRO_BATCHES, dp=2, ep=2),
+        ["parallel.ep_overlap=shared", *OVERLAP],
+    ),
+    "ep2 ovl chunk": (
+        Layout.single(micro_batches=MICRO_BATCHES, dp=2, ep=2),
+        ["parallel.ep_overlap=chunked", "parallel.ep_chunks=4", *OVERLAP],
+    ),
 }
-"""Layout name -> (ranks, overrides); dp is inferred from the world size (parallel.dp=-1).
-"single mt" is one process with all cores as torch threads; every other row runs one thread per rank."""
+"""Row name -> (the planner's Layout, other overrides). "single mt" is one process with all cores as torch
+threads; every other row runs one thread per rank."""
 QUICK_LAYOUTS = ["single", "ep2"]
 WORKLOAD = [
     "model=debug",
@@ -124,9 +133,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{head} {'fwd ms':>8} {'a2a ms':>7}")
         base = None
         for name in ["single", *[n for n in names if n != "single"]]:
-            world, extra = LAYOUTS[name]
+            layout, extra = LAYOUTS[name]
+            world = layout.world
             threads = cores if name == "single mt" else 1
-            step_s, tps, breakdown = measure(world, [*common, *extra], threads, args.warmup, tmp / f"{name}.pt")
+            overrides = [*common, *layout.overrides(), *extra]
+            step_s, tps, breakdown = measure(world, overrides, threads, args.warmup, tmp / f"{name}.pt")
             base = base or tps
             row = f"{name:<14} {world:>5} {threads:>7} {step_s * 1e3:>9.1f} {tps:>10.0f} {tps / base:>8.2f}"
             print(f"{row} {breakdown}")

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from moeyard.job.compose import compose
+from moeyard.plan.planner import Layout
 from moeyard.train.spawn import spawn_ranks
 from moeyard.train.trainer import Trainer
 
@@ -44,15 +45,16 @@ BIG_MODEL = [
 """~409M parameters (1.64 GB in fp32), 98% of them routed experts."""
 QUICK_MODEL = ["model=debug"]
 COMMON = ["train.device=cpu", "profiling=off", "data.max_files=20", "train.eval_every=0", "train.steps=1"]
-LAYOUTS: dict[str, tuple[int, list[str]]] = {
-    "single": (1, []),
-    "ep2": (2, ["parallel.ep=2"]),
-    "ep4": (4, ["parallel.ep=4"]),
-    "dp4-fsdp": (4, ["parallel.dp_mode=fsdp"]),
-    "ep4-fsdp": (4, ["parallel.ep=4", "parallel.dp_mode=fsdp"]),
-    "tp2-ep2": (4, ["parallel.tp=2", "parallel.ep=2"]),
+M = 2  # train.micro_batches' default
+LAYOUTS: dict[str, Layout] = {
+    "single": Layout.single(micro_batches=M),
+    "ep2": Layout.single(micro_batches=M, dp=2, ep=2),
+    "ep4": Layout.single(micro_batches=M, dp=4, ep=4),
+    "dp4-fsdp": Layout.single(micro_batches=M, dp=4, dp_mode="fsdp"),
+    "ep4-fsdp": Layout.single(micro_batches=M, dp=4, ep=4, dp_mode="fsdp"),
+    "tp2-ep2": Layout.single(micro_batches=M, tp=2, dp=2, ep=2),
 }
-"""Row name -> (ranks, overrides); dp is inferred from the world size."""
+"""Row name -> the planner's Layout."""
 DEFAULT_LAYOUTS = ["single", "ep4", "dp4-fsdp"]
 COLUMNS = [("start-up s", "seconds"), ("cpu s", "cpu"), ("peak RSS MB", "peak_mb"), ("growth MB", "growth_mb")]
 """Table columns: the slowest rank's wall time, CPU time summed over ranks, the largest rank's peak RSS and
@@ -128,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="moeyard-startup-") as tmp_dir:
         tmp = Path(tmp_dir)
         for name in ["single", *[n for n in names if n != "single"]]:
-            world, extra = LAYOUTS[name]
-            m = measure(world, [*model, *COMMON, *extra, f"run.dir={tmp / name}"], tmp / name)
+            world = LAYOUTS[name].world
+            m = measure(world, [*model, *COMMON, *LAYOUTS[name].overrides(), f"run.dir={tmp / name}"], tmp / name)
             base = base or m
             cells = "".join(f" {m[key]:>{len(title)}.1f} {m[key] / base[key]:>8.2f}" for title, key in COLUMNS)
             print(f"{name:<10} {world:>5}{cells}", flush=True)

@@ -43,6 +43,11 @@ class Layout:
     sp: bool = False
     pp_layers: tuple[int, ...] = ()
 
+    @staticmethod
+    def single(**changes) -> Layout:
+        """One process's layout with `changes`, e.g. `Layout.single(dp=2, ep=2, micro_batches=2)`."""
+        return replace(Layout(tp=1, pp=1, dp=1, ep=1), **changes)
+
     def overrides(self) -> list[str]:
         """The Hydra overrides that select this layout."""
         out = [

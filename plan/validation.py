@@ -30,7 +30,7 @@ from moeyard.job.compose import compose
 from moeyard.plan.calibration import Calibration
 from moeyard.plan.cpu import calibrate, measure_rates
 from moeyard.plan.measure import Job, run_layouts
-from moeyard.plan.planner import Planner, layout_of, make_planner
+from moeyard.plan.planner import Layout, Planner, layout_of, make_planner
 
 MEMORY_WORKLOAD = (
     "model=debug",
@@ -42,19 +42,19 @@ MEMORY_WORKLOAD = (
     "cluster.gpu=cpu",
 )
 """The debug model (4 blocks, 8 experts of width 32), 8 sequences of 64 tokens per step."""
-MEMORY_LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
-    "single": (1, ()),
-    "single full AC": (1, ("parallel.activation_checkpoint=full",)),
-    "single selective AC": (1, ("parallel.activation_checkpoint=selective",)),
-    "dp2": (2, ()),
-    "dp2 FSDP": (2, ("parallel.dp_mode=fsdp",)),
-    "ep2": (2, ("parallel.ep=2",)),
-    "tp2": (2, ("parallel.tp=2",)),
-    "tp2 SP": (2, ("parallel.tp=2", "parallel.sequence_parallel=true")),
-    "pp2 1F1B": (2, ("parallel.pp=2",)),
-    "pp2 GPipe": (2, ("parallel.pp=2", "parallel.pp_schedule=gpipe")),
+MEMORY_LAYOUTS: dict[str, Layout] = {
+    "single": Layout.single(micro_batches=2),
+    "single full AC": Layout.single(micro_batches=2, ac="full"),
+    "single selective AC": Layout.single(micro_batches=2, ac="selective"),
+    "dp2": Layout.single(micro_batches=2, dp=2),
+    "dp2 FSDP": Layout.single(micro_batches=2, dp=2, dp_mode="fsdp"),
+    "ep2": Layout.single(micro_batches=2, dp=2, ep=2),
+    "tp2": Layout.single(micro_batches=2, tp=2),
+    "tp2 SP": Layout.single(micro_batches=2, tp=2, sp=True),
+    "pp2 1F1B": Layout.single(micro_batches=2, pp=2),
+    "pp2 GPipe": Layout.single(micro_batches=2, pp=2, schedule="gpipe"),
 }
-"""Layout -> (ranks, overrides) of the memory validation."""
+"""Name -> layout of the memory validation (MEMORY_WORKLOAD has 2 micro-batches)."""
 
 TIME_WORKLOAD = (
     "model=debug",
@@ -73,38 +73,32 @@ TIME_WORKLOAD = (
 """The time validation's model: 4 blocks of dim 256, 8 experts of width 512 (top-2), 8 x 128 tokens a step."""
 CAL_SMALL = ("model.dim=64", "moe.expert_hidden=64", "model.ffn_hidden=128", "train.seq_len=32")
 """Overrides on TIME_WORKLOAD for the small model the per-feature fixed costs are fitted to."""
-REFERENCE = ("train.micro_batches=2",)
-TIME_LAYOUTS: dict[str, tuple[bool, tuple[str, ...]]] = {
-    "one process, full AC": (True, ("train.micro_batches=2", "parallel.activation_checkpoint=full")),
-    "dp2": (False, ("train.micro_batches=2",)),
-    "dp2 m1": (False, ("train.micro_batches=1",)),
-    "dp2 FSDP": (False, ("train.micro_batches=2", "parallel.dp_mode=fsdp")),
-    "ep2": (False, ("train.micro_batches=2", "parallel.ep=2")),
-    "ep2 selective AC": (False, ("train.micro_batches=2", "parallel.ep=2", "parallel.activation_checkpoint=selective")),
-    "tp2": (False, ("train.micro_batches=2", "parallel.tp=2")),
-    "tp2 SP": (False, ("train.micro_batches=2", "parallel.tp=2", "parallel.sequence_parallel=true")),
-    "pp2 1F1B": (False, ("train.micro_batches=2", "parallel.pp=2")),
-    "pp2 GPipe m4": (False, ("train.micro_batches=4", "parallel.pp=2", "parallel.pp_schedule=gpipe")),
-    "pp2 interleaved v2": (
-        False,
-        ("train.micro_batches=2", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b")
-        + ("parallel.pp_stages_per_rank=2",),
-    ),
+REFERENCE = Layout.single(micro_batches=2)
+TIME_LAYOUTS: dict[str, tuple[bool, Layout]] = {
+    "one process, full AC": (True, Layout.single(micro_batches=2, ac="full")),
+    "dp2": (False, Layout.single(micro_batches=2, dp=2)),
+    "dp2 m1": (False, Layout.single(micro_batches=1, dp=2)),
+    "dp2 FSDP": (False, Layout.single(micro_batches=2, dp=2, dp_mode="fsdp")),
+    "ep2": (False, Layout.single(micro_batches=2, dp=2, ep=2)),
+    "ep2 selective AC": (False, Layout.single(micro_batches=2, dp=2, ep=2, ac="selective")),
+    "tp2": (False, Layout.single(micro_batches=2, tp=2)),
+    "tp2 SP": (False, Layout.single(micro_batches=2, tp=2, sp=True)),
+    "pp2 1F1B": (False, Layout.single(micro_batches=2, pp=2)),
+    "pp2 GPipe m4": (False, Layout.single(micro_batches=4, pp=2, schedule="gpipe")),
+    "pp2 interleaved v2": (False, Layout.single(micro_batches=2, pp=2, schedule="interleaved_1f1b", vpp=2)),
 }
-"""Layout -> (one process?, overrides) of the time validation."""
-CAL_JOBS: dict[str, tuple[bool, tuple[str, ...]]] = {
-    "small solo": (True, (*CAL_SMALL, "train.micro_batches=2")),
-    "small tp2": (False, (*CAL_SMALL, "train.micro_batches=2", "parallel.tp=2")),
-    "small tp2 SP": (
-        False,
-        (*CAL_SMALL, "train.micro_batches=2", "parallel.tp=2", "parallel.sequence_parallel=true"),
-    ),
-    "small FSDP": (False, (*CAL_SMALL, "train.micro_batches=2", "parallel.dp_mode=fsdp")),
-    "small pp2": (False, (*CAL_SMALL, "train.micro_batches=2", "parallel.pp=2")),
-    "small ep2": (False, (*CAL_SMALL, "train.micro_batches=2", "parallel.ep=2")),
-    "solo m1": (True, ("train.micro_batches=1",)),
-    "solo m4": (True, ("train.micro_batches=4",)),
+"""Name -> (one process?, layout) of the time validation, on 2 ranks (a one-process job runs on each)."""
+CAL_JOBS: dict[str, tuple[bool, Layout, tuple[str, ...]]] = {
+    "small solo": (True, Layout.single(micro_batches=2), CAL_SMALL),
+    "small tp2": (False, Layout.single(micro_batches=2, tp=2), CAL_SMALL),
+    "small tp2 SP": (False, Layout.single(micro_batches=2, tp=2, sp=True), CAL_SMALL),
+    "small FSDP": (False, Layout.single(micro_batches=2, dp=2, dp_mode="fsdp"), CAL_SMALL),
+    "small pp2": (False, Layout.single(micro_batches=2, pp=2), CAL_SMALL),
+    "small ep2": (False, Layout.single(micro_batches=2, dp=2, ep=2), CAL_SMALL),
+    "solo m1": (True, Layout.single(micro_batches=1), ()),
+    "solo m4": (True, Layout.single(micro_batches=4), ()),
 }
+"""Name -> (one process?, layout, model overrides) of the calibration jobs."""
 
 
 @dataclass
@@ -131,11 +125,12 @@ def memory_validation(steps: int = 3, layouts: dict | None = None) -> MemoryRepo
     """Measures and predicts the activation peak of each layout (module docstring)."""
     layouts = layouts or MEMORY_LAYOUTS
     report = MemoryReport()
-    for world in sorted({w for w, _ in layouts.values()}):
-        names = [n for n, (w, _) in layouts.items() if w == world]
-        jobs = [Job(n, (*MEMORY_WORKLOAD, *layouts[n][1]), memory_steps=steps) for n in names]
+    for world in sorted({layout.world for layout in layouts.values()}):
+        names = [n for n, layout in layouts.items() if layout.world == world]
+        overrides = {n: (*MEMORY_WORKLOAD, *layouts[n].overrides()) for n in names}
+        jobs = [Job(n, overrides[n], memory_steps=steps) for n in names]
         for name, results in zip(names, run_layouts(jobs, world), strict=True):
-            _memory_rows(report, name, (*MEMORY_WORKLOAD, *layouts[name][1]), world, results)
+            _memory_rows(report, name, overrides[name], world, results)
     return report
 
 
@@ -188,13 +183,13 @@ def time_validation(steps: int = 5, warmup: int = 2, layouts: dict | None = None
     layouts = layouts or TIME_LAYOUTS
     idle = idle_fraction()
     rates = measure_rates()  # this run's own loopback and GEMM rates, not a cached measurement
-    job = lambda name, solo, overrides: Job(
-        name, (*TIME_WORKLOAD, *overrides), time_steps=steps, warmup=warmup, solo=solo
+    job = lambda name, solo, layout, model=(): Job(
+        name, (*TIME_WORKLOAD, *model, *layout.overrides()), time_steps=steps, warmup=warmup, solo=solo
     )
     ref = job("reference", True, REFERENCE)
-    jobs = [job(name, solo, overrides) for name, (solo, overrides) in CAL_JOBS.items()]
-    for i, (name, (solo, overrides)) in enumerate(layouts.items()):
-        jobs += [ref] * (i % 2 == 0) + [job(name, solo, overrides)]
+    jobs = [job(name, solo, layout, model) for name, (solo, layout, model) in CAL_JOBS.items()]
+    for i, (name, (solo, layout)) in enumerate(layouts.items()):
+        jobs += [ref] * (i % 2 == 0) + [job(name, solo, layout)]
     jobs.append(ref)
     measured = {}
     references = []
@@ -210,10 +205,10 @@ def time_validation(steps: int = 5, warmup: int = 2, layouts: dict | None = None
     cal = _calibrated(rates, measured)
     base = statistics.median(references)
     rows = []
-    for name, (solo, overrides) in layouts.items():
+    for name, (solo, layout) in layouts.items():
         seconds, after = measured[name]
         drift = base / statistics.fmean(references[after - 1 : after + 1])
-        planner = planner_for(overrides, rates)
+        planner = planner_for(tuple(layout.overrides()), rates)
         planner.cal = cal
         prediction = planner.predict(layout_of(planner.cfg, 1 if solo else 2))
         t = prediction.time
@@ -253,8 +248,8 @@ def planner_for(overrides: tuple[str, ...], rates: dict) -> Planner:
 
 def _calibrated(rates: dict, measured: dict) -> Calibration:
     planners, runs = [], []
-    for name, (solo, overrides) in CAL_JOBS.items():
-        planner = planner_for(overrides, rates)
+    for name, (solo, layout, model) in CAL_JOBS.items():
+        planner = planner_for((*model, *layout.overrides()), rates)
         planners.append(planner)
         runs.append((layout_of(planner.cfg, 1 if solo else 2), measured[name][0]))
     return calibrate(planners, runs)
