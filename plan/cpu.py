@@ -66,7 +66,9 @@ def _gloo_rank(rank: int, out: str) -> None:
     rates = {}
     for name, (op, moved) in ops.items():
         op()
-        seconds = statistics.median(_timed(op) for _ in range(5))
+        # The fastest of several: on a shared machine noise only ever adds time, and one slow moment taken
+        # as the link's rate would skew every prediction of the run that measured it.
+        seconds = min(_timed(op) for _ in range(7))
         rates[name] = moved * 4 / max(seconds - latency, 1e-9) / 1e9
     if rank == 0:
         Path(out).write_text(json.dumps({"latency_s": latency, "collective_gbps": rates}))
@@ -93,7 +95,7 @@ def measure_rates() -> dict[str, float]:
 
 def cpu_rates() -> dict[str, float]:
     """`measure_rates`, measured once per CPU (one torch thread) and torch build, and cached."""
-    return cached("plan_cpu.json", cpu_key(threads=1) + "|plan=3", measure_rates)
+    return cached("plan_cpu.json", cpu_key(threads=1) + "|plan=4", measure_rates)
 
 
 PARAMS = ("scale", "layer_s", "tp_layer_s", "sp_layer_s", "ep_layer_s", "fsdp_layer_s", "pp_micro_s", "step_s")
