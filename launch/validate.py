@@ -15,9 +15,9 @@ from pathlib import Path
 
 from moeyard.interop.hf import check_hf_dir
 from moeyard.interop.upcycle import check_dense_dir, dense_model_type
-from moeyard.job.layout import check, check_layout
+from moeyard.job.layout import check_layout
 from moeyard.job.schema import ConfigError, JobConfig
-from moeyard.moe.config import check_fields
+from moeyard.moe.config import check_fields, require
 from moeyard.moe.experts import HAS_GROUPED_MM
 from moeyard.parallel.dims import ParallelDims
 from moeyard.plan.cluster import check_cluster
@@ -67,10 +67,10 @@ def _validate(cfg: JobConfig, world_size: int) -> ParallelDims:
 def _check_model_fits(cfg: JobConfig) -> None:
     """The rules joining the model, its MoE layers, the batch and this torch."""
     m, e, t = cfg.model, cfg.moe, cfg.train
-    check(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
+    require(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
     if e.grouped_mm == "on":
-        check(HAS_GROUPED_MM, "moe.grouped_mm", "on", "needs a torch with grouped_mm (use auto or off)")
-        check(
+        require(HAS_GROUPED_MM, "moe.grouped_mm", "on", "needs a torch with grouped_mm (use auto or off)")
+        require(
             m.dim % 8 == 0 and e.expert_hidden % 8 == 0,
             "moe.grouped_mm",
             "on",
@@ -88,26 +88,26 @@ def _check_memory(cfg: JobConfig, world_size: int) -> None:
 def _check_launcher(cfg: JobConfig) -> None:
     """Launcher fields, and whether the nodes x ranks request can hold the layout."""
     lc, tp, used = cfg.launcher, cfg.parallel.tp, cfg.launcher.fields_used()
-    check(lc.timeout_s >= 1, "launcher.timeout_s", lc.timeout_s, "must be >= 1")
+    require(lc.timeout_s >= 1, "launcher.timeout_s", lc.timeout_s, "must be >= 1")
     per_node, nodes = lc.ranks_per_node(), lc.nodes_requested()
-    check(per_node >= 1, lc.per_node_field(), per_node, "must be >= 1")
-    check(nodes >= 1, lc.nodes_field(), nodes, "must be >= 1")
+    require(per_node >= 1, lc.per_node_field(), per_node, "must be >= 1")
+    require(nodes >= 1, lc.nodes_field(), nodes, "must be >= 1")
     if nodes > 1:
-        check(
+        require(
             per_node % tp == 0,
             "parallel.tp",
             tp,
             f"must divide {lc.per_node_field()}={per_node} (a tensor-parallel group stays inside one node)",
         )
     if "node_rank" in used:
-        check(0 <= lc.node_rank < lc.nnodes, "launcher.node_rank", lc.node_rank, f"must be in [0, {lc.nnodes})")
+        require(0 <= lc.node_rank < lc.nnodes, "launcher.node_rank", lc.node_rank, f"must be in [0, {lc.nnodes})")
     if "max_restarts" in used:
-        check(lc.max_restarts >= 0, "launcher.max_restarts", lc.max_restarts, "must be >= 0")
+        require(lc.max_restarts >= 0, "launcher.max_restarts", lc.max_restarts, "must be >= 0")
     if "rdzv_endpoint" in used:
         _check_rdzv_endpoint(cfg)
     if "gpus_per_node" in used:
-        check(lc.gpus_per_node >= 0, "launcher.gpus_per_node", lc.gpus_per_node, "must be >= 0")
-        check(
+        require(lc.gpus_per_node >= 0, "launcher.gpus_per_node", lc.gpus_per_node, "must be >= 0")
+        require(
             lc.gpus_per_node == 0 or lc.tasks_per_node <= lc.gpus_per_node,
             "launcher.tasks_per_node",
             lc.tasks_per_node,
@@ -122,7 +122,7 @@ def _check_rdzv_endpoint(cfg: JobConfig) -> None:
     if lc.nnodes > 1:
         _check_multinode_run_dir(cfg)
     if lc.rdzv_endpoint is None:
-        check(
+        require(
             lc.nnodes == 1,
             "launcher.rdzv_endpoint",
             None,
@@ -130,7 +130,7 @@ def _check_rdzv_endpoint(cfg: JobConfig) -> None:
         )
         return
     host, _, port = lc.rdzv_endpoint.rpartition(":")
-    check(bool(host) and port.isdigit(), "launcher.rdzv_endpoint", lc.rdzv_endpoint, "must be host:port")
+    require(bool(host) and port.isdigit(), "launcher.rdzv_endpoint", lc.rdzv_endpoint, "must be host:port")
     if lc.nnodes > 1 and not lc.single_host and _is_loopback(host):
         raise ConfigError(
             f"launcher.rdzv_endpoint={lc.rdzv_endpoint} is a loopback address, which other nodes cannot reach "
@@ -146,7 +146,7 @@ def _check_rdzv_endpoint(cfg: JobConfig) -> None:
 
 def _check_multinode_run_dir(cfg: JobConfig) -> None:
     """Agents on several nodes must write into one shared run.dir."""
-    check(
+    require(
         cfg.run.dir is not None,
         "run.dir",
         None,
@@ -193,26 +193,26 @@ def _check_upcycle(cfg: JobConfig) -> None:
     if not t.upcycle:
         family = dense_model_type(t.init_from) if t.init_from else None
         why = f"must be true for train.init_from={t.init_from}, dense model_type={family} weights"
-        check(family is None, "train.upcycle", False, f"{why} (rule: a dense model is upcycled into the MoE)")
+        require(family is None, "train.upcycle", False, f"{why} (rule: a dense model is upcycled into the MoE)")
         return
-    check(is_hf_dir(t.init_from), "train.init_from", t.init_from, "must be a Hugging Face dir with train.upcycle")
+    require(is_hf_dir(t.init_from), "train.init_from", t.init_from, "must be a Hugging Face dir with train.upcycle")
     rule = "(each copy of the dense FFN is g experts)"
-    check(
+    require(
         e.num_experts % g == 0,
         "moe.num_experts",
         e.num_experts,
         f"must be divisible by train.upcycle_granularity={g} {rule}",
     )
-    check(
+    require(
         e.num_shared_experts == 0, "moe.num_shared_experts", e.num_shared_experts, "must be 0 with train.upcycle=true"
     )
     if g > 1:
         whole = f"with train.upcycle_granularity={g} (tied router rows pick whole copies of the g slices)"
-        check(e.router != "expert_choice", "moe.router", e.router, f"must be token-choice {whole}")
-        check(e.top_k % g == 0, "moe.top_k", e.top_k, f"must be a multiple of {g} {whole}")
+        require(e.router != "expert_choice", "moe.router", e.router, f"must be token-choice {whole}")
+        require(e.top_k % g == 0, "moe.top_k", e.top_k, f"must be a multiple of {g} {whole}")
         group = e.num_experts // e.n_groups
-        check(group % g == 0, "moe.n_groups", e.n_groups, f"must leave a multiple of {g} experts per group {whole}")
-        check(
+        require(group % g == 0, "moe.n_groups", e.n_groups, f"must leave a multiple of {g} experts per group {whole}")
+        require(
             e.route_scale == g,
             "moe.route_scale",
             e.route_scale,
