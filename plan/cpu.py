@@ -10,7 +10,7 @@ efficiencies (gemm_eff, attn_eff and mem_eff together) and the fixed costs (per 
 expert parallelism, FSDP and pipelining add per block or stage) are fitted by non-negative least squares so
 that the time model's predictions of those jobs match their median step times. The time model is linear in
 these parameters on a CPU, so each job's prediction is written exactly as coefficients times parameters.
-The validation (tests/multiproc/test_plan_cpu.py) fits on other jobs than it predicts: a smaller model for
+The time validation (benchmarks/plan_cpu.py) fits on other jobs than it predicts: a smaller model for
 the per-feature costs, other micro-batch counts for the one-process ones.
 """
 

@@ -12,9 +12,10 @@ run. One-process runs ("solo": each rank trains the whole job alone) serve as re
      of the validation model at 1 and 4 micro-batches; the time model is fitted to these (cpu.calibrate),
      once;
   2. validation: the layouts below at the validation model, two at a time between solo reference runs of
-     it (2 micro-batches). A layout's measured time is scaled by the references' overall median over the mean
-     of the two around it, so that a change in the machine's load between the calibration and the layout
-     cancels; on a quiet machine the factor is 1.
+     it (2 micro-batches); two more references bracket the calibration runs. A layout's measured time is
+     scaled by the mean of the calibration's references over the mean of the two around it, so that a change
+     in the machine's speed between the calibration and the layout cancels; on a steady machine the factor
+     is 1.
 The predicted time of each layout is compared with that; MAPE over the layouts, and whether the measured
 fastest layout is among the three predicted fastest.
 """
@@ -187,7 +188,10 @@ def time_validation(steps: int = 5, warmup: int = 2, layouts: dict | None = None
         name, (*TIME_WORKLOAD, *model, *layout.overrides()), time_steps=steps, warmup=warmup, solo=solo
     )
     ref = job("reference", True, REFERENCE)
-    jobs = [job(name, solo, layout, model) for name, (solo, layout, model) in CAL_JOBS.items()]
+    # A reference run before and after the calibration jobs measures the machine's speed while the model was
+    # fitted; every layout's time is scaled to that speed, so a machine that slows down (or speeds up) over the
+    # minutes of the runs does not show up as prediction error.
+    jobs = [ref, *(job(name, solo, layout, model) for name, (solo, layout, model) in CAL_JOBS.items())]
     for i, (name, (solo, layout)) in enumerate(layouts.items()):
         jobs += [ref] * (i % 2 == 0) + [job(name, solo, layout)]
     jobs.append(ref)
@@ -203,7 +207,7 @@ def time_validation(steps: int = 5, warmup: int = 2, layouts: dict | None = None
         else:
             measured[job.name] = (seconds, len(references))
     cal = _calibrated(rates, measured)
-    base = statistics.median(references)
+    base = statistics.fmean(references[:2])  # the machine's speed during the calibration runs
     rows = []
     for name, (solo, layout) in layouts.items():
         seconds, after = measured[name]
