@@ -18,8 +18,8 @@ Two ways to re-measure them (plan/planner.py's `load_calibration` reads either f
   (compute-bound) scales attn_eff and mem_eff so that the one-GPU prediction of that step equals the measured
   one; the run of "debug" (launch-bound) then sets layer_s, the fixed cost per block and micro-batch.
 - On a CPU, benchmarks/plan_cpu.py measures the rank's GEMM rate, its memory
-  bandwidth and gloo over loopback, then fit one scale on the three efficiencies and the fixed costs to short
-  training runs of the real trainer (launch/plan/cpu.py), and write a JSON with "kind": "cpu", "device" and
+  bandwidth and gloo over loopback, then fits one scale on the three efficiencies and the fixed costs to short
+  training runs of the real trainer (plan/cpu.py), and writes a JSON with "kind": "cpu", "device" and
   "calibration" keys. On a GPU the per-feature fixed costs (tp_layer_s ...) hide behind queued kernels and
   stay 0; on a CPU, where every op runs on the rank's one core, they are most of a small model's step.
 """
