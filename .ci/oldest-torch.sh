@@ -36,8 +36,8 @@ fi
 "$venv/bin/python" -c "import torch; print('test-oldest: torch', torch.__version__)"
 # The unit tests whose outcome can depend on torch's version: its APIs (compat, pipelining, DCP, compile,
 # grouped_mm, SDPA, profiler, FakeTensor/dispatch modes) rather than pure Python (config, planner, docs).
-unit=(compat gpu_path compile moe_layer router attention model train checkpoint checkpoint_scale checksums
-  startup_alloc document_mask profiling upcycle hf_families run_dir plan_state gpu_trainer)
+unit=(compat gpu_path compile moe_layer router attention attention_flex model train checkpoint checkpoint_scale
+  checksums startup_alloc document_mask profiling upcycle hf_families run_dir plan_state gpu_trainer)
 "$venv/bin/pytest" -q $(printf "tests/unit/test_%s.py " "${unit[@]}") "$@"
 # Pipeline, bf16 and FSDP layouts against one process (not the 8-rank tp2-pp2-ep2-dp2: time), and a pipeline
 # checkpoint loaded under another layout.

@@ -4,8 +4,10 @@
                  pipeline-stage API (against parallel/compat.py's detection) and a pp2 bf16 run on two CPU
                  ranks against one process; grouped_mm against one matmul per expert on empty and odd expert
                  groups (errors, host synchronisations, fused kernel or fallback); the host time of a batch
-                 copy (the trainer's pinned non_blocking copy against pageable ones); the SDPA backend each
-                 attention shape picks, each backend's peak memory, and the model's attention module's.
+                 copy (the trainer's pinned non_blocking copy against pageable ones); per attention shape
+                 (GQA and MLA, causal and packed documents) the kernel the model picks (FlexAttention or SDPA
+                 limited to its fused kernels) with its time and peak memory, the backend SDPA alone would pick,
+                 and each SDPA backend's and FlexAttention's peak memory.
   train          the real `Trainer` (benchmarks/gpu_checks/runs.py), configured as `moeyard train` configures
                  it (JobConfig from the preset objects of moe/presets.py, launch/validate.py's checks, no
                  Hydra): the debug model (8 x 128 tokens) and a 2-block cut of Mixtral-8x7B (dim 4096, 8

@@ -52,7 +52,7 @@ def _validate(cfg: JobConfig, world_size: int) -> ParallelDims:
     cfg.checkpoint.check()
     check_cluster(cfg.cluster)
     _check_model_fits(cfg)
-    check_vocab(cfg.data, cfg.model.vocab_size)
+    check_vocab(cfg.data, cfg.model.vocab_size, cfg.train.seq_len)
     _check_launcher(cfg)
     try:
         dims = ParallelDims.from_config(cfg.parallel, world_size)
@@ -68,6 +68,8 @@ def _check_model_fits(cfg: JobConfig) -> None:
     """The rules joining the model, its MoE layers, the batch and this torch."""
     m, e, t = cfg.model, cfg.moe, cfg.train
     require(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
+    no_cpu_flex = "needs a GPU: torch has no FlexAttention backward on CPU (train.device=cpu; use auto or sdpa)"
+    require(m.attn_impl != "flex" or t.device != "cpu", "model.attn_impl", m.attn_impl, no_cpu_flex)
     if e.grouped_mm == "on":
         require(HAS_GROUPED_MM, "moe.grouped_mm", "on", "needs a torch with grouped_mm (use auto or off)")
         require(

@@ -21,12 +21,17 @@ pairs out de-interleaved, but for q and k alike, which leaves scores unchanged).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from moeyard.moe.config import ModelConfig
+from moeyard.moe.masking import block_causal_mask, flex_block_mask
 
 try:  # flash-attn is a GPU-only extra; SDPA serves everywhere else.
     from flash_attn import flash_attn_func
@@ -78,8 +83,12 @@ def apply_rope(x_BSHd: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotates pairs of channels by position-dependent angles (Su et al., 2021).
 
     `rope` is the table [S_max, R/2, 2] (token s at position s) or the angles of each token [B, S, R/2, 2]
-    (the table indexed by per-token positions: packed documents restart their positions).
+    (the table indexed by per-token positions: packed documents restart their positions). Heads wider than
+    R (model.partial_rotary_factor < 1, GLM-4.5) rotate their first R channels and pass the rest unchanged.
     """
+    rotary = 2 * rope.shape[-2]
+    if x_BSHd.shape[-1] > rotary:
+        return torch.cat([apply_rope(x_BSHd[..., :rotary], rope), x_BSHd[..., rotary:]], dim=-1)
     if rope.ndim == 4:
         cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
     else:
@@ -90,28 +99,140 @@ def apply_rope(x_BSHd: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return out.type_as(x_BSHd)
 
 
+FUSED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+"""SDPA's fused backends: on CUDA every SDPA call is limited to these, so a call that only the math kernel takes
+(fp32 [B, H, S, S] scores and probabilities, 2 GiB each per layer at S = 4096) raises instead of running."""
+
+_FLASH_MAX_HEAD_DIM = 256
+"""The widest head that flash attention (SDPA's kernel and flash-attn 2) takes."""
+
+
+def flash_fits(dtype: torch.dtype, qk_dim: int, v_dim: int) -> bool:
+    """Whether flash attention takes heads of these widths in this dtype (half precision, q/k/v alike)."""
+    return dtype in (torch.float16, torch.bfloat16) and qk_dim == v_dim <= _FLASH_MAX_HEAD_DIM
+
+
+def attention_kernel(
+    impl: str, device_type: str, dtype: torch.dtype, documents: bool, gqa: bool, qk_dim: int, v_dim: int
+) -> str:
+    """The kernel that attends (`model.attn_impl`): "flash_attn" (flash-attn's dense causal call), "sdpa" or
+    "flex" (FlexAttention with a BlockMask), for q/k heads `qk_dim` and v heads `v_dim` wide in `dtype`.
+
+    auto: on CUDA, FlexAttention where SDPA's fused kernels cannot take the call: packed documents (flash takes
+    no mask; memory-efficient takes a dense [B, 1, S, S] one but no GQA, and computes every masked-out tile)
+    and GQA outside flash's dtypes and widths (memory-efficient takes no GQA); SDPA otherwise (flash, or
+    memory-efficient for MLA's unequal widths). Elsewhere SDPA, as it always was: off CUDA torch runs
+    FlexAttention eagerly (the math kernel's cost) and has no backward for it. flash: flash-attn where it fits
+    (installed, CUDA, half precision, no documents), else as auto. sdpa: always SDPA, whose refusals raise on
+    CUDA (FUSED_SDPA). flex: always.
+    """
+    if impl == "flex":
+        return "flex"
+    if impl == "sdpa" or device_type != "cuda":
+        return "sdpa"
+    fits = flash_fits(dtype, qk_dim, v_dim)
+    if impl == "flash" and flash_attn_func is not None and fits and not documents:
+        return "flash_attn"
+    return "flex" if documents or (gqa and not fits) else "sdpa"
+
+
+def model_kernel(cfg: ModelConfig, device_type: str, dtype: torch.dtype, documents: bool) -> str:
+    """`attention_kernel` for the attention of `cfg` (GQA where kv heads are fewer; MLA's widths)."""
+    mla = cfg.attention == "mla"
+    gqa = not mla and cfg.n_kv_heads != cfg.n_heads
+    v_dim = cfg.v_head_dim if mla else cfg.head_dim
+    return attention_kernel(cfg.attn_impl, device_type, dtype, documents, gqa, cfg.head_dim, v_dim)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype q, k and v will have: autocast's where it is on for x's device, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def attention_mask(
+    cfg: ModelConfig, doc_ids_BS: torch.Tensor | None, x_BSD: torch.Tensor
+) -> torch.Tensor | BlockMask | None:
+    """The mask every block attends with in one micro-batch, built once for all of them (`attend` takes it).
+
+    Args:
+        cfg: the model config (attn_impl and the head shapes decide the kernel, `attention_kernel`).
+        doc_ids_BS: document ids [B, S] (`train.data.document_ids`), or None for one causal sequence per row.
+        x_BSD: the blocks' input (its device, dtype and sequence length).
+
+    Returns:
+        A BlockMask where FlexAttention attends, else the dense block-causal mask bool [B, 1, S, S] with
+        documents, else None (causal).
+    """
+    documents = doc_ids_BS is not None
+    if model_kernel(cfg, x_BSD.device.type, compute_dtype(x_BSD), documents) == "flex":
+        return flex_block_mask(doc_ids_BS, x_BSD.shape[1], x_BSD.device)
+    return block_causal_mask(doc_ids_BS) if documents else None
+
+
+@cache
+def _compiled_flex() -> Callable[..., torch.Tensor]:
+    """flex_attention compiled once per process: eager, it is a reference that builds the whole score matrix.
+    dynamic=False: a run's shapes are fixed, and a dynamic kernel is slower."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def attend(
     q_BSHd: torch.Tensor,
     k_BSHd: torch.Tensor,
     v_BSHd: torch.Tensor,
-    use_flash: bool,
-    mask_B1SS: torch.Tensor | None = None,
+    mask: torch.Tensor | BlockMask | None = None,
     scale: float | None = None,
+    use_flash: bool = False,
 ) -> torch.Tensor:
     """Causal softmax attention scaled by `scale` (None: 1/sqrt(q/k head dim)); k and v may have fewer heads
-    (GQA) and v another head dim (MLA, which flash-attn 2 does not take: SDPA runs it). -> [B, S, H, Vd].
+    (GQA) and v another head dim (MLA). -> [B, S, H, Vd].
 
-    `mask_B1SS` (bool, True = may attend; `moe.masking.block_causal_mask`) replaces the causal mask: packed
-    documents attend only within themselves. SDPA takes it (flash-attn's dense call has no mask argument).
+    `mask` (`attention_mask`) picks the kernel: a BlockMask runs FlexAttention (compiled on CUDA); a bool
+    tensor [B, 1, S, S] (True = may attend; `moe.masking.block_causal_mask`) replaces SDPA's causal mask;
+    None is causal: flash-attn with `use_flash` where it fits (`flash_fits`), else SDPA. On CUDA SDPA may use
+    only its fused kernels (FUSED_SDPA): a call only the math kernel takes raises "No available kernel".
     """
-    same_dims = q_BSHd.shape[-1] == v_BSHd.shape[-1]
-    flash_ok = use_flash and flash_attn_func is not None and q_BSHd.is_cuda and q_BSHd.dtype != torch.float32
-    if flash_ok and same_dims and mask_B1SS is None:
-        return flash_attn_func(q_BSHd, k_BSHd, v_BSHd, causal=True, softmax_scale=scale)
+    gqa = q_BSHd.shape[2] != k_BSHd.shape[2]
     q, k, v = (t.transpose(1, 2) for t in (q_BSHd, k_BSHd, v_BSHd))
-    causal = mask_B1SS is None
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1SS, is_causal=causal, enable_gqa=True, scale=scale)
-    return out.transpose(1, 2)
+    if isinstance(mask, BlockMask):
+        flex = _compiled_flex() if q.is_cuda else flex_attention
+        return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa).transpose(1, 2)
+    fits = flash_fits(q.dtype, q.shape[-1], v.shape[-1])
+    if use_flash and mask is None and flash_attn_func is not None and q.is_cuda and fits:
+        return flash_attn_func(q_BSHd, k_BSHd, v_BSHd, causal=True, softmax_scale=scale)
+    sdpa = fused_sdpa if q.is_cuda else _sdpa
+    return sdpa(q, k, v, mask, scale, gqa).transpose(1, 2)
+
+
+def _sdpa(
+    q_BHSd: torch.Tensor,
+    k_BGSd: torch.Tensor,
+    v_BGSd: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    gqa: bool,
+) -> torch.Tensor:
+    """SDPA, causal where `mask` is None. -> [B, H, S, Vd]."""
+    causal = mask is None
+    return F.scaled_dot_product_attention(
+        q_BHSd, k_BGSd, v_BGSd, attn_mask=mask, is_causal=causal, enable_gqa=gqa, scale=scale
+    )
+
+
+def fused_sdpa(
+    q_BHSd: torch.Tensor,
+    k_BGSd: torch.Tensor,
+    v_BGSd: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    gqa: bool,
+) -> torch.Tensor:
+    """SDPA limited to its fused kernels (FUSED_SDPA): a call none of them takes raises RuntimeError ("No
+    available kernel", after warnings saying why each declined) instead of running the math kernel silently.
+    -> [B, H, S, Vd]."""
+    with sdpa_kernel(FUSED_SDPA):
+        return _sdpa(q_BHSd, k_BGSd, v_BGSd, mask, scale, gqa)
 
 
 class PlainRMSNorm(nn.Module):
@@ -164,7 +285,7 @@ class Attention(nn.Module):
         self.k_head_norm = PlainRMSNorm(hd, eps) if head else None
 
     def forward(self, x_BSD: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, S, D]; rope and mask as `apply_rope` and `attend` take them (mask None: causal). -> [B, S, D]."""
+        """x [B, S, D]; rope as `apply_rope` takes it, mask from `attention_mask` (None: causal). -> [B, S, D]."""
         B, S, _ = x_BSD.shape
         q, k = self.wq(x_BSD), self.wk(x_BSD)
         if self.q_norm is not None:
@@ -174,7 +295,7 @@ class Attention(nn.Module):
             q, k = self.q_head_norm(q), self.k_head_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         v = self.wv(x_BSD).view(B, S, -1, self.head_dim)
-        return self.wo(attend(q, k, v, self.use_flash, mask).reshape(B, S, -1))
+        return self.wo(attend(q, k, v, mask, use_flash=self.use_flash).reshape(B, S, -1))
 
 
 class MLA(nn.Module):
@@ -224,7 +345,7 @@ class MLA(nn.Module):
         self.wo = nn.Linear(H * self.v_dim, D, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, S, D]; rope and mask as `apply_rope` and `attend` take them (mask None: causal). -> [B, S, D]."""
+        """x [B, S, D]; rope as `apply_rope` takes it, mask from `attention_mask` (None: causal). -> [B, S, D]."""
         B, S, _ = x_BSD.shape
         q = self.wq(x_BSD) if self.wq is not None else self.wq_b(self.q_a_norm(self.wq_a(x_BSD)))
         q_nope, q_rope = q.view(B, S, -1, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
@@ -234,7 +355,7 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope_BSR.unsqueeze(2), rope).expand(-1, -1, k_nope.shape[2], -1)
         q = torch.cat([q_nope, apply_rope(q_rope, rope)], dim=-1)
         k = torch.cat([k_nope, k_rope], dim=-1)
-        return self.wo(attend(q, k, v, self.use_flash, mask, self.scale).reshape(B, S, -1))
+        return self.wo(attend(q, k, v, mask, self.scale, self.use_flash).reshape(B, S, -1))
 
 
 def build_attention(cfg: ModelConfig) -> Attention | MLA:

@@ -9,11 +9,19 @@ Legend: B batch rows, S sequence positions.
 
 The inputs are per-token document ids (`train.data.document_ids`); only where they change matters, so any
 labelling of contiguous runs works.
+
+Two forms of the same mask: a dense bool [B, 1, S, S] for SDPA (`block_causal_mask`), and FlexAttention's
+BlockMask (`flex_block_mask`), which stores per 128 x 128 tile whether it is empty, full or partial, so the
+kernel skips the empty tiles (most of them with short documents) and never holds an [S, S] tensor.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cache
+
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 
 def _document_starts(doc_ids_BS: torch.Tensor) -> torch.Tensor:
@@ -21,6 +29,11 @@ def _document_starts(doc_ids_BS: torch.Tensor) -> torch.Tensor:
     starts_BS = torch.ones_like(doc_ids_BS, dtype=torch.bool)
     starts_BS[:, 1:] = doc_ids_BS[:, 1:] != doc_ids_BS[:, :-1]
     return starts_BS
+
+
+def _segments(doc_ids_BS: torch.Tensor) -> torch.Tensor:
+    """int64 [B, S]: the index of each token's run (runs, not ids: a repeated id stays apart)."""
+    return _document_starts(doc_ids_BS).cumsum(dim=1)
 
 
 def document_positions(doc_ids_BS: torch.Tensor) -> torch.Tensor:
@@ -51,7 +64,7 @@ def block_causal_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
         `F.scaled_dot_product_attention` (pass it instead of `is_causal=True`).
     """
     S = doc_ids_BS.shape[1]
-    segment_BS = _document_starts(doc_ids_BS).cumsum(dim=1)  # runs, not ids: a repeated id stays apart
+    segment_BS = _segments(doc_ids_BS)
     same_BSS = segment_BS[:, :, None] == segment_BS[:, None, :]
     causal_SS = torch.ones(S, S, dtype=torch.bool, device=doc_ids_BS.device).tril()
     return (same_BSS & causal_SS)[:, None]
@@ -60,3 +73,39 @@ def block_causal_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
 def document_attention(doc_ids_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions int64 [B, S] and block-causal mask bool [B, 1, S, S] of a packed batch (see above)."""
     return document_positions(doc_ids_BS), block_causal_mask(doc_ids_BS)
+
+
+@cache
+def _compiled_create_block_mask() -> Callable[..., BlockMask]:
+    """create_block_mask compiled once per process (built on first use: importing this module stays cheap)."""
+    return torch.compile(create_block_mask, dynamic=False)
+
+
+def flex_block_mask(doc_ids_BS: torch.Tensor | None, seq_len: int, device: torch.device) -> BlockMask:
+    """The block-causal mask (or, without document ids, the causal mask) as FlexAttention's BlockMask.
+
+    Built once per micro-batch and shared by every layer; heads broadcast (H=None), and so do rows without
+    document ids (B=None). On CUDA create_block_mask runs compiled, which evaluates the mask tile by tile
+    (eager, it would first build the dense [B, 1, S, S] bool tensor); elsewhere eagerly, as the CPU tests
+    need no speed and compiling would cost them seconds.
+
+    Args:
+        doc_ids_BS: document ids [B, S] (any integer dtype), or None for one causal sequence per row.
+        seq_len: S.
+        device: where the mask lives (that of q, k and v).
+    """
+    if doc_ids_BS is None:
+
+        def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+            return kv_idx <= q_idx
+
+        rows = None
+    else:
+        segment_BS = _segments(doc_ids_BS)
+
+        def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+            return (kv_idx <= q_idx) & (segment_BS[b, q_idx] == segment_BS[b, kv_idx])
+
+        rows = doc_ids_BS.shape[0]
+    create = _compiled_create_block_mask() if torch.device(device).type == "cuda" else create_block_mask
+    return create(mask_mod, rows, None, seq_len, seq_len, device=device)

@@ -8,8 +8,9 @@ keyed by layer id (pipeline stages delete blocks and keep the names), and the em
 output may be None on a pipeline stage that does not own them.
 
 Packed documents (data.document_mask): `forward(tokens, doc_ids)` turns the document ids into per-token
-positions and a block-causal mask once (moe/masking.py) and hands both to every block, so a token attends
-only within its document and its rotary position counts from the document's start. Tensor parallelism
+positions and a block-causal mask once (moe/masking.py: dense for SDPA, a BlockMask where FlexAttention
+attends, `moe.attention.attention_mask`) and hands both to every block, so a token attends only within its
+document and its rotary position counts from the document's start. Tensor parallelism
 keeps that correct as it is: every tp rank holds the whole sequence of tokens, and attention runs on the
 whole sequence (the sequence-parallel slices are all-gathered before it). A pipeline stage after the first
 takes hidden states, and the trainer hands it the document ids as well (`Trainer._stage_kwargs`).
@@ -20,12 +21,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeyard.moe.attention import build_attention, rope_table
+from moeyard.moe.attention import attention_mask, build_attention, rope_table
 from moeyard.moe.config import ModelConfig, MoEConfig
 from moeyard.moe.init import init_full_tensor as init_full_tensor  # re-exported: the full tensor, for tests
 from moeyard.moe.init import init_slice_
 from moeyard.moe.layer import MoELayer, SwiGLU
-from moeyard.moe.masking import document_attention
+from moeyard.moe.masking import document_positions
 
 
 class Block(nn.Module):
@@ -67,10 +68,8 @@ class Transformer(nn.Module):
         """tokens [B, S] (or hidden states); doc_ids [B, S] int (`train.data.document_ids`) keeps packed
         documents apart, None = one causal sequence per row."""
         h = self.tok_embeddings(tokens_or_h) if self.tok_embeddings is not None else tokens_or_h
-        rope, mask = self.rope, None
-        if doc_ids is not None:
-            positions_BS, mask = document_attention(doc_ids)
-            rope = self.rope[positions_BS]  # [B, S, R/2, 2]: each token's angles, once for every block
+        rope = self.rope if doc_ids is None else self.rope[document_positions(doc_ids)]  # or [B, S, R/2, 2]
+        mask = attention_mask(self.cfg, doc_ids, h)  # once for every block: dense, BlockMask or None
         for block in self.layers.values():
             h = block(h, rope, mask)
             if block.moe is not None:

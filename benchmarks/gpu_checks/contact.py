@@ -10,8 +10,10 @@ path breaks or waits where it must not) or "info" (a fact about this torch, e.g.
                  with empty and odd sizes: outputs and gradients, and host synchronisations of each on CUDA
   H2D copy       how long the host is held by a batch copy queued behind a 50 ms kernel: the trainer's
                  (pinned, non_blocking) against pageable copies
-  attention      per shape, the SDPA backend torch picks, each backend's feasibility and peak memory, and
-                 the model's own attention module's time and peak memory (forward+backward under bf16 autocast)
+  attention      per shape (GQA and MLA, causal and packed documents), the kernel the model picks (FlexAttention
+                 or SDPA limited to its fused kernels, `moe.attention.attention_kernel`) with its module's time
+                 and peak memory (forward+backward under bf16 autocast), the backend SDPA alone would pick, and
+                 each SDPA backend's and compiled FlexAttention's feasibility and peak memory
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ from typing import Any
 
 import torch
 
-from moeyard.moe.attention import build_attention
+from moeyard.moe.attention import attend, attention_mask, build_attention, model_kernel
 from moeyard.moe.config import ModelConfig
 from moeyard.moe.experts import GroupedExperts, grouped_mm_unfused_reason
-from moeyard.moe.masking import document_attention
+from moeyard.moe.masking import block_causal_mask, document_positions, flex_block_mask
 from moeyard.moe.presets import PRESETS
 
 
@@ -243,7 +245,7 @@ class AttentionShape:
 
 
 def attention_shapes(size: str) -> list[AttentionShape]:
-    """Mixtral-8x7B's GQA (causal, and with packed documents) and DeepSeek-V3's MLA, as trained here."""
+    """Mixtral-8x7B's GQA and DeepSeek-V3's MLA as trained here, each causal and with packed documents."""
     mixtral, deepseek = PRESETS["mixtral_8x7b"].model_config(), PRESETS["deepseek_v3"].model_config()
     if size != "full":
         small = dict(dim=64, n_heads=4, n_kv_heads=2, max_seq_len=128)
@@ -256,6 +258,7 @@ def attention_shapes(size: str) -> list[AttentionShape]:
         AttentionShape("Mixtral GQA causal", mixtral, 2, seq),
         AttentionShape("Mixtral GQA documents", mixtral, 2, seq, document_mask=True),
         AttentionShape("DeepSeek-V3 MLA causal", deepseek, 1, seq),
+        AttentionShape("DeepSeek-V3 MLA documents", deepseek, 1, seq, document_mask=True),
     ]
 
 
@@ -292,6 +295,13 @@ def _peak(fn: Callable[[], None], device: torch.device) -> tuple[float, float | 
     return (time.perf_counter() - start) * 1e3, (torch.cuda.max_memory_allocated(device) - base) / 1e9
 
 
+def _declined(err: BaseException, caught: list[warnings.WarningMessage]) -> str:
+    """Why a backend declined: the last reason torch warned (SDPA says why each kernel declines), else the error."""
+    reasons = [str(w.message).split(" (Triggered")[0] for w in caught]
+    reasons = [r for r in reasons if not r.rstrip().endswith("because:")] or [str(err)]
+    return "no: " + reasons[-1].strip().splitlines()[0].split(". ")[0][:90]
+
+
 def sdpa_backends(shape: AttentionShape, device: torch.device, dtype: torch.dtype) -> tuple[str, dict[str, str]]:
     """The backend SDPA picks for this call, and each backend's outcome: peak GB of fwd+bwd, or why not."""
     import torch.nn.functional as F
@@ -299,7 +309,7 @@ def sdpa_backends(shape: AttentionShape, device: torch.device, dtype: torch.dtyp
 
     q, k, v = (t.requires_grad_(True) for t in _qkv(shape, device, dtype))
     doc = _doc_ids(shape, device)
-    mask = document_attention(doc)[1] if doc is not None else None
+    mask = block_causal_mask(doc) if doc is not None else None
     kwargs = dict(attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1])
     choose = getattr(torch, "_fused_sdp_choice", None)
     picked = SDPBackend(choose(q, k, v, **kwargs)).name if choose else "unknown"
@@ -317,40 +327,69 @@ def sdpa_backends(shape: AttentionShape, device: torch.device, dtype: torch.dtyp
                 ms, gb = _peak(run, device)
                 outcomes[backend] = f"{gb:.2f} GB" if gb is not None else f"{ms:.0f} ms"
             except RuntimeError as err:
-                reasons = [str(w.message).split(" (Triggered")[0] for w in caught]
-                reasons = [r for r in reasons if not r.rstrip().endswith("because:")] or [str(err)]
-                outcomes[backend] = "no: " + reasons[-1].strip().splitlines()[0].split(". ")[0][:90]
+                outcomes[backend] = _declined(err, caught)
         q.grad = k.grad = v.grad = None
+    outcomes["FLEX"] = flex_backend(shape, device, dtype)
     return picked, outcomes
 
 
+def flex_backend(shape: AttentionShape, device: torch.device, dtype: torch.dtype) -> str:
+    """FlexAttention as `moe.attention.attend` runs it, with the shape's BlockMask (built once, as per
+    micro-batch): peak GB of fwd+bwd, compiled, on CUDA (after one call that compiles); elsewhere, where torch
+    has no FlexAttention backward, the eager forward's time."""
+    q, k, v = (t.transpose(1, 2) for t in _qkv(shape, device, dtype))  # attend takes [B, S, H, Hd]
+    block = flex_block_mask(_doc_ids(shape, device), shape.seq_len, device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if device.type != "cuda":
+                with torch.no_grad():
+                    ms, _ = _peak(lambda: attend(q, k, v, block), device)
+                return f"{ms:.0f} ms forward (no backward off CUDA)"
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+            def run() -> None:
+                out = attend(*leaves, block)
+                out.backward(torch.ones_like(out))
+
+            run()  # compiles
+            return f"{_peak(run, device)[1]:.2f} GB"
+        except Exception as err:  # a compile error is not always a RuntimeError
+            return _declined(err, caught)
+
+
 def attention_check(shape: AttentionShape, device: torch.device) -> dict[str, Any]:
-    """The model's attention module at `shape`, fwd+bwd under bf16 autocast, and SDPA's choices there."""
+    """The model's attention module at `shape`, fwd+bwd under bf16 autocast, with the kernel and mask the model
+    picks (model.attn_impl=auto: `moe.attention.attention_mask`), and SDPA's and FlexAttention's outcomes there.
+    Status FAIL where the model's path raises (SDPA limited to its fused kernels refuses), info where it runs
+    SDPA's math kernel (off CUDA, where nothing limits SDPA)."""
     dtype = torch.bfloat16
     picked, outcomes = sdpa_backends(shape, device, dtype)
     with torch.device(device):
         module = build_attention(shape.model)
     rope = _rope(shape.model, device)
     doc = _doc_ids(shape, device)
-    mask = None
     if doc is not None:
-        positions, mask = document_attention(doc)
-        rope = rope[positions]
+        rope = rope[document_positions(doc)]
     x = torch.randn(shape.rows, shape.seq_len, shape.model.dim, device=device, requires_grad=True)
+    kernel = model_kernel(shape.model, device.type, dtype, doc is not None)
+    with torch.autocast(device.type, dtype=dtype):
+        mask = attention_mask(shape.model, doc, x)  # once per micro-batch in the model, outside the timing
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype):
             out = module(x, rope, mask=mask)
         out.float().sum().backward()
 
-    step()  # warm-up
+    step()  # warm-up (and compile, for FlexAttention on CUDA)
     ms, gb = _peak(step, device)
     backends = ", ".join(f"{name.split('_')[0].lower()} {what}" for name, what in outcomes.items())
     mem = f", peak {gb:.2f} GB" if gb is not None else ""
-    detail = f"picks {picked}; model attention {ms:.1f} ms{mem}; backends: {backends}"
+    detail = f"model: {kernel} {ms:.1f} ms{mem}; SDPA alone picks {picked}; backends: {backends}"
     case = f"{shape.label} {shape.rows}x{shape.seq_len}"
-    status = "info" if picked in ("MATH", "unknown") else "ok"
-    return record("attention", case, status, detail, picked=picked, backends=outcomes, ms=ms, peak_gb=gb)
+    math_kernel = kernel == "sdpa" and picked in ("MATH", "unknown")
+    status = "info" if math_kernel and device.type != "cuda" else "ok"
+    return record("attention", case, status, detail, kernel=kernel, picked=picked, backends=outcomes, ms=ms, peak_gb=gb)
 
 
 def _rope(model: ModelConfig, device: torch.device) -> torch.Tensor:

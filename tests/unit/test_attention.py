@@ -250,7 +250,7 @@ def test_init_fills_norms_with_ones_and_biases_with_zeros(kw):
         ({"attention": "mla", "qk_rope_head_dim": 3}, "model.qk_rope_head_dim=3 must be even"),
         ({"attention": "mla", "q_lora_rank": -1}, "model.q_lora_rank=-1 must be >= 0"),
         ({"rope_scaling": "yarn", "yarn_factor": 0.5}, "model.yarn_factor=0.5 must be >= 1"),
-        ({"rope_scaling": "yarn", "yarn_beta_slow": 40.0}, "model.yarn_beta_fast=32.0 must be > yarn_beta_slow"),
+        ({"rope_scaling": "yarn", "yarn_beta_slow": 40.0}, "model.yarn_beta_fast=32.0 must be >= yarn_beta_slow"),
     ],
 )
 def test_bad_attention_configs_name_the_field(kw, message):
