@@ -45,6 +45,11 @@ def pipeline_stage(
     )
 
 
+NEWER_COLLECTIVES = ("all_gather_single", "reduce_scatter_single")
+"""torch.distributed collectives added after 2.11 (FSDP2 gathers and reduce-scatters through them where they
+exist): the collective log wraps whichever of them this torch has."""
+
+
 def all_gather_into(output: torch.Tensor, local: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
     """Every rank's `local`, concatenated along dim 0 into `output` (`all_gather_single` where torch has it:
     2.13 deprecates `all_gather_into_tensor`, which 2.11 has alone)."""

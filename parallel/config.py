@@ -31,6 +31,11 @@ class ParallelConfig:
     """Expert-parallel degree; divides dp * tp and moe.num_experts."""
     dp_mode: str = choice("replicate", "fsdp")
     """Replicate parameters and all-reduce gradients, or shard parameters, grads and optimizer state (FSDP2)."""
+    fsdp_hold: str = choice("step", "micro_batch")
+    """dp_mode=fsdp: step keeps what FSDP gathers or accumulates through the step (under a pipeline every
+    block's gathered parameters, one all-gather per unit and step; without one the unsharded gradients, one
+    reduce-scatter per unit and step); micro_batch reshards after every forward and reduce-scatters every
+    micro-batch: less memory for more collectives (torch's pipeline stages still reduce once per step)."""
     sequence_parallel: bool = False
     """With tp > 1: shard norms' activations over the sequence dimension."""
     pp_schedule: str = choice("1f1b", "gpipe", "interleaved_1f1b")

@@ -8,12 +8,14 @@ all dp ranks, and each expert already received the tokens of its whole ep group 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
 
 from moeyard.moe.model import Transformer
 
@@ -32,19 +34,67 @@ def is_expert_param(fqn: str) -> bool:
     return bool(_EXPERT_PARAM.search(clean_fqn(fqn)))
 
 
+def expert_shard(local_EXY: torch.Size, edp: int) -> Shard:
+    """Which dim FSDP splits a rank's [E_local, X, Y] expert weight along over edp: the expert dim, unless
+    there are fewer local experts than edp ranks and the next dim splits evenly (FSDP2 pads only dim 0: with
+    E_local < edp some ranks would hold nothing and others whole experts)."""
+    if len(local_EXY) > 1 and local_EXY[0] < edp and local_EXY[1] % edp == 0:
+        return Shard(1)
+    return Shard(0)
+
+
 def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh, bf16: bool) -> None:
     """Shards experts over edp and everything else over dp, one FSDP unit per block (FSDP2)."""
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    edp = edp_mesh.size()
+
+    def placement(param: torch.nn.Parameter) -> Shard:
+        return expert_shard(param.shape, edp)
+
     for block in model.layers.values():
         moe = _unwrap(block).moe
         if moe is not None:
-            fully_shard(moe.experts, mesh=edp_mesh, mp_policy=mp)
+            fully_shard(moe.experts, mesh=edp_mesh, mp_policy=mp, shard_placement_fn=placement)
         fully_shard(block, mesh=dp_mesh, mp_policy=mp)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "_checkpoint_wrapped_module", module)
+
+
+def _fsdp_blocks(parts: Sequence[Transformer]) -> list[FSDPModule]:
+    return [block for part in parts for block in part.layers.values() if isinstance(block, FSDPModule)]
+
+
+@contextmanager
+def gathered_through_step(parts: Sequence[Transformer], hold: bool = True) -> Iterator[None]:
+    """Under a pipeline schedule: each FSDP block (its experts too) stays gathered from its first micro-batch's
+    forward to its last backward, one all-gather per unit and step instead of one per micro-batch and pass.
+
+    A schedule interleaves micro-batches' forwards and backwards on a stage, so resharding after each forward
+    re-gathers every block for each of them; torch's stages already keep parameters gathered between
+    backwards and reduce-scatter once, after the last (`PipelineStage.perform_reduce_grad`, which reshards).
+    The cost is the stage's blocks held gathered for the step (plan/memory.py counts them). Set for the step
+    only, not at `fully_shard`: evaluation and checkpoints outside it see parameters sharded as usual. The
+    root unit is left alone (FSDP2 keeps it gathered from forward to backward by itself).
+    """
+    blocks = _fsdp_blocks(parts) if hold else []  # parallel.fsdp_hold=micro_batch: reshard as usual
+    for block in blocks:
+        block.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.set_reshard_after_forward(True)
+
+
+def sync_grads_now(part: torch.nn.Module, sync: bool) -> None:
+    """Without a pipeline: FSDP reduce-scatters gradients in the step's last micro-batch's backward only, one
+    reduction per step; earlier micro-batches accumulate unsharded gradients (held until then, which
+    plan/memory.py counts). The replicated mode reduces once per step anyway (`finish_grads`)."""
+    if isinstance(part, FSDPModule):
+        part.set_requires_gradient_sync(sync)
 
 
 BUCKET_BYTES = 25 * 2**20

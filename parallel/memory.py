@@ -31,11 +31,11 @@ from math import gcd, prod
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from moeyard.moe.config import ModelConfig, MoEConfig
 from moeyard.parallel.config import ParallelConfig
-from moeyard.parallel.data_parallel import is_expert_param
+from moeyard.parallel.data_parallel import expert_shard, is_expert_param
 from moeyard.parallel.dims import Axis, ParallelDims
 from moeyard.parallel.parallelize import ParallelModel, build_parallel_model
 from moeyard.parallel.pipeline import local_stage_ids, stage_layer_ranges
@@ -61,6 +61,9 @@ class RankMemory:
     """FSDP gathers bf16 parameters (train.dtype=bf16) rather than fp32 ones."""
     tensors: int = 0
     """Parameter tensors this rank holds (each has an AdamW step counter)."""
+    gathered_blocks: int = 0
+    """Elements of all this rank's blocks, their experts included, once gathered (what FSDP holds across
+    micro-batches: their accumulated gradients, and under a pipeline their parameters)."""
 
     @property
     def state_bytes(self) -> int:
@@ -119,6 +122,7 @@ def rank_memory(pm: ParallelModel, bf16: bool) -> RankMemory:
         params=sum(local_numel(p) for _, p in pm.named_parameters()),
         gathered_root=root,
         gathered_block=max(blocks.values(), default=0),
+        gathered_blocks=sum(blocks.values()),
         bf16=bf16,
         tensors=len(pm.named_parameters()),
     )
@@ -206,6 +210,13 @@ def fsdp_chunk_numel(shape: tuple[int, ...], ways: int) -> int:
     return rows * prod(shape[1:])
 
 
+def _fsdp_numel(shard: LocalShape, ways: int) -> int:
+    """Elements of FSDP's first shard of `shard` split `ways` ways (experts along `expert_shard`'s dim)."""
+    if ways > 1 and shard.expert and expert_shard(torch.Size(shard.shape), ways) == Shard(1):
+        return prod(shard.shape) // ways
+    return fsdp_chunk_numel(shard.shape, ways)
+
+
 def _stage_shards(
     probe: ShardProbe, model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDims, pp_rank: int
 ) -> tuple[list[tuple[LocalShape, ...]], tuple[LocalShape, ...]]:
@@ -227,9 +238,10 @@ def stage_memory(
     ways = {False: dims.dp if fsdp else 1, True: dims.edp if fsdp else 1}
     gathered = lambda shards: sum(prod(s.shape) for s in shards)
     return RankMemory(
-        params=sum(fsdp_chunk_numel(s.shape, ways[s.expert]) for shards in (*blocks, root) for s in shards),
+        params=sum(_fsdp_numel(s, ways[s.expert]) for shards in (*blocks, root) for s in shards),
         gathered_root=gathered(root),
         gathered_block=max((gathered(block) for block in blocks), default=0),
+        gathered_blocks=sum(gathered(block) for block in blocks),
         bf16=bf16,
         tensors=sum(len(shards) for shards in (*blocks, root)),
     )

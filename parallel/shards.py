@@ -41,12 +41,14 @@ def layout_free(name: str, t: torch.Tensor, dims: ParallelDims, expert_mesh: Dev
     mesh, ep = expert_mesh, dims.ep
     if not isinstance(t, DTensor):  # from_local shares storage: DCP loads straight into the parameter
         return DTensor.from_local(t, mesh[Axis.EP.value], [Shard(0)], run_check=False)
-    assert t.device_mesh.mesh_dim_names == (Axis.EDP.value,) and tuple(t.placements) == (Shard(0),), (name, t)
+    placements = tuple(t.placements)
+    assert t.device_mesh.mesh_dim_names == (Axis.EDP.value,) and placements in ((Shard(0),), (Shard(1),)), (name, t)
     shape = torch.Size((t.shape[0] * ep, *t.shape[1:]))
     return DTensor.from_local(
         t.to_local(),
         mesh[(Axis.EDP.value, Axis.EP.value)],
-        fsdp_expert_placements(ep),
+        # FSDP's Shard(1) (fewer local experts than edp ranks, data_parallel.expert_shard) splits another dim.
+        fsdp_expert_placements(ep) if placements == (Shard(0),) else [Shard(1), Shard(0)],
         run_check=False,
         shape=shape,
         stride=tuple(math.prod(shape[i + 1 :]) for i in range(len(shape))),  # contiguous

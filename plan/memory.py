@@ -6,7 +6,8 @@ peak = params + gradients + AdamW state       (parallel/memory.py: counted from 
      + the largest backward working set on top of them (the loss's, or a block's, with its recomputation)
      + buffers: pipeline receive buffers (one per micro-batch and direction, kept by torch's pipelining) and
        the stage outputs it keeps until their backward (the last stage's logits too, only while in flight),
-       FSDP's gathered copies (root unit and two blocks)
+       FSDP's gathered copies (root unit and two blocks) and what it holds across micro-batches (each unit's
+       accumulated unsharded gradient; under a pipeline every block's gathered parameters too)
      + fixed: CUDA context, workspaces and NCCL buffers, and allocator fragmentation (cluster.py's table)
 
 Micro-batches in flight per pipeline rank r of pp (m micro-batches): one without a pipeline, m under GPipe,
@@ -119,8 +120,10 @@ def rank_peak(
     counts = in_flight(pcfg.pp_schedule, dims.pp, pp_rank, micro, vpp)
     hidden = shape.rows * (shape.seq // shape.tp if shape.sp else shape.seq) * model.dim * shape.res
     logits = shape.tokens * (model.vocab_size // shape.tp) * shape.act
-    gathered = _fsdp_gathered(model, shape, state, fsdp_bf16) if pcfg.dp_mode == "fsdp" and dims.dp > 1 else None
-    working, buffers, parts = 0, 0, {}
+    fsdp = pcfg.dp_mode == "fsdp" and dims.dp > 1
+    hold = pcfg.fsdp_hold == "step"
+    gathered = _fsdp_gathered(model, shape, state, fsdp_bf16, dims.pp > 1 and hold) if fsdp else None
+    working, buffers, parts, one_micro = 0, 0, {}, 0
     for sid, count in zip(stage_ids, counts, strict=True):
         first, last = sid == 0, sid == n_stages - 1
         key = ("stage", signature(model, pcfg, ranges[sid]), first, last, gathered)
@@ -138,18 +141,41 @@ def rank_peak(
             buffers += count * logits
         for name, value in saved.items():
             parts[name] = parts.get(name, 0) + count * value
+        one_micro += sum(saved.values())
         working = max(working, over)
+    if fsdp:
+        buffers += _fsdp_held(state, dims.pp, micro, max(counts), one_micro, fsdp_bf16, hold)
     return RankPeak(pp_rank, state, sum(parts.values()), working, buffers, parts)
 
 
-def _fsdp_gathered(model: ModelConfig, shape: Shape, state: RankMemory, bf16: bool) -> tuple[int, int]:
+def _fsdp_gathered(model: ModelConfig, shape: Shape, state: RankMemory, bf16: bool, pipelined: bool) -> tuple[int, int]:
     """FSDP's extra bytes on top of the saved tensors: (while the loss runs backward: the root unit gathered;
     while a block's backward starts: the root unit, the output's unsharded gradient, the block's all-gather
-    buffer and its unsharded parameters)."""
+    buffer and its unsharded parameters). Under a pipeline the blocks stay gathered through the step
+    (`_fsdp_held` counts them) and none is gathered again for backward."""
     per = 2 if bf16 else FP32
     root = per * state.gathered_root
     output_grad = per * (model.vocab_size // shape.tp) * model.dim if state.gathered_root else 0
-    return root, root + output_grad + 2 * per * state.gathered_block
+    return root, root + output_grad + (0 if pipelined else 2 * per * state.gathered_block)
+
+
+def _fsdp_held(state: RankMemory, pp: int, micro: int, in_flight: int, one_micro: int, bf16: bool, hold: bool) -> int:
+    """FSDP's bytes held across the step's micro-batches, on top of the peak's saved tensors.
+
+    Under a pipeline the blocks' gathered parameters stay from their first forward to their last backward
+    (`data_parallel.gathered_through_step`; the root's are counted in `_fsdp_gathered`). With more than one
+    micro-batch, every unit's unsharded gradient accumulates in fp32 (the reduce dtype) from the first
+    backward until the last micro-batch's backward reduce-scatters it, once a step
+    (`data_parallel.sync_grads_now`; torch's pipeline stages do the same). They first coexist with the most
+    micro-batches in flight only if a forward follows a backward (more micro-batches than in flight, 1F1B's
+    steady state); otherwise the first backward has freed one micro-batch's saved tensors (`one_micro`).
+    With `parallel.fsdp_hold=micro_batch` (`hold` False) blocks reshard after each forward, and only torch's
+    pipeline stages still hold gradients across micro-batches.
+    """
+    params = (2 if bf16 else FP32) * state.gathered_blocks if pp > 1 and hold else 0
+    held_grads = micro > 1 and (hold or pp > 1)  # parallel.fsdp_hold=micro_batch reduces each micro-batch's
+    grads = FP32 * (state.gathered_root + state.gathered_blocks) if held_grads else 0
+    return params + (grads if micro > in_flight else max(0, grads - one_micro))
 
 
 def _stage(

@@ -197,7 +197,10 @@ class Work:
     compute: float
     tp: float
     ep: float
-    fsdp_comm: float
+    fsdp_gather: float
+    """One all-gather of the chunk's FSDP units (their parameters), in seconds."""
+    fsdp_reduce: float
+    """One reduce-scatter of their gradients."""
 
 
 def chunk_work(
@@ -253,8 +256,8 @@ def chunk_work(
     if dims.pp > 1:
         compute += topo.cal.pp_micro_s
         tp_time += 2 * topo.ring(tp_ranks, hidden, "all_reduce")  # the vocab-parallel embedding's output
-    fsdp_comm, fsdp_copies = _fsdp_comm(pcfg, dims, topo, state, layers)
-    return Work(compute + fsdp_copies / rate.memory, tp_time, ep_time, fsdp_comm)
+    gather, reduce, fsdp_copies = _fsdp_comm(pcfg, dims, topo, state, layers)
+    return Work(compute + fsdp_copies / rate.memory, tp_time, ep_time, gather, reduce)
 
 
 def _fixed_per_block(pcfg: ParallelConfig, dims: ParallelDims, cal: Calibration) -> float:
@@ -281,18 +284,29 @@ def _dedup_scale(e: MoEConfig, topo: Topology, ep_ranks: list[int]) -> float:
 def _fsdp_comm(
     pcfg: ParallelConfig, dims: ParallelDims, topo: Topology, state: RankMemory, layers
 ) -> tuple[float, float]:
-    """FSDP's per-micro-batch cost of one chunk: (seconds of collectives: parameters gathered in forward and
-    backward, gradients reduce-scattered; bytes its copies move: each gather's output copied into the
-    parameters, the gradients copied into the reduce-scatter's input)."""
+    """FSDP's collectives of one chunk: (seconds of one all-gather of its parameters, of one reduce-scatter of
+    its gradients; bytes its copies move in a micro-batch: each gather's output copied into the parameters,
+    the gradients copied into the reduce-scatter's input, counted as if both ran every micro-batch). How
+    many of each a step makes is `_fsdp_per_micro_batch`'s."""
     if pcfg.dp_mode != "fsdp" or dims.dp == 1:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     dp_ranks = [i * dims.tp for i in range(dims.dp)]
     per = 2 if topo.bf16 else FP32
     blocks = state.gathered_block * (layers[1] - layers[0])
     gathered = blocks + state.gathered_root
     gather = topo.ring(dp_ranks, per * gathered, "all_gather")
-    seconds = 2 * gather + topo.ring(dp_ranks, FP32 * gathered, "reduce_scatter")
-    return seconds, gathered * (2 * 2 * per + 2 * FP32)
+    reduce = topo.ring(dp_ranks, FP32 * gathered, "reduce_scatter")
+    return gather, reduce, gathered * (2 * 2 * per + 2 * FP32)
+
+
+def _fsdp_per_micro_batch(works: list[Work], pcfg: ParallelConfig, dims: ParallelDims, micro: int) -> float:
+    """A rank's FSDP collectives per step, in seconds per micro-batch. Gathers: one per unit and step under a
+    pipeline with parallel.fsdp_hold=step (blocks stay gathered), else one in forward and one in backward per
+    micro-batch. Reduce-scatters: one per step, unless fsdp_hold=micro_batch without a pipeline."""
+    hold = pcfg.fsdp_hold == "step"
+    gathers = 1 if dims.pp > 1 and hold else 2 * micro
+    reduces = 1 if hold or dims.pp > 1 else micro
+    return sum(gathers * w.fsdp_gather + reduces * w.fsdp_reduce for w in works) / micro
 
 
 def step_time(
@@ -326,7 +340,8 @@ def step_time(
         compute = sum(w.compute for w in works)
         # FSDP prefetches its collectives behind compute on a GPU; a CPU rank's one core does both.
         overlap = topo.device.name != "cpu"
-        fsdp = sum(max(0.0, w.fsdp_comm - w.compute) if overlap else w.fsdp_comm for w in works)
+        fsdp = _fsdp_per_micro_batch(works, pcfg, dims, micro)
+        fsdp = max(0.0, fsdp - compute) if overlap else fsdp
         p2p = _p2p(m, s, dims, topo) * sum(2 * ((i > 0) + (i < n_stages - 1)) / 2 for i in ids)
         per_rank.append((compute, sum(w.tp for w in works), sum(w.ep for w in works), p2p, fsdp))
     if topo.features.dualpipe:  # rank r runs stage r of one direction and stage pp - 1 - r of the other

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+from moeyard.parallel.compat import NEWER_COLLECTIVES
+
 # The torch.distributed entry points the trainer, FSDP, DTensor redistribution and pipelining go through.
 # Not isend/irecv: P2POp (pipelining) checks its op by identity against them; batch_isend_irecv covers those.
 _OPS = (
@@ -39,6 +41,7 @@ _OPS = (
     "reduce",
     "gather_object",
     "scatter_object_list",
+    *NEWER_COLLECTIVES,
 )
 _FUNCOL_OPS = ("all_to_all_single_autograd",)
 
