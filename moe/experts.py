@@ -75,7 +75,9 @@ class GroupedExperts(nn.Module):
             offsets_E = counts_E.cumsum(0).to(torch.int32)
             mm = lambda a, w: _grouped_mm(a.contiguous(), w, offsets_E)
         else:
-            counts = counts_E.tolist()  # the layer's one host read, shared by its three matmuls
+            # The layer's one host read, shared by its three matmuls. Under torch.compile it is traced as
+            # symbolic sizes (parallel's apply_compile turns on dynamo's capture_scalar_outputs), not a break.
+            counts = counts_E.tolist()
             mm = lambda a, w: looped_mm(a, w, counts)
         h_NF = F.silu(mm(x_ND, w1)) * mm(x_ND, w3)
         return mm(h_NF, w2)

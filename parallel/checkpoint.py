@@ -11,8 +11,9 @@ while writing them (parallel/checksums.py); `resolve` verifies them before a che
 Keep-last-K only ever deletes saves of the saving run's own lineage (the run that started it and every run
 resumed from its saves): a directory holding other runs' checkpoints loses none of them.
 
-A save may also run in the background (`start_save(background=True)`, DCP's async_save): the sealing
-then waits in `finish_save` until every rank's write has finished.
+A save may also run in the background (`start_save(stager=...)`, DCP's async_save, from host copies that
+parallel/staging.py keeps from save to save): the sealing then waits in `finish_save` until every rank's
+write has finished.
 
 Names do not depend on the layout: entries are keyed by full-model FQNs ("model.layers.3.moe.experts.w1",
 "optim.layers.3.moe.experts.w1.exp_avg"), and every sharded tensor is a DTensor that knows its global shape
@@ -44,6 +45,7 @@ from moeyard.moe.config import ModelConfig, MoEConfig
 from moeyard.parallel.checksums import ALGORITHM, ChecksumWriter, file_checksum, first_mismatch
 from moeyard.parallel.safe_metadata import SafeFileSystemReader
 from moeyard.parallel.shards import layout_free
+from moeyard.parallel.staging import HostStager
 
 CHECKPOINTS = "checkpoints"
 FORMAT = 2
@@ -347,14 +349,16 @@ def start_save(
     root: Path,
     meta: dict,
     *,
-    background: bool = False,
+    stager: HostStager | None = None,
     process_group: dist.ProcessGroup | None = None,
 ) -> PendingSave:
     """Starts writing step_N into step_N.tmp on every rank (a collective); `finish_save` seals it.
 
-    background: `dcp.async_save`, which first copies this rank's shards to CPU memory (so training may go on
-    changing them) and then writes from a thread, returning at once. That thread runs DCP's own collectives,
-    so `process_group` should be one that nothing else uses meanwhile (a gloo group of all ranks).
+    stager: write in the background (`dcp.async_save`): `stager` first copies this rank's shards into its
+    host buffers (so training may go on changing them), then a thread writes the copies and this returns at
+    once. The stager is not staged into again before `finish_save` has waited for this write. That thread
+    runs DCP's own collectives, so `process_group` should be one that nothing else uses meanwhile (a gloo
+    group of all ranks).
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
@@ -368,13 +372,18 @@ def start_save(
     meta = {**meta, "step": step, "optimizer": optimizer is not None, "rng": sorted(rng)}
     writer = ChecksumWriter(tmp, single_file_per_rank=True, sync_files=True)
     no_dist = not dist.is_initialized()
+    background = stager is not None
     if background and no_dist:
         # DCP's writer thread warns after single_process_quiet has returned; in one process it always would.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:
         with single_process_quiet():
             if background:
-                written = dcp.async_save(state, storage_writer=writer, process_group=process_group, no_dist=no_dist)
+                writer.per_thread_copy_ahead = 0  # as the writer's own staging sets it: the data is on the host
+                written = dcp.async_save(
+                    state, storage_writer=writer, process_group=process_group, no_dist=no_dist, async_stager=stager
+                )
+                stager.writing = written
             else:
                 written = Future()
                 written.set_result(dcp.save(state, storage_writer=writer, no_dist=no_dist))
@@ -382,7 +391,7 @@ def start_save(
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    assert isinstance(written, Future), type(written)  # FileSystemWriter stages synchronously
+    assert isinstance(written, Future), type(written)  # HostStager stages synchronously
     return PendingSave(step=step, tmp=tmp, final=final, meta=meta, written=written, checksums=writer.checksums)
 
 

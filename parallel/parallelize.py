@@ -116,6 +116,10 @@ def apply_compile(part: Transformer) -> None:
     from outside, the checkpoint becomes a higher-order op whose body may not mutate modules (the MoE
     layer hands out its routing statistics), and one such break leaves the whole block uncompiled.
     """
+    # The per-expert loop (moe/experts.py) reads its counts on the host (`.tolist()`): traced as symbolic
+    # sizes instead of a graph break, which would split the block (and leave it uncompiled under a
+    # checkpoint). A process-wide dynamo setting, read when a block is traced (torchtitan sets it for MoE too).
+    torch._dynamo.config.capture_scalar_outputs = True
     for block in part.layers.values():
         getattr(block, "_checkpoint_wrapped_module", block).compile()
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from moeyard.moe.config import ModelConfig, MoEConfig, check_fields, require
 from moeyard.parallel import checkpoint as ckpt
+from moeyard.parallel.staging import HostStager
 from moeyard.profiling.sinks import METRICS_FILE, cut_metrics
 from moeyard.train.callbacks import Callback
 
@@ -47,8 +48,9 @@ class CheckpointConfig:
     can be unusable (a disk filled up, a node died while it was copied) and resume=auto then takes the one
     before it; more only costs disk."""
     async_save: bool = False
-    """Write each save in a background thread (DCP async_save, after a copy of the shards to CPU memory); it is
-    sealed at the next save or at the end of the run (SIGTERM included), once every rank's write has finished."""
+    """Write each save in a background thread (DCP async_save, after one copy of the shards into host buffers
+    that every save reuses, pinned on CUDA); it is sealed at the next save or at the end of the run (SIGTERM
+    included), once every rank's write has finished."""
 
     def check(self) -> None:
         """Raises ValueError naming the first field whose value breaks a rule."""
@@ -193,6 +195,8 @@ class Checkpointer:
         # separate gloo group (every rank creates it here, in the same order) keeps the two apart.
         background = cfg.enabled and cfg.async_save and dist.is_initialized()
         self.save_group = dist.new_group(backend="gloo") if background else None
+        self.stager = HostStager() if cfg.enabled and cfg.async_save else None
+        """The host copies async saves write from: allocated by the first save, reused by the next ones."""
 
     def _note(self, text: str) -> None:
         if self.rank == 0:
@@ -259,7 +263,7 @@ class Checkpointer:
             step,
             self.root,
             {**self.meta(), "lineage": self.lineage},
-            background=c.async_save,
+            stager=self.stager,
             process_group=self.save_group,
         )
         self.saved_step = step
