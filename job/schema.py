@@ -141,13 +141,16 @@ class ClusterConfig:
     """Where the job will run, for `moeyard plan` and the pre-flight memory check of `moeyard train`."""
 
     gpu: str = choice("auto", "h100", "h200", "h800", "a100", "cpu")
-    """Device kind; auto: this machine's GPU when CUDA is present (by name), else cpu."""
-    nodes: int = 1
-    """`moeyard plan`: nodes to plan for (`moeyard train` takes the world size from its launcher)."""
-    gpus_per_node: int = 0
-    """`moeyard plan`: ranks per node; 0 = 8 for a GPU kind, this machine's core count for cpu."""
+    """Device kind; auto: this machine's GPU (by name), or cpu for a job with train.device=cpu; `moeyard plan`
+    refuses auto on a machine without a GPU for a job that does not say cpu (cpu plans CPU ranks)."""
+    nodes: int | None = None
+    """`moeyard plan`: nodes to plan for; null = the launcher's (`moeyard train` takes the world from it)."""
+    gpus_per_node: int | None = None
+    """`moeyard plan`: ranks per node; null = the launcher's ranks per node."""
     memory_gb: float | None = None
     """Usable device memory per rank in GB (1e9 B), overriding the table (e.g. a MIG slice)."""
+    memory_margin: float = 0.10
+    """`moeyard plan` recommends only layouts predicted to leave this share of usable memory free."""
     moe_headroom: float = 1.2
     """Routed rows a rank may receive under expert parallelism, over the balanced share (stated imbalance)."""
     preflight: bool = True

@@ -1,5 +1,5 @@
 """The machines a job runs on: which row of the device table (profiling/devices.py, shared with the MFU
-meter) and how many ranks per node.
+meter) and how many ranks per node (cluster.*, else the launcher's sizes).
 
 The achievable fractions of the table's peaks are not there but in calibration.py, where
 benchmarks/gpu_check.py output can replace them. For `cluster.gpu=cpu` every rank is one CPU core with one
@@ -9,10 +9,10 @@ GEMM rate and the "interconnect" is gloo over loopback, measured once (cpu.py) a
 
 from __future__ import annotations
 
-import os
+from dataclasses import fields, replace
 from pathlib import Path
 
-from moeyard.job.schema import ClusterConfig
+from moeyard.job.schema import ClusterConfig, JobConfig
 from moeyard.profiling.devices import gpu_kind
 
 _NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
@@ -52,19 +52,53 @@ def resolve_kind(cfg: ClusterConfig) -> str:
     return detect_kind() if cfg.gpu == "auto" else cfg.gpu
 
 
-def ranks_per_node(cfg: ClusterConfig, kind: str) -> int:
-    """cluster.gpus_per_node, or its default: 8 GPUs, or one rank per CPU core."""
-    if cfg.gpus_per_node > 0:
-        return cfg.gpus_per_node
-    return (os.cpu_count() or 1) if kind == "cpu" else 8
+def planned_cluster(cfg: JobConfig) -> ClusterConfig:
+    """`cfg.cluster` with what `moeyard plan` plans for made explicit: each cluster.* field given, else the
+    launcher's nodes and ranks per node (what `moeyard train` would start, e.g. an experiment's Slurm sizes),
+    and for cluster.gpu=auto cpu when the job trains on it (train.device=cpu), else this machine's GPU.
+
+    ValueError (one line) where none of these names a device kind: planning a GPU job on this CPU's figures
+    would answer a question nobody asked."""
+    cluster, launcher = cfg.cluster, cfg.launcher
+    kind = cluster.gpu
+    if kind == "auto":
+        kind = "cpu" if cfg.train.device == "cpu" else detect_kind()
+        if kind == "cpu" and cfg.train.device != "cpu":
+            _refuse_auto(cfg.train.device)
+    return replace(
+        cluster,
+        gpu=kind,
+        nodes=cluster.nodes or launcher.nodes_requested(),
+        gpus_per_node=cluster.gpus_per_node or launcher.ranks_per_node(),
+    )
+
+
+def _refuse_auto(device: str) -> None:
+    kinds = next(f for f in fields(ClusterConfig) if f.name == "gpu").metadata["choices"]
+    gpus = "|".join(k for k in kinds if k not in ("auto", "cpu"))
+    raise ValueError(
+        f"cluster.gpu=auto names no device to plan for: this machine has no GPU and train.device={device} is not"
+        f" cpu (rule: set cluster.gpu={gpus} to the ranks' GPU kind, or cluster.gpu=cpu for CPU ranks)"
+    )
+
+
+def ranks_per_node(cfg: JobConfig) -> int:
+    """cluster.gpus_per_node, or the launcher's ranks per node."""
+    return cfg.cluster.gpus_per_node or cfg.launcher.ranks_per_node()
 
 
 def check_cluster(cfg: ClusterConfig) -> None:
     """ValueError naming the field, the value and the rule."""
     rules = [
-        (cfg.nodes >= 1, "nodes", cfg.nodes, "must be >= 1"),
-        (cfg.gpus_per_node >= 0, "gpus_per_node", cfg.gpus_per_node, "must be >= 0 (0 = the kind's default)"),
+        (cfg.nodes is None or cfg.nodes >= 1, "nodes", cfg.nodes, "must be >= 1, or null (the launcher's)"),
+        (
+            cfg.gpus_per_node is None or cfg.gpus_per_node >= 1,
+            "gpus_per_node",
+            cfg.gpus_per_node,
+            "must be >= 1, or null (the launcher's ranks per node)",
+        ),
         (cfg.memory_gb is None or cfg.memory_gb > 0, "memory_gb", cfg.memory_gb, "must be > 0, or null"),
+        (0 <= cfg.memory_margin < 1, "memory_margin", cfg.memory_margin, "must be in [0, 1) (a share of memory)"),
         (cfg.moe_headroom >= 1.0, "moe_headroom", cfg.moe_headroom, "must be >= 1 (a share over the balanced)"),
     ]
     for ok, name, value, rule in rules:

@@ -1,28 +1,40 @@
 """Every valid layout of a job on a cluster, predicted and ranked (what `moeyard plan` prints).
 
 The candidates are all degrees that multiply to the world size and pass the trainer's own validation
-(launch/validate.py's layout rules, applied to a copy of the config), with tp inside a node; interleaved
-1F1B with 2, 4, 8 or 16 virtual stages per rank; micro-batch counts that divide the global batch; no,
-selective and full recomputation; FSDP or replicated data parallelism. GPipe is left out (it keeps every
-micro-batch in flight for 1F1B's bubble) unless the config asks for it. The global batch, sequence length,
-model and dtype are the config's: the planner answers "how should these ranks run this job".
+(job/layout.py's `check_layout`, applied to a copy of the config), with tp inside a node; interleaved 1F1B
+with the virtual stages `virtual_stages` lists (up to one layer per stage); micro-batch counts that divide the
+global batch; no, selective and full recomputation; FSDP or replicated data parallelism. GPipe is left out
+(it keeps every micro-batch in flight for 1F1B's bubble) unless the config asks for it. The global batch,
+sequence length, model and dtype are the config's: the planner answers "how should these ranks run this job".
+The ranks are cluster.*'s, else the launcher's (cluster.py `planned_cluster`).
 
-Ranking: layouts that fit first, fastest first (predicted tokens/s); then the ones that do not fit, least
-over the limit first.
+Ranking and the recommendation: ranking.py.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from moeyard.job.layout import check_layout
-from moeyard.job.schema import JobConfig
+from moeyard.job.schema import ConfigError, JobConfig
 from moeyard.parallel.dims import ParallelDims
+from moeyard.plan.cluster import planned_cluster
 from moeyard.plan.planner import Layout, Planner, Prediction, apply_layout, make_planner
+from moeyard.plan.ranking import OK, Ranking, fit_class, rank
+from moeyard.plan.timing import Features
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def virtual_stages(n_layers: int, pp: int) -> list[int]:
+    """Interleaved 1F1B's stages per rank worth trying on `pp` ranks: every count that splits the layers
+    evenly (pp x v divides n_layers, as Megatron requires; up to one layer per stage: VP24 for 48 layers on
+    PP2), and the powers of two up to n_layers // pp, whose stages differ by at most one layer
+    (parallel/pipeline.py's split), for layer counts with few divisors such as DeepSeek-V3's 61."""
+    return [v for v in range(2, n_layers // pp + 1) if n_layers % (pp * v) == 0 or v & (v - 1) == 0]
 
 
 def enumerate_layouts(cfg: JobConfig, world: int, per_node: int, nodes: int) -> list[Layout]:
@@ -49,7 +61,10 @@ def _variants(cfg: JobConfig, tp: int, pp: int, dp: int, ep: int, batch: int):
     p = cfg.parallel
     schedules = [("1f1b", 1)]
     if pp > 1:
-        schedules += [("interleaved_1f1b", v) for v in (2, 4, 8, 16) if pp * v <= cfg.model.n_layers]
+        stages = virtual_stages(cfg.model.n_layers, pp)
+        if p.pp_schedule == "interleaved_1f1b" and pp == p.pp and p.pp_stages_per_rank not in stages:
+            stages.append(p.pp_stages_per_rank)  # the config's own layout is always a candidate
+        schedules += [("interleaved_1f1b", v) for v in stages]
         if p.pp_schedule == "gpipe":
             schedules.append(("gpipe", 1))
     modes = ["replicate", "fsdp"] if dp > 1 else ["replicate"]
@@ -73,35 +88,52 @@ def _variants(cfg: JobConfig, tp: int, pp: int, dp: int, ep: int, batch: int):
                     )
 
 
-def rank_key(p: Prediction) -> tuple:
-    return (not p.fits, -p.tokens_per_s if p.fits else p.worst.total)
-
-
 @dataclass
 class PlanResult:
-    """The ranked predictions of one `moeyard plan`."""
+    """The ranked predictions of one `moeyard plan` (ranking.py's order)."""
 
     planner: Planner
     world: int
     nodes: int
-    predictions: list[Prediction]
+    ranking: Ranking
+
+    @property
+    def predictions(self) -> list[Prediction]:
+        return self.ranking.predictions
 
     @property
     def recommended(self) -> list[Prediction]:
-        return [p for p in self.predictions if p.fits][:3]
+        """The first three of the tie group."""
+        return self.predictions[: min(3, self.ranking.ties)]
+
+    def position(self, layout: Layout) -> int | None:
+        """`layout`'s row in the ranking (1 = first), None when it is not among the candidates."""
+        return next((i for i, p in enumerate(self.predictions, start=1) if p.layout == layout), None)
+
+    def fit_class(self, p: Prediction) -> str:
+        return fit_class(p, self.ranking.margin)
+
+    @property
+    def recommendable(self) -> int:
+        return sum(self.fit_class(p) == OK for p in self.predictions)
 
 
-def plan(cfg: JobConfig, calibration: str | None = None) -> PlanResult:
-    """Predicts and ranks every valid layout of `cfg` on `cfg.cluster`."""
+def plan(cfg: JobConfig, calibration: str | None = None, features: Features | None = None) -> PlanResult:
+    """Predicts and ranks every valid layout of `cfg` on its cluster (cluster.*, else the launcher's sizes);
+    `features`: another system's overlaps and precision (published.py), else MoEyard's own."""
+    cfg = copy.copy(cfg)
+    cfg.cluster = planned_cluster(cfg)
     planner = make_planner(cfg, calibration)
+    if features is not None:
+        planner.features = features
     nodes = cfg.cluster.nodes
     world = nodes * planner.per_node
     layouts = enumerate_layouts(cfg, world, planner.per_node, nodes)
     if not layouts:
-        raise ValueError(
+        raise ConfigError(
             f"cluster.nodes x gpus_per_node={nodes}x{planner.per_node} admits no layout of this job "
             f"(rule: train.batch_size={cfg.train.batch_size} / micro-batches must divide over dp, and the "
             "model's heads, experts and layers over tp, ep and pp)"
         )
-    predictions = sorted((planner.predict(layout) for layout in layouts), key=rank_key)
-    return PlanResult(planner, world, nodes, predictions)
+    ranking = rank([planner.predict(layout) for layout in layouts], cfg.cluster.memory_margin)
+    return PlanResult(planner, world, nodes, ranking)

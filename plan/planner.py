@@ -153,6 +153,11 @@ class Prediction:
         return self.worst.total <= self.limit_bytes
 
     @property
+    def headroom(self) -> float:
+        """The share of usable memory the worst rank leaves free (negative: over the limit)."""
+        return 1 - self.worst.total / self.limit_bytes
+
+    @property
     def tokens_per_s(self) -> float:
         return self.tokens_per_step / self.time.total
 
@@ -257,7 +262,7 @@ def make_planner(cfg: JobConfig, calibration: str | None = None, measure: bool =
     cluster: ClusterConfig = cfg.cluster
     check_cluster(cluster)
     kind = resolve_kind(cluster)
-    per_node = ranks_per_node(cluster, kind)
+    per_node = ranks_per_node(cfg)
     path = calibration or cluster.calibration
     cal, device = default_calibration(kind), None
     if path:

@@ -19,6 +19,9 @@ counted; TFLOP/s per GPU is printed in this repository's convention (profiling/f
   TP1 PP2 VP24 EP8, micro-batch 2, global batch 512, sequence 4096): 10,494 tokens/s per GPU, 241 TFLOP/s
   per GPU (the issue quotes 206-241 across releases). That row's precision is not stated and the runs are
   token-dropping with forced balance; Megatron overlaps gradient reduction and fuses token permutation.
+
+The features change the time only: memory is predicted as MoEyard would run the layout, so `compare(rank=True)`
+(and `python -m moeyard.plan.published`) shows where `moeyard plan` ranks each published layout for MoEyard.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import copy
 from dataclasses import dataclass
 
 from moeyard.job.compose import compose
+from moeyard.plan.layouts import enumerate_layouts, plan
 from moeyard.plan.planner import Prediction, layout_of, make_planner
+from moeyard.plan.ranking import fit_class
 from moeyard.plan.timing import Features
 
 
@@ -135,6 +140,14 @@ RUNS = (
 class Comparison:
     run: PublishedRun
     prediction: Prediction
+    enumerated: bool
+    """Whether `moeyard plan` lists the published layout among its candidates for the job on that cluster."""
+    row: int | None = None
+    """Its row in the planner's ranking of the job (ranking.py), when `compare(rank=True)` ranked it."""
+    of: int | None = None
+    """The ranking's length."""
+    fit: str = ""
+    """Its memory class there (ranking.py: yes, tight, NO) as MoEyard would run it."""
 
     @property
     def predicted_tokens_per_s_per_gpu(self) -> float:
@@ -146,25 +159,41 @@ class Comparison:
         return self.predicted_tokens_per_s_per_gpu / self.run.tokens_per_s_per_gpu
 
 
-def compare(run: PublishedRun, calibration: str | None = None) -> Comparison:
-    """The planner's prediction of `run`'s layout, on its cluster, with its system's features."""
+def compare(run: PublishedRun, calibration: str | None = None, rank: bool = False) -> Comparison:
+    """The planner's prediction of `run`'s layout, on its cluster, with its system's features; `rank`: also
+    where the planner ranks it among every layout of the job (a whole plan: tens of seconds for the 16- and
+    64-GPU runs on one CPU core, minutes for DeepSeek-V3's 2,048 GPUs)."""
     cluster = (f"cluster.gpu={run.gpu}", f"cluster.nodes={run.nodes}", f"cluster.gpus_per_node={run.gpus_per_node}")
     cfg = compose([*run.overrides, *cluster])
+    world = run.nodes * run.gpus_per_node
+    layout = layout_of(copy.copy(cfg), world)
+    if rank:
+        result = plan(cfg, calibration, features=run.features)
+        row = result.position(layout)
+        assert row is not None, f"{run.name}: the planner does not enumerate {layout.label()}"
+        prediction = result.predictions[row - 1]
+        return Comparison(run, prediction, True, row, len(result.predictions), result.fit_class(prediction))
     planner = make_planner(cfg, calibration)
     planner.features = run.features
-    world = run.nodes * run.gpus_per_node
-    return Comparison(run, planner.predict(layout_of(copy.copy(cfg), world)))
+    prediction = planner.predict(layout)
+    enumerated = layout in enumerate_layouts(cfg, world, run.gpus_per_node, run.nodes)
+    return Comparison(run, prediction, enumerated, fit=fit_class(prediction, cfg.cluster.memory_margin))
 
 
 def table(comparisons: list[Comparison]) -> str:
     lines = [
-        f"{'run':<26} {'layout':<40} {'predicted tok/s/GPU':>19} {'published':>10} {'ratio':>6}"
-        f" {'pred TFLOP/s':>12} {'published TFLOP/s':>17}"
+        f"{'run':<26} {'layout':<40} {'planner row':>14} {'peak GB':>7} {'fits':>5} {'predicted tok/s/GPU':>19}"
+        f" {'published':>10} {'ratio':>6} {'pred TFLOP/s':>12} {'published TFLOP/s':>17}"
     ]
     for c in comparisons:
+        row = f"{c.row} of {c.of}" if c.row else ("listed" if c.enumerated else "not listed")
         lines.append(
-            f"{c.run.name:<26} {c.prediction.layout.label():<40} {c.predicted_tokens_per_s_per_gpu:>19.0f}"
-            f" {c.run.tokens_per_s_per_gpu:>10.0f} {c.ratio:>6.2f} {c.prediction.tflops_per_device:>12.0f}"
-            f" {c.run.published_tflops:>17.0f}"
+            f"{c.run.name:<26} {c.prediction.layout.label():<40} {row:>14} {c.prediction.worst.total / 1e9:>7.1f}"
+            f" {c.fit:>5} {c.predicted_tokens_per_s_per_gpu:>19.0f} {c.run.tokens_per_s_per_gpu:>10.0f}"
+            f" {c.ratio:>6.2f} {c.prediction.tflops_per_device:>12.0f} {c.run.published_tflops:>17.0f}"
         )
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m moeyard.plan.published: the table with each layout's row in its plan
+    print(table([compare(run, rank=True) for run in RUNS]))

@@ -1,7 +1,7 @@
 """`moeyard plan` and the pre-flight of `moeyard train`, on paper (no process is spawned).
 
 - the command prints a ranked table for Mixtral-8x7B on 8 x 8 H100 (the issue's example), recommends three
-  layouts, and `--json` carries every layout with its memory and time parts;
+  layouts, and `--json` carries every layout with its memory and time parts, in ranking.py's order;
 - every enumerated layout passes the trainer's validation, and the config's own layout is among them;
 - a layout predicted not to fit stops `moeyard train` with one line naming the figure and the limit, and
   `cluster.preflight=false` lets it through; the shipped GPU experiments pass;
@@ -44,7 +44,7 @@ def test_plan_prints_the_ranked_table(capsys):
         assert column in header
     rows = [line for line in lines if line[:4].strip().isdigit() and line.startswith(" ")]
     assert len(rows) == 10
-    assert "recommended:" in out and out.count("parallel.tp=") == 3
+    assert "\nrecommended (rows 1-3 of " in out and out.count("parallel.tp=") == 3
 
 
 def test_plan_json_has_every_layout_and_its_parts(capsys):
@@ -55,9 +55,17 @@ def test_plan_json_has_every_layout_and_its_parts(capsys):
     first = layouts[0]
     assert first["fits"] and set(first["memory_bytes"]) >= {"peak", "params", "grads", "optimizer", "activations"}
     assert abs(sum(v for k, v in first["step_s"].items() if k != "total") - first["step_s"]["total"]) < 1e-9
-    rates = [x["tokens_per_s"] for x in layouts if x["fits"]]
-    assert rates == sorted(rates, reverse=True)
-    assert all(not x["fits"] for x in layouts[len(rates) :])
+    # ranking.py's order: the ties, then the other layouts within the memory margin fastest first, then the
+    # tight ones fastest first, then those that do not fit
+    ties, steps = data["ties"], [x["step_s"]["total"] for x in layouts]
+    ok = sum(x["within_margin"] for x in layouts)
+    assert all(x["within_margin"] for x in layouts[:ok]) and steps[ties:ok] == sorted(steps[ties:ok])
+    bar = min(steps[:ok]) * (1 + data["time_error"])
+    assert ties >= 1 and max(steps[:ties]) <= bar < min(steps[ties:ok], default=bar + 1)
+    fits = sum(x["fits"] for x in layouts)
+    assert all(x["fits"] and not x["within_margin"] for x in layouts[ok:fits])
+    assert steps[ok:fits] == sorted(steps[ok:fits])
+    assert not any(x["fits"] for x in layouts[fits:])
 
 
 def test_enumerated_layouts_validate_and_include_the_configured_one():
