@@ -1,10 +1,11 @@
 """Hugging Face interop: export a checkpoint as the HF family the model belongs to, and train from HF weights.
 
-The families (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, OLMoE), their config.json both ways, their tensor
-names and what each refuses are in `train/hf_families.py`; this module moves the tensors. Export picks the
-family from the config's structure (`family_of`) and refuses, naming the field, what that family cannot
-represent. Import recognises the family from config.json's model_type. HF's MoE blocks are dropless: a model
-trained with moe.capacity_factor exports, and its logits match ours whenever no token is dropped.
+The families (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 and Kimi-K2, OLMoE, GLM-4.5-MoE), their config.json
+both ways, their tensor names and what each refuses are in `interop/hf_families.py`; this module moves the
+tensors. Export picks the family from the config's structure (`family_of`) and refuses, naming the field,
+what that family cannot represent. Import recognises the family from config.json's model_type. HF's MoE
+blocks are dropless: a model trained with moe.capacity_factor exports, and its logits match ours whenever no
+token is dropped.
 
 Conventions that differ and how both directions bridge them:
 - Our expert weights are stacked [E, D, F] (w1, w3) and [E, F, D] (w2) used as x @ w. On disk HF keeps either
@@ -18,7 +19,8 @@ Conventions that differ and how both directions bridge them:
   `rope_interleave=True` is our layout already (only its rotary rows move when it is false).
 
 Neither direction holds more than one tensor: export streams one checkpoint entry at a time into its
-safetensors file, and import reads, per rank, only the slices of the HF tensors that its shards hold.
+safetensors file, and import reads, per rank, only the slices of the HF tensors that its shards hold
+(block-quantised FP8 weights dequantised box by box: `interop/fp8.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint.metadata import Metadata
 
+from moeyard.interop import fp8
 from moeyard.interop.hf_families import FAMILIES, Family, Spec, family_of
 from moeyard.moe.config import ModelConfig, MoEConfig
 from moeyard.moe.model import Transformer
@@ -57,8 +60,11 @@ class SafetensorsReader:
     """Reads boxes of tensors by name from model.safetensors or an indexed set of shards (files opened once,
     memory-mapped: only the bytes of a requested box are read)."""
 
-    def __init__(self, hf_dir: Path) -> None:
+    def __init__(self, hf_dir: Path, fp8_block: tuple[int, int] | None = None) -> None:
+        """`fp8_block`: the block shape of block-quantised FP8 weights (`fp8.block_shape`), which `read`
+        dequantises; None: no weight is quantised."""
         self.dir = hf_dir
+        self.fp8_block = fp8_block
         if (hf_dir / INDEX).is_file():
             self.files = json.loads((hf_dir / INDEX).read_text())["weight_map"]
         else:
@@ -71,7 +77,22 @@ class SafetensorsReader:
         return name in self.files
 
     def read(self, name: str, box: tuple[slice, ...], shape: tuple[int, ...]) -> torch.Tensor:
-        """The `box` of HF tensor `name` as fp32, after checking its full shape is `shape`."""
+        """The `box` of HF tensor `name` as fp32, after checking its full shape is `shape`; a float8 weight
+        with a scale is dequantised, reading only the scale blocks the box overlaps."""
+        part = self._slice(name, shape)
+        if part.get_dtype().startswith("F8"):
+            if self.fp8_block is None or len(shape) != 2:
+                raise ValueError(
+                    f"train.init_from={self.dir}: {name} is {part.get_dtype()} with shape {tuple(shape)} (rule: "
+                    "float8 weights are 2-D, under a config.json quantization_config giving weight_block_size)"
+                )
+            block = self.fp8_block
+            scale = self._slice(name + fp8.SCALE_SUFFIX, fp8.scale_shape(tuple(shape), block))
+            return fp8.dequantize(part[box], scale[fp8.scale_box(box, block)], box, block)
+        return part[box].float()
+
+    def _slice(self, name: str, shape: tuple[int, ...]):
+        """The lazily read tensor `name` (safetensors' slice object), after checking its shape is `shape`."""
         if name not in self.files:
             raise ValueError(f"train.init_from={self.dir} lacks tensor {name} (rule: complete weights)")
         file = self.files[name]
@@ -83,7 +104,7 @@ class SafetensorsReader:
                 f"train.init_from={self.dir}: {name} has shape {tuple(part.get_shape())}, the model needs "
                 f"{tuple(shape)} (rule: the weights must match the model shape)"
             )
-        return part[box].float()
+        return part
 
     def close(self) -> None:
         self.opened.close()
@@ -383,7 +404,7 @@ def load_hf_weights(pm, hf_dir: Path, model: ModelConfig) -> None:
     layout), reading only the slices of the HF tensors that those shards hold."""
     hf = json.loads((hf_dir / "config.json").read_text())
     tmap = TensorMap(FAMILIES[hf["model_type"]], model, hf)
-    reader = SafetensorsReader(hf_dir)
+    reader = SafetensorsReader(hf_dir, fp8.block_shape(hf))
     try:
         for name, t in ckpt.model_tensors(pm):
             if not tmap.maps(name):  # the aux-free bias of a family without one

@@ -8,8 +8,13 @@ the names of its tensors, and the configs it cannot represent (refused naming th
 | qwen3_moe   | Qwen3MoeForCausalLM   | GQA, per-head q/k norm | softmax top-k; no shared expert                    |
 | deepseek_v3 | DeepseekV3ForCausalLM | MLA                    | sigmoid top-k in groups, scaled, aux-free bias     |
 | olmoe       | OlmoeForCausalLM      | GQA, full q/k norm     | softmax top-k, not renormalised; every block MoE   |
+| glm4_moe    | Glm4MoeForCausalLM    | GQA, partial RoPE,     | sigmoid top-k in groups, scaled, aux-free bias;    |
+|             |                       | q/k/v biases, q/k norm | shared experts; dense first blocks                 |
 
-Tensor names are given after `model.layers.{i}.`; `train/hf.py` applies them (and the RoPE row permutation and
+Kimi-K2 (model_type kimi_k2) is DeepSeek-V3's architecture and imports as it; `fp8.py` dequantises the
+block-quantised FP8 weights DeepSeek-V3 and Kimi-K2 publish.
+
+Tensor names are given after `model.layers.{i}.`; `interop/hf.py` applies them (and the RoPE row permutation and
 the expert layouts). Config translation is in Hydra override keys (`model.dim`, `moe.top_k`, ...) one way and
 a config.json dict the other; a family's `rules` list what an export needs, each (holds, field, value, rule).
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moeyard.interop import fp8
 from moeyard.moe.config import ModelConfig, MoEConfig
 
 Rule = tuple[bool, str, object, str]
@@ -40,11 +46,13 @@ class Spec:
     """Another name the tensor may have on disk (transformers 5's in-memory name, when it differs)."""
 
 
-def rotary_perm(width: int, plain: int = 0) -> tuple[int, ...]:
-    """Within a block of `plain` untouched rows then `width` rotary rows: our rotary row 2i (2i+1) is HF's i
-    (i + width/2), so our row r is HF's row perm[r]."""
+def rotary_perm(width: int, plain: int = 0, after: int = 0) -> tuple[int, ...]:
+    """Within a block of `plain` untouched rows, `width` rotary rows, then `after` untouched rows (partial
+    rotary: GLM-4.5 rotates the first half of each head): our rotary row 2i (2i+1) is HF's i (i + width/2),
+    so our row r is HF's row perm[r]."""
     half = width // 2
-    return tuple(range(plain)) + tuple(plain + r // 2 + (r % 2) * half for r in range(width))
+    rotary = tuple(plain + r // 2 + (r % 2) * half for r in range(width))
+    return tuple(range(plain)) + rotary + tuple(range(plain + width, plain + width + after))
 
 
 def require(ok: bool, key: str, value: object, rule: str) -> None:
@@ -116,7 +124,7 @@ class Family:
 
 def _gqa_specs(m: ModelConfig, rotate: bool) -> dict[str, Spec]:
     hd = m.head_dim
-    rows = {"block": hd, "perm": rotary_perm(hd)} if rotate else {}
+    rows = {"block": hd, "perm": rotary_perm(m.rope_dim, 0, hd - m.rope_dim)} if rotate else {}
     specs = {"attention.wo.weight": Spec("self_attn.o_proj.weight")}
     for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj")):
         for kind in ("weight", "bias"):
@@ -192,10 +200,7 @@ def _rope_config(m: ModelConfig) -> dict:
 
 def _base_overrides(hf: dict, family: Family) -> dict[str, object]:
     require(hf.get("hidden_act", "silu") == "silu", "hidden_act", hf.get("hidden_act"), "must be silu (SwiGLU)")
-    # Quantized weights (DeepSeek-V3's published FP8 blocks with their weight_scale_inv) would load as values
-    # without their scales: refused, so they are dequantized first.
-    quant = (hf.get("quantization_config") or {}).get("quant_method")
-    require(quant is None, "quantization_config.quant_method", quant, "must be absent (dequantize to bf16 first)")
+    fp8.block_shape(hf)  # block-quantised FP8 weights are dequantised as they are read; other formats refused
     heads = hf["num_attention_heads"]
     return {
         "model.name": f"{family.model_type}_import",
@@ -206,6 +211,7 @@ def _base_overrides(hf: dict, family: Family) -> dict[str, object]:
         "model.n_kv_heads": hf.get("num_key_value_heads") or heads,
         "model.max_seq_len": hf["max_position_embeddings"],
         **rope_overrides(hf, family.default_rope_theta),
+        "model.partial_rotary_factor": 1.0,
         "model.norm_eps": hf["rms_norm_eps"],
         "model.tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
     }
@@ -473,6 +479,9 @@ class DeepseekV3(Family):
         require(eps == self.LATENT_EPS, "rms_norm_eps", eps, "must be 1e-06 (HF's MLA latent norms use 1e-06)")
         freq = hf.get("moe_layer_freq", 1)
         require(freq == 1, "moe_layer_freq", freq, "must be 1 (every block after first_k_dense_replace is MoE)")
+        scoring, method = hf.get("scoring_func", "sigmoid"), hf.get("topk_method", "noaux_tc")
+        require(scoring == "sigmoid", "scoring_func", scoring, "must be sigmoid (DeepSeek-V3's routing)")
+        require(method == "noaux_tc", "topk_method", method, "must be noaux_tc (group top-k, aux-free bias)")
         groups, top_groups = hf["n_group"], hf["topk_group"]
         pair = "must divide n_routed_experts into groups of >= 2 (a group scores its best two)"
         require(experts % groups == 0 and experts // groups >= 2, "n_group", groups, pair)
@@ -579,15 +588,101 @@ class Olmoe(Family):
         return [*_softmax_rules(e), *_unshared_rules(e), *_all_moe_rules(m), *_gqa_rules(m, "full", False), width]
 
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (Mixtral(), Qwen2Moe(), Qwen3Moe(), DeepseekV3(), Olmoe())}
+class Glm4Moe(Family):
+    model_type, architecture, title = "glm4_moe", "Glm4MoeForCausalLM", "GLM-4.5-MoE"
+    required = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "max_position_embeddings", "rms_norm_eps", "n_routed_experts",
+                "num_experts_per_tok", "n_group", "topk_group", "routed_scaling_factor",
+                "first_k_dense_replace", "n_shared_experts")  # fmt: skip
+    """(As DeepSeek-V3's: HF's defaults for the routing and shape keys are GLM-4.5-Air's own: required.)"""
+    aliases = {"num_local_experts": "n_routed_experts"}
+    expert_bias = "mlp.gate.e_score_correction_bias"
+    DEFAULT_PARTIAL_ROTARY = 0.5
+    """transformers' GLM config fills in 0.5 where config.json names no partial_rotary_factor."""
+
+    def overrides(self, hf: dict) -> dict[str, object]:
+        experts, groups, shared = hf["n_routed_experts"], hf["n_group"], hf["n_shared_experts"]
+        pair = "must divide n_routed_experts into groups of >= 2 (a group scores its best two)"
+        require(experts % groups == 0 and experts // groups >= 2, "n_group", groups, pair)
+        require(shared >= 1, "n_shared_experts", shared, "must be >= 1 (moeyard's GLM has shared experts)")
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", self.DEFAULT_PARTIAL_ROTARY))
+        return {
+            **_base_overrides(hf, self),
+            **_gqa_overrides(hf, "head" if hf.get("use_qk_norm") else "none", bool(hf.get("attention_bias"))),
+            "model.partial_rotary_factor": float(partial),
+            "model.ffn_hidden": hf["intermediate_size"],
+            "model.first_dense_layers": hf["first_k_dense_replace"],
+            "model.moe_every": 1,
+            "moe.num_experts": experts,
+            "moe.top_k": hf["num_experts_per_tok"],
+            "moe.expert_hidden": hf["moe_intermediate_size"],
+            "moe.router": "sigmoid_topk",
+            "moe.norm_topk_prob": bool(hf.get("norm_topk_prob", True)),
+            "moe.route_scale": float(hf["routed_scaling_factor"]),
+            "moe.n_groups": groups,
+            "moe.topk_groups": hf["topk_group"],
+            "moe.num_shared_experts": shared,
+            "moe.shared_expert_hidden": None,
+            "moe.shared_expert_gate": False,
+        }
+
+    def config(self, m: ModelConfig, e: MoEConfig) -> dict:
+        base = _base_config(m, e, self)
+        return {
+            **base,
+            "rope_parameters": {**base["rope_parameters"], "partial_rotary_factor": m.partial_rotary_factor},
+            "partial_rotary_factor": m.partial_rotary_factor,  # where transformers 4 reads it
+            "head_dim": m.head_dim,
+            "attention_bias": m.qkv_bias,
+            "use_qk_norm": m.qk_norm == "head",
+            "intermediate_size": m.ffn_hidden,
+            "moe_intermediate_size": e.expert_hidden,
+            "first_k_dense_replace": m.first_dense_layers,
+            "n_routed_experts": e.num_experts,
+            "n_shared_experts": e.num_shared_experts,
+            "norm_topk_prob": e.norm_topk_prob,
+            "routed_scaling_factor": e.route_scale,
+            "n_group": e.n_groups,
+            "topk_group": e.topk_groups,
+            "num_nextn_predict_layers": 0,
+        }
+
+    def rules(self, m: ModelConfig, e: MoEConfig) -> list[Rule]:
+        width = e.num_shared_experts * e.expert_hidden
+        groups = "must leave >= 2 experts per group (HF's group score is the sum of the best two)"
+        return [
+            (m.attention == "gqa", "model.attention", m.attention, "must be gqa"),
+            (m.qk_norm in ("none", "head"), "model.qk_norm", m.qk_norm, "must be none or head (use_qk_norm)"),
+            (e.router == "sigmoid_topk", "moe.router", e.router, "must be sigmoid_topk"),
+            (e.num_experts // e.n_groups >= 2, "moe.n_groups", e.n_groups, groups),
+            (e.num_shared_experts >= 1, "moe.num_shared_experts", e.num_shared_experts, "must be >= 1"),
+            (e.shared_hidden == width, "moe.shared_expert_hidden", e.shared_expert_hidden, f"must be null or {width}"),
+            (not e.shared_expert_gate, "moe.shared_expert_gate", e.shared_expert_gate, "must be false"),
+            (m.moe_every == 1, "model.moe_every", m.moe_every, "must be 1 (MoE after the dense prefix)"),
+        ]
+
+
+class KimiK2(DeepseekV3):
+    """Kimi-K2: DeepSeek-V3's architecture (its config.json names DeepseekV3ForCausalLM) under its own
+    model_type; it imports as DeepSeek-V3 and our export of it is a DeepSeek-V3 model."""
+
+    model_type, title = "kimi_k2", "Kimi-K2"
+
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f for f in (Mixtral(), Qwen2Moe(), Qwen3Moe(), DeepseekV3(), KimiK2(), Olmoe(), Glm4Moe())
+}
 """Every family, by config.json's model_type."""
 
 
 def family_of(m: ModelConfig, e: MoEConfig) -> Family:
-    """The family whose structure our config has (by attention first, then the shared expert); its `rules`
-    then say whether the rest maps."""
+    """The family whose structure our config has (by attention first, then partial rotary or sigmoid routing
+    with shared experts, then q/k norms and the shared expert); its `rules` then say whether the rest maps."""
     if m.attention == "mla":
         return FAMILIES["deepseek_v3"]
+    if m.partial_rotary_factor != 1 or (e.router == "sigmoid_topk" and e.num_shared_experts):
+        return FAMILIES["glm4_moe"]
     if m.qk_norm != "none":
         return FAMILIES["olmoe" if m.qk_norm == "full" else "qwen3_moe"]
     if m.qkv_bias or e.num_shared_experts or e.shared_expert_gate:

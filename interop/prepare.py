@@ -1,7 +1,9 @@
-"""`moeyard prepare`: text, JSONL or a directory of them -> a memory-mapped token file and its meta.json.
+"""`moeyard prepare`: text, JSONL, Parquet or a directory of them -> a memory-mapped token file and its meta.json.
 
 Offline, in the launching process; ranks read the result with `moeyard.train.data.read_token_dir` and never
-import the `tokenizers` library.
+import the `tokenizers` library. Every core encodes: `encode_batch` spreads each batch over the `tokenizers`
+library's thread pool (one thread per core unless RAYON_NUM_THREADS says otherwise), which runs outside the
+Python interpreter lock, so no worker processes (and no copies of the input between them) are needed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from moeyard.train.data import EOS, TOKENIZER, encode
 EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 """End-of-text tokens tried in order when tokenizer_config.json names none."""
 JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIX = ".parquet"
 BATCH_BYTES = 4 << 20
 """Input bytes encoded per `encode_batch` call: big enough to keep the tokenizer's threads busy, small enough
 that memory stays flat however large the input."""
@@ -173,12 +176,53 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[_Piece]:
             yield _Piece(text, True, len(line))
 
 
+def _parquet_documents(path: Path, text_field: str, batch_bytes: int) -> Iterator[_Piece]:
+    """One document per row: the string column `text_field`, read one record batch of about `batch_bytes`
+    (by the file's mean row size) at a time, never whole.
+
+    Progress counts the file's bytes shared out evenly over its rows (compressed pages have no per-row size).
+    """
+    import pyarrow as pa  # here, not at the top: every `moeyard` command imports this module
+    import pyarrow.parquet as pq
+
+    try:
+        # No pre-buffering: made for high-latency stores, it reads every column chunk ahead, i.e. the whole file.
+        parquet = pq.ParquetFile(path, pre_buffer=False)
+    except pa.ArrowException as err:
+        raise ValueError(f"{path} is not a Parquet file ({err}) (rule: .parquet inputs are Apache Parquet)") from None
+    schema = parquet.schema_arrow
+    kind = schema.field(text_field).type if text_field in schema.names else None
+    if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(
+            f"{path}: --text-field={text_field} is not a string column (columns: {', '.join(schema.names)}) "
+            "(rule: name the text column with --text-field)"
+        )
+    meta = parquet.metadata
+    rows, size, row = max(meta.num_rows, 1), path.stat().st_size, 0
+    row_bytes = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)) / rows  # uncompressed
+    for batch in parquet.iter_batches(batch_size=max(1, int(batch_bytes / max(row_bytes, 1))), columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            if text is None:
+                raise ValueError(f"{path}: row {row}: --text-field={text_field} is null (rule: every row needs text)")
+            yield _Piece(text, True, size * (row + 1) // rows - size * row // rows)  # the shares sum to size
+            row += 1
+
+
+def _documents(path: Path, text_field: str, batch_bytes: int) -> Iterator[_Piece]:
+    """The pieces of one input file, by its suffix: JSONL, Parquet, else text."""
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return _jsonl_documents(path, text_field)
+    if suffix == PARQUET_SUFFIX:
+        return _parquet_documents(path, text_field, batch_bytes)
+    return _text_pieces(path, -(-batch_bytes // PIECES_PER_BATCH))
+
+
 def _batches(files: list[Path], text_field: str, batch_bytes: int) -> Iterator[list[_Piece]]:
     """Pieces of all inputs, grouped into batches of about `batch_bytes` input bytes."""
-    batch, size, piece_bytes = [], 0, -(-batch_bytes // PIECES_PER_BATCH)
+    batch, size = [], 0
     for path in files:
-        jsonl = path.suffix.lower() in JSONL_SUFFIXES
-        for piece in _jsonl_documents(path, text_field) if jsonl else _text_pieces(path, piece_bytes):
+        for piece in _documents(path, text_field, batch_bytes):
             batch.append(piece)
             size += piece.nbytes
             if size >= batch_bytes:
@@ -189,24 +233,60 @@ def _batches(files: list[Path], text_field: str, batch_bytes: int) -> Iterator[l
 
 
 class _Progress:
-    """A line on stderr every few seconds: input read, tokens written, speed. Silent for quick jobs."""
+    """Progress on stderr: input read, tokens written, tokens/s and the time left. A rich bar on a terminal;
+    elsewhere (logs, pipes) a line every few seconds, silent for quick jobs."""
 
     def __init__(self, total_bytes: int, enabled: bool) -> None:
         self.total, self.enabled = max(total_bytes, 1), enabled
         self.start = self.last = time.monotonic()
+        self.bar = _rich_bar(self.total) if enabled and sys.stderr.isatty() else None
+        self.task = self.bar.add_task("prepare", total=self.total, info="") if self.bar else None
 
     def update(self, done_bytes: int, tokens: int) -> None:
         now = time.monotonic()
+        rate = tokens / max(now - self.start, 1e-6)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done_bytes, info=f"{_count(tokens)} tokens  {_count(rate)} tokens/s")
+            return
         if not self.enabled or now - self.last < PROGRESS_EVERY_S:
             return
         self.last = now
-        mb, rate = done_bytes / 1e6, done_bytes / 1e6 / max(now - self.start, 1e-6)
+        left = (now - self.start) * (self.total - done_bytes) / max(done_bytes, 1)
         print(
-            f"prepare: {100 * done_bytes / self.total:3.0f}%  {mb:,.1f}/{self.total / 1e6:,.1f} MB  "
-            f"{tokens:,} tokens  {rate:,.1f} MB/s",
+            f"prepare: {100 * done_bytes / self.total:3.0f}%  {done_bytes / 1e6:,.1f}/{self.total / 1e6:,.1f} MB  "
+            f"{tokens:,} tokens  {rate:,.0f} tokens/s  ETA {left:,.0f} s",
             file=sys.stderr,
             flush=True,
         )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _count(n: float) -> str:
+    """A count in three or four digits and a unit: 1.2M, 35.0k (the bar fits 80 columns)."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def _rich_bar(total_bytes: int):
+    """A started rich progress bar on stderr: share of the input read, tokens so far, tokens/s, time left."""
+    from rich.console import Console  # here: only a terminal run draws a bar
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("[bold]prepare"),
+        BarColumn(bar_width=20),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[info]}  ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+    bar.start()
+    return bar
 
 
 def _write_tokens(
@@ -216,18 +296,21 @@ def _write_tokens(
     meter = _Progress(sum(f.stat().st_size for f in files), progress)
     eos = np.array([tok.eos_id], dtype=dtype)
     tokens = documents = done = 0
-    for batch in _batches(files, text_field, batch_bytes):
-        parts = []
-        for piece, ids in zip(batch, tok.encode_batch([p.text for p in batch]), strict=True):
-            parts.append(ids.astype(dtype, copy=False))
-            if piece.ends_document:
-                parts.append(eos)
-        out = np.concatenate(parts)
-        out.tofile(fh)
-        tokens += out.size
-        documents += sum(p.ends_document for p in batch)
-        done += sum(p.nbytes for p in batch)
-        meter.update(done, tokens)
+    try:
+        for batch in _batches(files, text_field, batch_bytes):
+            parts = []
+            for piece, ids in zip(batch, tok.encode_batch([p.text for p in batch]), strict=True):
+                parts.append(ids.astype(dtype, copy=False))
+                if piece.ends_document:
+                    parts.append(eos)
+            out = np.concatenate(parts)
+            out.tofile(fh)
+            tokens += out.size
+            documents += sum(p.ends_document for p in batch)
+            done += sum(p.nbytes for p in batch)
+            meter.update(done, tokens)
+    finally:
+        meter.close()
     return tokens, documents
 
 
@@ -243,16 +326,16 @@ def prepare(
     """Tokenizes inputs into OUT/tokens.bin and OUT/meta.json, streaming batch by batch; writes atomically.
 
     A text file is one document; a .jsonl/.json file holds one document per line (the string at
-    `text_field`). Every document is followed by the tokenizer's end-of-text token. Tokens are uint16 when
-    the vocabulary fits, else uint32.
+    `text_field`), a .parquet file one per row (its string column `text_field`). Every document is followed
+    by the tokenizer's end-of-text token. Tokens are uint16 when the vocabulary fits, else uint32.
 
     Args:
-        paths: text/JSONL files or directories (their visible files, sorted by path).
+        paths: text/JSONL/Parquet files or directories (their visible files, sorted by path).
         out_dir: output directory, created if needed.
         tokenizer: a tokenizer.json or a directory with one; None for bytes.
         eos_token: the separator, overriding the tokenizer's own (needs `tokenizer`).
-        text_field: the JSONL field holding the text.
-        progress: print a progress line on stderr every few seconds.
+        text_field: the JSONL field or Parquet column holding the text.
+        progress: show progress on stderr (a bar on a terminal, else a line every few seconds).
         batch_bytes: input bytes encoded per batch; memory use scales with it, not with the input.
 
     Returns:

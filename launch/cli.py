@@ -13,6 +13,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from moeyard.interop.chat import ChatOptions, prepare_chat
 from moeyard.interop.hf import export, hydra_overrides, read_hf_config
 from moeyard.interop.prepare import prepare
 from moeyard.job.compose import compose, conf_dir, to_yaml, write_resolved
@@ -127,18 +128,30 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_prepare(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="moeyard prepare", description="Tokenize text files into token files.")
-    parser.add_argument("inputs", nargs="+", type=Path, help="text or .jsonl/.json files, or directories")
+    parser.add_argument("inputs", nargs="+", type=Path, help="text, .jsonl/.json or .parquet files, or directories")
     parser.add_argument("--out", type=Path, required=True, help="output directory (tokens.bin, meta.json)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.json or a directory with one (default: bytes)")
     parser.add_argument("--eos-token", help="document separator (default: the tokenizer's end-of-text token)")
-    parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    parser.add_argument(
+        "--text-field", default="text", help="JSONL field or Parquet column holding the text (default: text)"
+    )
+    chat = parser.add_argument_group("chat rows (--chat; needs --tokenizer)")
+    chat.add_argument("--chat", action="store_true", help="JSONL rows of messages, rendered with the chat template")
+    chat.add_argument("--messages-field", default="messages", help="JSONL field holding the messages")
+    chat.add_argument("--chat-template", type=Path, help="a Jinja template file (default: the tokenizer's own)")
+    chat.add_argument("--loss-on", default="assistant", help="assistant (every turn), last (final turn) or all")
+    chat.add_argument("--seq-len", type=int, help="rows longer than this many tokens are refused or cut")
+    chat.add_argument("--long-rows", default="refuse", help="refuse (default) or cut rows longer than --seq-len")
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.inputs if not p.exists()]
     if missing:
         print(f"moeyard prepare: inputs={missing} do not exist (rule: give existing files or dirs)", file=sys.stderr)
         return 2
     try:
-        meta = prepare(args.inputs, args.out, args.tokenizer, args.eos_token, args.text_field, progress=True)
+        if args.chat:
+            meta = _prepare_chat(args)
+        else:
+            meta = prepare(args.inputs, args.out, args.tokenizer, args.eos_token, args.text_field, progress=True)
     except OSError as err:
         rule = "inputs must be readable, --out a writable directory"
         print(f"moeyard prepare: {err.filename}: {err.strerror} (rule: {rule})", file=sys.stderr)
@@ -148,6 +161,25 @@ def cmd_prepare(argv: list[str]) -> int:
         f"files to {args.out} (tokenizer {meta['tokenizer']}, vocab_size {meta['vocab_size']})"
     )
     return 0
+
+
+def _prepare_chat(args: argparse.Namespace) -> dict:
+    """`moeyard prepare --chat`: prints what the loss mask keeps and what the long-row rule did."""
+    if args.tokenizer is None:
+        raise ValueError("--chat needs --tokenizer (rule: rows are rendered with that tokenizer's chat template)")
+    opts = ChatOptions(
+        messages_field=args.messages_field,
+        loss_on=args.loss_on,
+        seq_len=args.seq_len,
+        long_rows=args.long_rows,
+        template=args.chat_template,
+    )
+    meta = prepare_chat(args.inputs, args.out, args.tokenizer, opts, args.eos_token, progress=True)
+    print(
+        f"{meta['loss_tokens']} of {meta['num_tokens']} tokens in the loss (--loss-on {meta['loss_on']}); "
+        f"longest row {meta['longest_row']} tokens, {meta['rows_cut']} rows cut"
+    )
+    return meta
 
 
 def cmd_export(argv: list[str]) -> int:

@@ -26,7 +26,7 @@ def check_fields(node: object, prefix: str) -> None:
     """Every key of the dataclass `node` is a schema field, and every `choice(...)` field holds a listed value."""
     # Hydra's `+key=value` appends keys the structured schema lacks; OmegaConf then sets them as attributes.
     known = [f.name for f in dataclasses.fields(node)]
-    for name in vars(node):
+    for name in (n for n in vars(node) if n not in known):  # the hint's fuzzy match only for a stray key
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean {prefix}{close[0]}?" if close else ""
         rule = f"is not a field of {type(node).__name__} (rule: keys must be schema fields{hint})"
@@ -64,6 +64,9 @@ class ModelConfig:
     """Longest sequence the RoPE tables cover."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
+    partial_rotary_factor: float = 1.0
+    """gqa: the share of each q/k head's channels that RoPE rotates, the first ones (GLM-4.5: 0.5); the
+    others carry no position."""
     rope_scaling: str = choice("none", "yarn")
     """RoPE context extension: none, or YaRN (Peng et al., 2023) with the yarn_* fields below, as DeepSeek-V3
     and Qwen3's long-context configs use it (`moe.attention.rope_table`)."""
@@ -74,7 +77,8 @@ class ModelConfig:
     yarn_beta_fast: float = 32.0
     """yarn: pairs turning more than this many times within the original context keep their frequency."""
     yarn_beta_slow: float = 1.0
-    """yarn: pairs turning fewer times than this are interpolated by the factor (a linear ramp between)."""
+    """yarn: pairs turning fewer times than this are interpolated by the factor (a linear ramp between; equal
+    betas, as Kimi-K2's 1 and 1, ramp over one pair)."""
     yarn_mscale: float = 1.0
     """yarn: with both yarn_mscale and yarn_mscale_all_dim > 0, cos/sin are scaled by m(s, mscale) /
     m(s, mscale_all_dim), where m(s, a) = 0.1 a ln s + 1; otherwise by m(s, 1) (the paper's temperature)."""
@@ -88,8 +92,11 @@ class ModelConfig:
     """The first N blocks use a dense FFN instead of MoE (DeepSeek style)."""
     moe_every: int = 1
     """After the dense prefix, every k-th block is MoE, the others dense (1 = all MoE)."""
-    attn_impl: str = choice("sdpa", "flash")
-    """Attention kernel: torch SDPA everywhere, or flash-attn when installed and on CUDA (falls back to SDPA)."""
+    attn_impl: str = choice("auto", "sdpa", "flash", "flex")
+    """Attention kernel (`moe.attention.attention_kernel`): auto = on CUDA FlexAttention for packed documents
+    and for GQA that flash cannot take, SDPA's fused kernels otherwise, SDPA off CUDA; sdpa = SDPA only (on
+    CUDA a call only its math kernel takes raises); flash = flash-attn where installed and it fits, else auto;
+    flex = FlexAttention always (compiled on CUDA)."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
     attention: str = choice("gqa", "mla")
@@ -121,7 +128,9 @@ class ModelConfig:
     @property
     def rope_dim(self) -> int:
         """Channels per head that RoPE rotates (the width of the rotary table)."""
-        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+        if self.attention == "mla":
+            return self.qk_rope_head_dim
+        return int(self.head_dim * self.partial_rotary_factor)  # rounded down, as transformers does
 
     def check(self) -> None:
         """Raises ValueError naming the first model field whose value breaks a rule."""
@@ -152,12 +161,22 @@ class ModelConfig:
         pairs = "must be even and >= 2 (RoPE rotates channel pairs)"
         if self.attention == "gqa":
             name = "head_dim_override" if self.head_dim_override is not None else "dim/n_heads"
-            rules = [(self.head_dim >= 2 and self.head_dim % 2 == 0, name, pairs)]
+            rotary = f"must be in (0, 1] and rotate an even number >= 2 of head_dim={self.head_dim} channels"
+            rules = [
+                (self.head_dim >= 2 and self.head_dim % 2 == 0, name, pairs),
+                (0 < self.partial_rotary_factor <= 1 and self.rope_dim >= 2 and self.rope_dim % 2 == 0,
+                 "partial_rotary_factor", rotary),
+            ]  # fmt: skip
         else:
             why = "with model.attention=mla (MLA normalises its latents and has no q/k/v biases)"
             rope = self.qk_rope_head_dim
             rules = [
                 (self.head_dim_override is None, "head_dim_override", f"must be null {why}"),
+                (
+                    self.partial_rotary_factor == 1,
+                    "partial_rotary_factor",
+                    "must be 1 with model.attention=mla (its rotary width is qk_rope_head_dim)",
+                ),
                 (self.qk_norm == "none", "qk_norm", f"must be none {why}"),
                 (not self.qkv_bias, "qkv_bias", f"must be false {why}"),
                 (self.q_lora_rank >= 0, "q_lora_rank", "must be >= 0 (0 = a plain query projection)"),
@@ -170,7 +189,7 @@ class ModelConfig:
             rules += [
                 (self.yarn_factor >= 1, "yarn_factor", "must be >= 1 (the context extension factor)"),
                 (self.yarn_original_max_seq_len >= 1, "yarn_original_max_seq_len", "must be >= 1"),
-                (self.yarn_beta_fast > self.yarn_beta_slow > 0, "yarn_beta_fast", "must be > yarn_beta_slow > 0"),
+                (self.yarn_beta_fast >= self.yarn_beta_slow > 0, "yarn_beta_fast", "must be >= yarn_beta_slow > 0"),
                 (self.yarn_mscale_all_dim >= 0, "yarn_mscale_all_dim", "must be >= 0 (0: no softmax scaling)"),
             ]
         for ok, name, rule in rules:

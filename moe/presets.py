@@ -242,5 +242,58 @@ PRESETS: dict[str, Preset] = {
         ),
         routing="deepseek",
     ),
+    "glm4_5_air": Preset(
+        "GLM-4.5-Air shape (106.9 B parameters without its multi-token-prediction layer, published as 106 B; "
+        "12.2 B active besides the input embedding, published as 12 B): 46 blocks (the first dense); "
+        "grouped-query attention with 96 query and 8 key/value heads of width 128, q/k/v biases, RoPE on the "
+        "first half of each head; 128 routed experts + 1 shared, top-8 sigmoid routing with an aux-free bias.",
+        model=_frozen(
+            {
+                "name": "glm4_5_air",
+                "vocab_size": 151552,
+                "dim": 4096,
+                "n_layers": 46,
+                "n_heads": 96,
+                "n_kv_heads": 8,
+                "head_dim_override": 128,
+                "partial_rotary_factor": 0.5,
+                "qkv_bias": True,
+                "ffn_hidden": 10944,
+                "max_seq_len": 131072,
+                "rope_theta": 1000000.0,
+                "first_dense_layers": 1,
+            }
+        ),
+        moe=_frozen({"num_experts": 128, "top_k": 8, "expert_hidden": 1408, "num_shared_experts": 1}),
+        routing="deepseek",
+    ),
+    "glm4_5": Preset(
+        "GLM-4.5 shape (352.8 B parameters without its multi-token-prediction layer, 356.8 B with it, "
+        "published as 355 B; 32.1 B active besides the input embedding, published as 32 B): 92 blocks (first "
+        "3 dense); GLM-4.5-Air's attention plus a per-head q/k RMSNorm; 160 routed experts + 1 shared, top-8 "
+        "sigmoid routing scaled by 2.5 with an aux-free bias.",
+        model=_frozen(
+            {
+                "name": "glm4_5",
+                "vocab_size": 151552,
+                "dim": 5120,
+                "n_layers": 92,
+                "n_heads": 96,
+                "n_kv_heads": 8,
+                "head_dim_override": 128,
+                "partial_rotary_factor": 0.5,
+                "qkv_bias": True,
+                "qk_norm": "head",
+                "ffn_hidden": 12288,
+                "max_seq_len": 131072,
+                "rope_theta": 1000000.0,
+                "first_dense_layers": 3,
+            }
+        ),
+        moe=_frozen(
+            {"num_experts": 160, "top_k": 8, "expert_hidden": 1536, "num_shared_experts": 1, "route_scale": 2.5}
+        ),
+        routing="deepseek",
+    ),
 }
 """Model presets by name: the `model=` options."""

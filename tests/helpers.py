@@ -184,6 +184,9 @@ def slice_only_safe_open(real, on_read):
         def get_shape(self) -> list[int]:
             return self.inner.get_shape()
 
+        def get_dtype(self) -> str:
+            return self.inner.get_dtype()
+
         def __getitem__(self, box) -> torch.Tensor:
             t = self.inner[box]
             on_read(self.name, t)

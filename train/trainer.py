@@ -3,7 +3,8 @@
 A step of global batch B sequences is cut into M micro-batches; micro-batch j's rows are split over the dp
 ranks. Non-pipelined layouts run forward/backward per micro-batch and scale gradients by 1/M; pipelined ones
 hand the same rows to the schedule (which also scales by 1/M). So the gradient is the mean over the
-step's tokens in every layout, and the MoE balancing losses are counted once per layer and micro-batch.
+step's tokens in every layout, and the MoE balancing losses are counted once per layer and micro-batch. Under
+a loss mask (chat data) it is the mean over the targets the mask counts in the whole global batch (`loss_scale`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from moeyard.moe.experts import choose_expert_path
-from moeyard.parallel.data_parallel import finish_grads
+from moeyard.parallel.data_parallel import finish_grads, gathered_through_step, sync_grads_now
 from moeyard.parallel.dims import Axis, ParallelDims
 from moeyard.parallel.grads import clip_grads, scale_grads
 from moeyard.parallel.parallelize import attach_schedule, build_parallel_model
@@ -31,7 +32,7 @@ from moeyard.train.callbacks import Callback, Callbacks
 from moeyard.train.checkpointing import Checkpointer, WeightLoader, checkpoint_meta, find_resume
 from moeyard.train.collectives import CollectiveLog, apply_timeouts, recording
 from moeyard.train.config import TrainerConfig, computes_in_bf16
-from moeyard.train.data import Prefetcher, TokenData, build_data, to_device
+from moeyard.train.data import IGNORE, Prefetcher, TokenData, build_data, to_device
 from moeyard.train.guard import NonFiniteError, StepGuard
 from moeyard.train.optim import build_optimizer, lr_at
 
@@ -69,9 +70,30 @@ def read_to_host(t: torch.Tensor) -> list[float]:
     return t.tolist()
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32 (logits may be vocab-sharded DTensors under loss_parallel)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy in fp32 (logits may be vocab-sharded DTensors under loss_parallel): the mean over
+    the targets; under a loss mask the sum over the targets that are not IGNORE, times `scale` (`loss_scale`)."""
+    logits_NV, targets_N = logits.flatten(0, 1).float(), targets.flatten()
+    if scale is None:
+        return F.cross_entropy(logits_NV, targets_N)
+    return F.cross_entropy(logits_NV, targets_N, reduction="sum", ignore_index=IGNORE) * scale
+
+
+def loss_scale(targets_BS: torch.Tensor, micro_batches: int, dp: int) -> torch.Tensor | None:
+    """Under a loss mask, what turns a micro-batch's summed loss into its share of the step's mean over the
+    counted targets of the whole global batch `targets_BS` (on the host): M * dp / count.
+
+    Every rank draws the same global batch, so each knows the count without a collective. The factor M * dp
+    undoes the 1/M the gradients are scaled by and the mean over dp ranks they are reduced with (the logged and
+    eval losses are averaged the same way), so every layout sums sum(counted losses) / count whatever share
+    of the counted targets each micro-batch and rank holds. None when every target counts: then micro-batches
+    are equal and today's mean per micro-batch is already the global mean.
+    """
+    counted = int((targets_BS != IGNORE).sum())
+    if counted == targets_BS.numel():
+        return None
+    # A batch with no counted target (all prompt) trains nothing: its loss and gradients are 0.
+    return torch.tensor(micro_batches * dp / max(counted, 1), dtype=torch.float32)
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -107,6 +129,7 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.callbacks = Callbacks([*Callbacks.from_config(cfg.train.callbacks).callbacks, *callbacks])
         self.step = 0
+        self._scale: torch.Tensor | None = None  # the running batch's `loss_scale` (a loss mask), read by _lm_loss
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
@@ -139,7 +162,7 @@ class Trainer:
             self.bf16,
             init,
         )
-        attach_schedule(self.pm, cfg.parallel, self.device, t.micro_batches, lm_loss, self._stage_shapes())
+        attach_schedule(self.pm, cfg.parallel, self.device, t.micro_batches, self._lm_loss, self._stage_shapes())
         experts = [moe.experts for moe in self.pm.moe_layers().values()]
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         line = choose_expert_path(experts, cfg.moe.grouped_mm, self.device, dtype)
@@ -213,16 +236,30 @@ class Trainer:
     def _own_rows(self, x: torch.Tensor) -> torch.Tensor:
         """This dp rank's rows of a global batch [M * micro_rows, S], where `x` is (on the host)."""
         m, r = self.cfg.train.micro_batches, self.micro_rows
-        return x.view(m, self.dims.dp, r, -1)[:, self.dp_rank].reshape(m * r, -1)
+        # contiguous: with one row per micro-batch the reshape is a strided view, whose micro-batches torch
+        # 2.11's pipeline stage refuses ("stride mismatch") against the contiguous shapes it was declared.
+        return x.view(m, self.dims.dp, r, -1)[:, self.dp_rank].reshape(m * r, -1).contiguous()
 
-    def _host_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's inputs and targets of step's global batch, on the host (cut before the copy)."""
+    def _host_batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        """This rank's inputs and targets of step's global batch, on the host (cut before the copy), and under
+        a loss mask the step's `loss_scale`."""
         x, y = self.data.batch(step, self.cfg.train.batch_size)
-        return self._own_rows(x), self._own_rows(y)
+        scale = loss_scale(y, self.cfg.train.micro_batches, self.dims.dp)
+        rows = (self._own_rows(x), self._own_rows(y))
+        return rows if scale is None else (*rows, scale)
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        """Accumulates the gradient of the step's mean loss; returns the per-micro-batch LM losses."""
+    def _lm_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """`lm_loss` with the running batch's scale: the loss every layout's micro-batches (and the pipeline
+        schedule, which holds this function from the start) compute."""
+        return lm_loss(logits, targets, self._scale)
+
+    def forward_backward(
+        self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Accumulates the gradient of the step's mean loss; returns the per-micro-batch LM losses (`scale`:
+        the batch's `loss_scale` under a loss mask)."""
         m = self.cfg.train.micro_batches
+        self._scale = scale
         losses: list[torch.Tensor] = []
         with loss_context(self.dims.tp), self._autocast():
             if self.pm.schedule is not None:
@@ -232,14 +269,16 @@ class Trainer:
                 # losses come from the loss function, in `losses`.
                 with self.prof.phase("forward_backward"):  # [profiling] a schedule interleaves the two
                     kwargs = self._stage_kwargs(x)
-                    self.pm.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+                    with gathered_through_step(self.pm.parts, self.cfg.parallel.fsdp_hold == "step"):
+                        self.pm.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
                 return [_plain(loss) for loss in losses]
             model = self.pm.parts[0]
             doc = self.data.documents(x)  # data.document_mask: document ids [M * rows, S], else None
             docs = doc.chunk(m) if doc is not None else [None] * m
-            for xm, ym, dm in zip(x.chunk(m), y.chunk(m), docs, strict=True):
+            for i, (xm, ym, dm) in enumerate(zip(x.chunk(m), y.chunk(m), docs, strict=True)):
+                sync_grads_now(model, i == m - 1 or self.cfg.parallel.fsdp_hold == "micro_batch")
                 with self.prof.phase("forward"):  # [profiling]
-                    loss = lm_loss(model(xm, doc_ids=dm), ym)
+                    loss = self._lm_loss(model(xm, doc_ids=dm), ym)
                 with self.prof.phase("backward"):  # [profiling]
                     loss.backward()
                 losses.append(_plain(loss))
@@ -252,11 +291,11 @@ class Trainer:
         cfg, step = self.cfg, self.step
         self.prof.step_begin(step)  # [profiling] breakdown on sampled steps, NVTX ranges on CUDA
         with self.prof.phase("data"):  # [profiling]
-            x, y = self.batches.get(step)  # copied while the previous step ran (Prefetcher)
+            x, y, *scale = self.batches.get(step)  # copied while the previous step ran (Prefetcher)
         lr = lr_at(step, cfg.optim, cfg.train.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        losses = self.forward_backward(x, y)
+        losses = self.forward_backward(x, y, *scale)
         g = self.pm.groups
         with self.prof.phase("grad_sync"):  # [profiling]
             dp_mode = cfg.parallel.dp_mode if self.dims.dp > 1 else "replicate"  # FSDP is applied when dp > 1
@@ -315,6 +354,8 @@ class Trainer:
         self.guard.unpack([bad, stop], metrics["grad_norm"], metrics["loss"])
         metrics.update(self.guard.metrics())  # [guard] marks a non-finite step
         self.prof.unpack(metrics, values[9:])  # [profiling] peak memory, expert load
+        # data.blend: tokens each source gave so far, known on the host without communication (train/blend.py)
+        metrics.update(self.data.source_tokens(int(metrics["step"]), self.cfg.train.batch_size))
 
     def _pack_losses(self, losses: list[torch.Tensor], layer_stats: dict) -> torch.Tensor:
         """This rank's [LM loss, aux, seq-aux, z (per-layer means summed), routed, kept] on the device.
@@ -357,12 +398,15 @@ class Trainer:
                 doc = self.data.documents(x)  # data.document_mask: document ids, else None
                 docs = doc.chunk(m) if doc is not None else [None] * m
                 chunks = zip(x.chunk(m), y.chunk(m), docs, strict=True)
-                losses = [lm_loss(model(xm, doc_ids=dm), ym) for xm, ym, dm in chunks]
+                losses = [self._lm_loss(model(xm, doc_ids=dm), ym) for xm, ym, dm in chunks]
             else:
                 losses = []
                 first, last = self.pm.has_first_stage, self.pm.has_last_stage
                 args, target = (x,) if first else (), y if last else None
-                self.pm.schedule.eval(*args, target=target, losses=losses, **self._stage_kwargs(x))
+                # As in training: the losses come from the loss function, one per micro-batch; with outputs
+                # asked for, torch would also keep every micro-batch's logits and concatenate them whole.
+                kwargs = self._stage_kwargs(x)
+                self.pm.schedule.eval(*args, target=target, losses=losses, return_outputs=False, **kwargs)
         if not losses:
             return torch.zeros((), dtype=torch.float64)
         return torch.stack([_plain(v) for v in losses]).double().mean().cpu()
@@ -374,7 +418,10 @@ class Trainer:
         t = self.cfg.train
         total = torch.zeros((), dtype=torch.float64)
         for i in range(t.eval_batches):
-            x, y = (self.local_rows(v) for v in self.data.eval_batch(i, t.batch_size))
+            x, y = self.data.eval_batch(i, t.batch_size)
+            scale = loss_scale(y, t.micro_batches, self.dims.dp)  # a loss mask: as in training
+            self._scale = None if scale is None else to_device(scale, self.device)
+            x, y = self.local_rows(x), self.local_rows(y)
             loss = self._eval_loss(x, y)
             if self.tp_rank == 0:
                 total += loss

@@ -7,9 +7,9 @@ within 10% of the prediction for its pipeline position, and its model state (par
 moments and step counters) equal to the prediction to the byte.
 
 Step time is not asserted here: how close the time model comes is a measurement of this machine's speed over
-minutes, so the project measures it in a benchmark, not a test. `benchmarks/plan_cpu.py` calibrates, predicts and measures eleven
-layouts and prints the error of each against the goal (MAPE at most 15%, the measured fastest among the three
-predicted fastest).
+minutes, so the project measures it in a benchmark, not a test. `benchmarks/plan_cpu.py` calibrates, predicts
+and measures eleven layouts and prints the error of each against the goal (MAPE at most 15%, the measured
+fastest among the three predicted fastest).
 
 The table is printed (`pytest -s`) and written to the test's tmp_path. About 1 minute on 2 idle cores.
 Run: .venv/bin/pytest -q -s tests/multiproc/test_plan_cpu.py

@@ -100,6 +100,8 @@ def test_preset_composes_validates_and_builds(group, preset, token_dir):
     overrides = [f"{group}={preset}", "run.dir=unused"]
     if (group, preset) == ("data", "tokens"):
         overrides.append(f"data.path={token_dir}")
+    if (group, preset) == ("data", "blend"):
+        overrides.append(f"data.blend=[{{path:{token_dir},weight:1}}]")
     cfg = compose(overrides)
     assert_preset_applied(cfg, group, preset)
     validate(cfg, cfg.launcher.world_size())

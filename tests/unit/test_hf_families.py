@@ -1,10 +1,10 @@
-"""Hugging Face interop per family (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, OLMoE), on CPU in fp32 with no
-hub access: a tiny random model built in `transformers` from a local config is saved, `train.init_from` reads
-it (with the overrides `moeyard import` derives from its config.json) and our logits equal transformers' to
-1e-4; two training steps later `moeyard export` writes the same family, which transformers loads with
-nothing missing and with our logits. Both on-disk expert layouts import: per-expert Linear weights (what
-save_pretrained writes) and transformers 5's fused 3-D `gate_up_proj`/`down_proj`. Configs a family cannot
-represent are refused both ways, naming the field; the published-model presets export as their family.
+"""Hugging Face interop per family (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, OLMoE, GLM-4.5-MoE), on CPU in fp32
+with no hub access: a tiny random model built in `transformers` from a local config is saved, `train.init_from`
+reads it (with the overrides `moeyard import` derives from its config.json) and our logits equal transformers' to
+1e-4; two training steps later `moeyard export` writes the same family, which transformers loads with nothing
+missing and with our logits. Both on-disk expert layouts import: per-expert Linear weights (what save_pretrained
+writes) and transformers 5's fused 3-D `gate_up_proj`/`down_proj`. Configs a family cannot represent are refused
+both ways, naming the field; the published-model presets export as their family.
 
 Run: .venv/bin/pytest -q tests/unit/test_hf_families.py
 """
@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV3Config,
+    Glm4MoeConfig,
     MixtralConfig,
     OlmoeConfig,
     Qwen2MoeConfig,
@@ -62,6 +63,12 @@ TINY = {
              q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12),
     ),
     "olmoe": (OlmoeConfig, dict(intermediate_size=32, num_experts=8, eos_token_id=0)),  # full q/k norm, no renorm
+    "glm4_moe": (  # RoPE on the first 12 of 24 channels per head, q/k/v biases, q/k norm; routing as DeepSeek-V3
+        Glm4MoeConfig,
+        dict(intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, n_group=4,
+             topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, head_dim=24,
+             partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True, num_mtp_layers=0),
+    ),
 }  # fmt: skip
 RUN = ["data.max_files=20", "train.seq_len=32", "profiling=off", "train.eval_every=0", "train.steps=2"]
 
@@ -135,7 +142,9 @@ def test_import_then_export_match_transformers(family: str, tmp_path: Path) -> N
     theirs = save_tiny(family, tmp_path / "hf")
     assert any(".experts.0." in name for name in tensor_names(tmp_path / "hf"))  # the per-expert layout
     run = tmp_path / "run"
-    bias = ["moe.bias_update_rate=0.01"] if family == "deepseek_v3" else []  # moves the exported selection bias
+    bias = (
+        ["moe.bias_update_rate=0.01"] if family in ("deepseek_v3", "glm4_moe") else []
+    )  # moves the exported selection bias
     trainer = make_trainer(
         compose([*import_overrides(tmp_path / "hf"), *RUN, *bias, "checkpoint.enabled=true", f"run.dir={run}"])
     )
@@ -267,6 +276,39 @@ def test_import_maps_each_family_feature(tmp_path: Path) -> None:
     assert (ds["model.attention"], ds["model.first_dense_layers"], ds["model.q_lora_rank"]) == ("mla", 1, 16)
     olmoe = derived("olmoe")
     assert (olmoe["model.qk_norm"], olmoe["moe.norm_topk_prob"]) == ("full", False)
+    glm = derived("glm4_moe")
+    assert (glm["model.partial_rotary_factor"], glm["model.qkv_bias"], glm["model.qk_norm"]) == (0.5, True, "head")
+    assert (glm["moe.router"], glm["moe.route_scale"], glm["moe.n_groups"], glm["model.first_dense_layers"]) == (
+        "sigmoid_topk",
+        2.5,
+        4,
+        1,
+    )
+    assert (glm["moe.num_shared_experts"], glm["model.head_dim_override"]) == (1, 24)
+    assert derived("glm4_moe", use_qk_norm=False, attention_bias=False)["model.qk_norm"] == "none"
+
+
+def test_published_glm_config_translates(tmp_path: Path) -> None:
+    """GLM-4.5-Air's published config.json (transformers 4 form: flat rope_theta and partial_rotary_factor)
+    gives the glm4_5_air preset's model; without the key, transformers' GLM default 0.5 applies."""
+    air = {
+        "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "attention_bias": True,
+        "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "partial_rotary_factor": 0.5,
+        "intermediate_size": 10944, "max_position_embeddings": 131072, "moe_intermediate_size": 1408,
+        "norm_topk_prob": True, "num_attention_heads": 96, "n_group": 1, "topk_group": 1, "n_routed_experts": 128,
+        "n_shared_experts": 1, "routed_scaling_factor": 1.0, "num_experts_per_tok": 8, "first_k_dense_replace": 1,
+        "num_hidden_layers": 46, "num_key_value_heads": 8, "num_nextn_predict_layers": 1, "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000, "tie_word_embeddings": False, "use_qk_norm": False, "vocab_size": 151552,
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(air))
+    cfg = compose(hydra_overrides(read_hf_config(tmp_path, "import")))
+    preset = compose(["model=glm4_5_air"])
+    assert {**vars(cfg.model), "name": "glm4_5_air"} == vars(preset.model)
+    shape = ("num_experts", "top_k", "expert_hidden", "num_shared_experts", "route_scale", "router", "n_groups")
+    assert {k: getattr(cfg.moe, k) for k in shape} == {k: getattr(preset.moe, k) for k in shape}
+    del air["partial_rotary_factor"]
+    (tmp_path / "config.json").write_text(json.dumps(air))
+    assert overrides_from_hf(read_hf_config(tmp_path, "import"))["model.partial_rotary_factor"] == 0.5
 
 
 IMPORT_REFUSALS = [
@@ -274,7 +316,7 @@ IMPORT_REFUSALS = [
     ("qwen3_moe", {"rope_scaling": {"type": "dynamic", "factor": 4.0}}, "rope_scaling.rope_type=dynamic"),
     ("deepseek_v3", {"rope_scaling": {"type": "yarn", "factor": 40.0}}, "original_max_position_embeddings=None"),
     ("deepseek_v3", {"attention_bias": True}, "attention_bias=True"),
-    ("deepseek_v3", {"quantization_config": {"quant_method": "fp8"}}, "quantization_config.quant_method=fp8"),
+    ("deepseek_v3", {"quantization_config": {"quant_method": "mxfp4"}}, "quantization_config.quant_method=mxfp4"),
     ("deepseek_v3", {"rms_norm_eps": 1e-5}, "rms_norm_eps=1e-05"),
     ("olmoe", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
     ("olmoe", {"attention_bias": True}, "attention_bias=True"),
@@ -315,6 +357,11 @@ EXPORT_REFUSALS = [
     (MLA, dict(router="sigmoid_topk"), "DeepSeek-V3", "moe.num_shared_experts=0"),
     (MLA, {**SIGMOID_SHARED, "shared_expert_gate": True}, "DeepSeek-V3", "moe.shared_expert_gate=True"),
     (MLA, {**SIGMOID_SHARED, "n_groups": 8, "topk_groups": 2}, "DeepSeek-V3", "moe.n_groups=8"),
+    (dict(partial_rotary_factor=0.5), {}, "GLM-4.5-MoE", "moe.router=softmax_topk"),
+    (dict(qk_norm="full"), SIGMOID_SHARED, "GLM-4.5-MoE", "model.qk_norm=full"),
+    ({}, {**SIGMOID_SHARED, "shared_expert_gate": True}, "GLM-4.5-MoE", "moe.shared_expert_gate=True"),
+    (dict(partial_rotary_factor=0.5), dict(router="sigmoid_topk"), "GLM-4.5-MoE", "moe.num_shared_experts=0"),
+    ({"moe_every": 2}, SIGMOID_SHARED, "GLM-4.5-MoE", "model.moe_every=2"),
 ]
 
 
@@ -332,6 +379,7 @@ def test_export_refuses_what_the_family_cannot_represent(model: dict, moe: dict,
         ("qwen3_30b_a3b", "Qwen3-MoE"),
         ("olmoe_1b_7b", "OLMoE"),
         ("deepseek_v3", "DeepSeek-V3"),
+        ("glm4_5_air", "GLM-4.5-MoE"),
     ],
 )
 def test_presets_export_as_their_family(preset: str, title: str) -> None:
