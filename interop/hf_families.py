@@ -259,6 +259,22 @@ def _placement(hf: dict) -> dict[str, object]:
     return {"model.first_dense_layers": first, "model.moe_every": every}
 
 
+def _grouped_moe_config(m: ModelConfig, e: MoEConfig) -> dict:
+    """The MoE keys DeepSeek-V3 and GLM-4.5 share: dense-first blocks, shared experts, group-limited routing."""
+    return {
+        "intermediate_size": m.ffn_hidden,
+        "moe_intermediate_size": e.expert_hidden,
+        "first_k_dense_replace": m.first_dense_layers,
+        "n_routed_experts": e.num_experts,
+        "n_shared_experts": e.num_shared_experts,
+        "norm_topk_prob": e.norm_topk_prob,
+        "routed_scaling_factor": e.route_scale,
+        "n_group": e.n_groups,
+        "topk_group": e.topk_groups,
+        "num_nextn_predict_layers": 0,
+    }
+
+
 def _base_config(m: ModelConfig, e: MoEConfig, family: Family) -> dict:
     """config.json keys every family shares (rope_theta flat for transformers 4, nested for 5)."""
     return {
@@ -524,16 +540,7 @@ class DeepseekV3(Family):
             "v_head_dim": m.v_head_dim,
             "rope_interleave": True,  # our pair layout: no permutation
             "attention_bias": False,
-            "intermediate_size": m.ffn_hidden,
-            "moe_intermediate_size": e.expert_hidden,
-            "first_k_dense_replace": m.first_dense_layers,
-            "n_routed_experts": e.num_experts,
-            "n_shared_experts": e.num_shared_experts,
-            "norm_topk_prob": e.norm_topk_prob,
-            "routed_scaling_factor": e.route_scale,
-            "n_group": e.n_groups,
-            "topk_group": e.topk_groups,
-            "num_nextn_predict_layers": 0,
+            **_grouped_moe_config(m, e),
         }
 
     def rules(self, m: ModelConfig, e: MoEConfig) -> list[Rule]:
@@ -636,16 +643,7 @@ class Glm4Moe(Family):
             "head_dim": m.head_dim,
             "attention_bias": m.qkv_bias,
             "use_qk_norm": m.qk_norm == "head",
-            "intermediate_size": m.ffn_hidden,
-            "moe_intermediate_size": e.expert_hidden,
-            "first_k_dense_replace": m.first_dense_layers,
-            "n_routed_experts": e.num_experts,
-            "n_shared_experts": e.num_shared_experts,
-            "norm_topk_prob": e.norm_topk_prob,
-            "routed_scaling_factor": e.route_scale,
-            "n_group": e.n_groups,
-            "topk_group": e.topk_groups,
-            "num_nextn_predict_layers": 0,
+            **_grouped_moe_config(m, e),
         }
 
     def rules(self, m: ModelConfig, e: MoEConfig) -> list[Rule]:
