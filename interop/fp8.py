@@ -21,16 +21,17 @@ SCALE_SUFFIX = "_scale_inv"
 
 
 def block_shape(hf: dict) -> tuple[int, int] | None:
-    """The FP8 block shape config.json's quantization_config names (None: not quantised). ValueError, naming
-    the key, for another quantisation method or a missing or malformed block shape."""
+    """The FP8 block shape config.json's quantization_config names (None: not FP8). ValueError, naming the
+    key, for a method other than fp8 or gpt-oss's mxfp4 (`mxfp4.py`), or a missing or malformed block shape."""
     quant = hf.get("quantization_config") or {}
     method = quant.get("quant_method")
-    if method is None:
+    mxfp4 = method == "mxfp4" and hf.get("model_type") == "gpt_oss"  # its experts, read by interop/mxfp4.py
+    if method is None or mxfp4:
         return None
     if method != "fp8":
         raise ValueError(
-            f"config.json has quantization_config.quant_method={method} (rule: must be absent or fp8 with "
-            "weight_block_size; dequantize other formats to bf16 first)"
+            f"config.json has quantization_config.quant_method={method} (rule: must be absent, fp8 with "
+            "weight_block_size, or mxfp4 for gpt-oss; dequantize other formats to bf16 first)"
         )
     block = quant.get("weight_block_size")
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b >= 1 for b in block)):

@@ -1,6 +1,6 @@
 """Hugging Face interop: export a checkpoint as the HF family the model belongs to, and train from HF weights.
 
-The families (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 and Kimi-K2, OLMoE, GLM-4.5-MoE), their config.json
+The families (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 and Kimi-K2, OLMoE, GLM-4.5-MoE, gpt-oss), their config.json
 both ways, their tensor names and what each refuses are in `interop/hf_families.py`; this module moves the
 tensors. Export picks the family from the config's structure (`family_of`) and refuses, naming the field,
 what that family cannot represent. Import recognises the family from config.json's model_type. HF's MoE
@@ -20,7 +20,7 @@ Conventions that differ and how both directions bridge them:
 
 Neither direction holds more than one tensor: export streams one checkpoint entry at a time into its
 safetensors file, and import reads, per rank, only the slices of the HF tensors that its shards hold
-(block-quantised FP8 weights dequantised box by box: `interop/fp8.py`).
+(block-quantised FP8 weights dequantised box by box: `interop/fp8.py`; gpt-oss's MXFP4 experts: `interop/mxfp4.py`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint.metadata import Metadata
 
-from moeyard.interop import fp8
+from moeyard.interop import fp8, mxfp4
 from moeyard.interop.hf_families import FAMILIES, Family, Spec, family_of
 from moeyard.moe.config import ModelConfig, MoEConfig
 from moeyard.moe.model import Transformer
@@ -79,6 +79,11 @@ class SafetensorsReader:
     def read(self, name: str, box: tuple[slice, ...], shape: tuple[int, ...]) -> torch.Tensor:
         """The `box` of HF tensor `name` as fp32, after checking its full shape is `shape`; a float8 weight
         with a scale is dequantised, reading only the scale blocks the box overlaps."""
+        if not self.has(name) and self.has(name + mxfp4.BLOCKS) and len(shape) == 3:
+            E, cols, rows = shape  # [E, in, out] in memory; [E, out, in/32, 16] and [E, out, in/32] on disk
+            groups = -(-cols // mxfp4.GROUP)
+            blocks = self._slice(name + mxfp4.BLOCKS, (E, rows, groups, mxfp4.GROUP // 2))
+            return mxfp4.read_box(blocks, self._slice(name + mxfp4.SCALES, (E, rows, groups)), box)
         part = self._slice(name, shape)
         if part.get_dtype().startswith("F8"):
             if self.fp8_block is None or len(shape) != 2:
@@ -117,9 +122,11 @@ class TensorMap:
         """`hf`: the HF config.json, for the RoPE layout it names (default: the one our export writes)."""
         self.family = family
         self.specs: dict[str, Spec] = family.specs(m, hf or {})
+        self.held: dict[str, torch.Tensor] = {}
+        """A fused family's gate half of an expert tensor, until its up half comes (`Family.experts_to_hf`)."""
 
     def maps(self, name: str) -> bool:
-        return name in _TOP or name.split(".", 2)[2] in self.specs or ".moe.experts.w" in name
+        return name in _TOP or name.split(".", 2)[2] in self.specs or ".moe.experts." in name
 
     def _split(self, name: str) -> tuple[str, str]:
         """(HF prefix of the block, our name within the block)."""
@@ -138,6 +145,9 @@ class TensorMap:
             yield _TOP[name], t
             return
         prefix, rest = self._split(name)
+        if rest.startswith("moe.experts.") and self.family.experts_to_hf is not None:
+            yield from self.family.experts_to_hf(prefix, rest.rsplit(".", 1)[-1], t, self.held)
+            return
         if rest.startswith("moe.experts.w"):
             w = rest.rsplit(".", 1)[-1]
             for e in range(t.shape[0]):
@@ -161,6 +171,8 @@ class TensorMap:
         if name in _TOP:
             return reader.read(_TOP[name], box, full_shape)
         prefix, rest = self._split(name)
+        if rest.startswith("moe.experts.") and self.family.read_experts is not None:
+            return self.family.read_experts(prefix, rest.rsplit(".", 1)[-1], full_shape, box, reader)
         if rest.startswith("moe.experts.w"):
             return self._read_experts(prefix, rest.rsplit(".", 1)[-1], full_shape, box, reader)
         spec = self.specs[rest]

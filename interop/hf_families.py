@@ -10,6 +10,8 @@ the names of its tensors, and the configs it cannot represent (refused naming th
 | olmoe       | OlmoeForCausalLM      | GQA, full q/k norm     | softmax top-k, not renormalised; every block MoE   |
 | glm4_moe    | Glm4MoeForCausalLM    | GQA, partial RoPE,     | sigmoid top-k in groups, scaled, aux-free bias;    |
 |             |                       | q/k/v biases, q/k norm | shared experts; dense first blocks                 |
+| gpt_oss     | GptOssForCausalLM     | GQA, sinks, q/k/v/o    | biased router, softmax over the top k; experts     |
+|             |                       | biases, sliding blocks | with biases and clamped SwiGLU; every block MoE    |
 
 Kimi-K2 (model_type kimi_k2) is DeepSeek-V3's architecture and imports as it; `fp8.py` dequantises the
 block-quantised FP8 weights DeepSeek-V3 and Kimi-K2 publish.
@@ -22,6 +24,8 @@ a config.json dict the other; a family's `rules` list what an export needs, each
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from moeyard.interop import fp8
 from moeyard.moe.config import ModelConfig, MoEConfig
@@ -79,6 +83,12 @@ class Family:
     expert_bias: str | None = None
     """HF name of our aux-free selection bias (router.expert_bias), if the family has one."""
     default_rope_theta = 10000.0
+
+    experts_to_hf = None
+    """Families whose experts are fused on disk (gpt-oss) write them with this (see GptOss); None: the
+    per-expert layout `interop.hf.TensorMap` writes."""
+    read_experts = None
+    """Likewise for import; None: either of the layouts `TensorMap` reads."""
 
     def normalise(self, hf: dict) -> dict:
         """`hf` with each alias spelled the canonical way."""
@@ -170,9 +180,9 @@ def rope_overrides(hf: dict, default_theta: float) -> dict[str, object]:
     require(original is not None, f"{where}.original_max_position_embeddings", None, "must be set for yarn")
     attention_factor = params.get("attention_factor")
     require(attention_factor is None, f"{where}.attention_factor", attention_factor, "must be unset (derived)")
-    require(params.get("truncate", True), f"{where}.truncate", params.get("truncate"), "must be true")
     return theta | {
         "model.rope_scaling": "yarn",
+        "model.yarn_truncate": bool(params.get("truncate", True)),
         "model.yarn_factor": float(params.get("factor") or hf["max_position_embeddings"] / original),
         "model.yarn_original_max_seq_len": int(original),
         "model.yarn_beta_fast": float(params.get("beta_fast") or 32),
@@ -195,6 +205,8 @@ def _rope_config(m: ModelConfig) -> dict:
             "mscale": m.yarn_mscale,
             "mscale_all_dim": m.yarn_mscale_all_dim,
         }
+        if not m.yarn_truncate:  # written only where it differs from transformers' default
+            params["truncate"] = False
     return params
 
 
@@ -661,6 +673,120 @@ class Glm4Moe(Family):
         ]
 
 
+class GptOss(Family):
+    """gpt-oss: GQA with attention sinks, q/k/v/o biases and sliding-window blocks; every block MoE, the router
+    a biased linear whose top-k logits are softmaxed (equal to our softmax over all experts renormalised over
+    the chosen k), experts with biases and the clamped SwiGLU. The experts are fused on disk:
+    `mlp.experts.gate_up_proj` [E, D, 2F] with gate and up columns interleaved (gate 2f, up 2f + 1) and its
+    bias [E, 2F] likewise, `mlp.experts.down_proj` [E, F, D] (our w2's layout) and its bias [E, D]."""
+
+    model_type, architecture, title = "gpt_oss", "GptOssForCausalLM", "gpt-oss"
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings", "rms_norm_eps", "num_local_experts", "num_experts_per_tok")  # fmt: skip
+    aliases = {"num_experts": "num_local_experts"}
+    default_rope_theta = 150000.0
+    FUSED = {
+        "w1": ("gate_up_proj", 0),
+        "w3": ("gate_up_proj", 1),
+        "w2": ("down_proj", None),
+        "b1": ("gate_up_proj_bias", 0),
+        "b3": ("gate_up_proj_bias", 1),
+        "b2": ("down_proj_bias", None),
+    }
+    """Our expert tensor -> (HF tensor under mlp.experts, its interleaved column: 0 gate, 1 up; None: whole)."""
+
+    def overrides(self, hf: dict) -> dict[str, object]:
+        n, window = hf["num_hidden_layers"], hf.get("sliding_window") or 0
+        types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+        sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+        layers = "even" if sliding == list(range(0, n, 2)) else "all"
+        rule = "must slide on the even blocks (gpt-oss), on all, or on none"
+        require(sliding in (list(range(0, n, 2)), list(range(n)), []), "layer_types", types, rule)
+        require(bool(window) or not sliding, "sliding_window", window, "must be >= 1 where layer_types slide")
+        bias = bool(hf.get("attention_bias", True))
+        return {
+            **_base_overrides(hf, self),
+            **_gqa_overrides(hf, "none", bias),
+            "model.o_bias": bias,
+            "model.attention_sinks": True,
+            "model.sliding_window": window if sliding else 0,
+            "model.sliding_layers": layers,
+            "model.ffn_hidden": hf["intermediate_size"],
+            "model.first_dense_layers": 0,
+            "model.moe_every": 1,
+            "moe.num_experts": hf["num_local_experts"],
+            "moe.expert_hidden": hf["intermediate_size"],
+            **_softmax_overrides(hf, True),
+            **_unshared(),
+            "moe.router_bias": True,
+            "moe.expert_biases": True,
+            "moe.activation": "clamped_swiglu",
+            "moe.swiglu_alpha": float(hf.get("swiglu_alpha", 1.702)),
+            "moe.swiglu_limit": float(hf.get("swiglu_limit", 7.0)),
+        }
+
+    def config(self, m: ModelConfig, e: MoEConfig) -> dict:
+        types = ["sliding_attention" if m.window(i) else "full_attention" for i in range(m.n_layers)]
+        return {
+            **_base_config(m, e, self),
+            "head_dim": m.head_dim,
+            "attention_bias": m.qkv_bias,
+            "intermediate_size": e.expert_hidden,
+            "num_local_experts": e.num_experts,
+            "sliding_window": m.sliding_window or None,
+            "layer_types": types,
+            "swiglu_alpha": e.swiglu_alpha,
+            "swiglu_limit": e.swiglu_limit,
+        }
+
+    def rules(self, m: ModelConfig, e: MoEConfig) -> list[Rule]:
+        both = f"must equal model.qkv_bias={m.qkv_bias} (one attention_bias)"
+        return [
+            *_softmax_rules(e),
+            (e.norm_topk_prob, "moe.norm_topk_prob", e.norm_topk_prob, "must be true (softmax over the top k)"),
+            *_unshared_rules(e),
+            *_all_moe_rules(m),
+            *_gqa_rules(m, "none", None),
+            (m.o_bias == m.qkv_bias, "model.o_bias", m.o_bias, both),
+            (m.attention_sinks, "model.attention_sinks", m.attention_sinks, "must be true"),
+            (e.router_bias, "moe.router_bias", e.router_bias, "must be true"),
+            (e.expert_biases, "moe.expert_biases", e.expert_biases, "must be true"),
+            (e.activation == "clamped_swiglu", "moe.activation", e.activation, "must be clamped_swiglu"),
+        ]
+
+    def specs(self, m: ModelConfig, hf: dict) -> dict[str, Spec]:
+        return {
+            **super().specs(m, hf),
+            "attention.wo.bias": Spec("self_attn.o_proj.bias"),
+            "attention.sinks.weight": Spec("self_attn.sinks"),
+            "moe.router.gate.weight": Spec("mlp.router.weight"),
+            "moe.router.gate.bias": Spec("mlp.router.bias"),
+        }
+
+    def experts_to_hf(
+        self, prefix: str, ours: str, t: torch.Tensor, held: dict[str, torch.Tensor]
+    ) -> list[tuple[str, torch.Tensor]]:
+        """HF tensors for our expert tensor `ours` (w1..b3); a gate half is held until its up half comes."""
+        name, column = self.FUSED[ours]
+        if column == 0:
+            held[name] = t
+            return []
+        if column == 1:  # interleave: gate f at column 2f, up f at 2f + 1
+            t = torch.stack([held.pop(name), t], dim=-1).flatten(-2)
+        return [(f"{prefix}mlp.experts.{name}", t)]
+
+    def read_experts(
+        self, prefix: str, ours: str, full_shape: torch.Size, box: tuple[slice, ...], reader
+    ) -> torch.Tensor:
+        """The `box` of our expert tensor `ours` from the fused HF tensors (the interleaved columns of its half)."""
+        name, column = self.FUSED[ours]
+        if column is None:
+            return reader.read(f"{prefix}mlp.experts.{name}", box, tuple(full_shape))
+        cols = box[-1]  # a stepped slice: only this half's columns are read
+        half = slice(2 * cols.start + column, 2 * cols.stop, 2)
+        return reader.read(f"{prefix}mlp.experts.{name}", (*box[:-1], half), (*full_shape[:-1], 2 * full_shape[-1]))
+
+
 class KimiK2(DeepseekV3):
     """Kimi-K2: DeepSeek-V3's architecture (its config.json names DeepseekV3ForCausalLM) under its own
     model_type; it imports as DeepSeek-V3 and our export of it is a DeepSeek-V3 model."""
@@ -669,7 +795,7 @@ class KimiK2(DeepseekV3):
 
 
 FAMILIES: dict[str, Family] = {
-    f.model_type: f for f in (Mixtral(), Qwen2Moe(), Qwen3Moe(), DeepseekV3(), KimiK2(), Olmoe(), Glm4Moe())
+    f.model_type: f for f in (Mixtral(), Qwen2Moe(), Qwen3Moe(), DeepseekV3(), KimiK2(), Olmoe(), Glm4Moe(), GptOss())
 }
 """Every family, by config.json's model_type."""
 
@@ -679,6 +805,8 @@ def family_of(m: ModelConfig, e: MoEConfig) -> Family:
     with shared experts, then q/k norms and the shared expert); its `rules` then say whether the rest maps."""
     if m.attention == "mla":
         return FAMILIES["deepseek_v3"]
+    if m.attention_sinks or e.activation == "clamped_swiglu" or e.expert_biases:
+        return FAMILIES["gpt_oss"]
     if m.partial_rotary_factor != 1 or (e.router == "sigmoid_topk" and e.num_shared_experts):
         return FAMILIES["glm4_moe"]
     if m.qk_norm != "none":

@@ -1,4 +1,5 @@
-"""`moeyard` command line: train, prepare, export, import, dashboard and plan (COMMANDS maps each to its handler)."""
+"""`moeyard` command line: train, prepare, export, import, generate, eval, dashboard and plan (COMMANDS maps each
+to its handler)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
@@ -14,14 +16,27 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from moeyard.interop.chat import ChatOptions, prepare_chat
+from moeyard.interop.evaluate import SPLITS, evaluate, held_out
+from moeyard.interop.generate import (
+    Codec,
+    Sampling,
+    check_prompt,
+    codec_of_data,
+    generate,
+    load_checkpoint_model,
+    load_codec,
+    load_hf_model,
+)
 from moeyard.interop.hf import export, hydra_overrides, read_hf_config
 from moeyard.interop.prepare import prepare
-from moeyard.job.compose import compose, conf_dir, to_yaml, write_resolved
-from moeyard.job.schema import ConfigError
+from moeyard.job.compose import compose, conf_dir, load_resolved, to_yaml, write_resolved
+from moeyard.job.schema import ConfigError, JobConfig
 from moeyard.launch.launchers import launch
 from moeyard.launch.validate import validate
+from moeyard.moe.model import Transformer
 from moeyard.plan.command import cmd_plan
 from moeyard.profiling.dashboard import cmd_dashboard
+from moeyard.train.checkpointing import is_hf_dir
 
 
 def compose_error_line(err: Exception, overrides: list[str]) -> str:
@@ -213,11 +228,104 @@ def cmd_import(argv: list[str]) -> int:
     return cmd_train([*hydra_overrides(hf), f"train.init_from={args.hf_dir.resolve()}", *args.overrides])
 
 
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _run_config(ckpt_path: Path, command: str) -> JobConfig:
+    """The resolved config.yaml of the run a checkpoint (RUN_DIR/checkpoints/step_N) belongs to."""
+    path = ckpt_path.parent.parent / "config.yaml"
+    if not path.is_file():
+        rule = "a run directory written by `moeyard train` keeps its config beside checkpoints/"
+        raise ValueError(f"{command}={ckpt_path}: no {path} (rule: {rule})")
+    return load_resolved(path)
+
+
+def _generation_source(source: Path, tokenizer: str | None) -> tuple[Transformer, Codec]:
+    """The model of a run directory (latest checkpoint) or HF directory, and its tokenizer."""
+    device = _device()
+    if is_hf_dir(source):
+        if tokenizer is None and not (source / "tokenizer.json").is_file():
+            rule = "give --tokenizer DIR (or bytes), or keep tokenizer.json in the model directory"
+            raise ValueError(f"generate={source} has no tokenizer.json (rule: {rule})")
+        codec = load_codec(tokenizer or source)
+        cfg = compose(hydra_overrides(read_hf_config(source, "generate")))
+        return load_hf_model(source, cfg.model, cfg.moe, "generate", device), codec
+    model, path, _ = load_checkpoint_model(source, "generate", device)
+    if tokenizer is not None:
+        return model, load_codec(tokenizer)
+    cfg = _run_config(path, "generate")
+    return model, codec_of_data(cfg.data, cfg.model.vocab_size)
+
+
+def cmd_generate(argv: list[str]) -> int:
+    """`moeyard generate SOURCE --prompt TEXT`: prints the model's continuation."""
+    parser = argparse.ArgumentParser(
+        prog="moeyard generate",
+        description="Load a run's latest checkpoint (any layout) or a Hugging Face directory into one process "
+        "and print the continuation of a prompt (no KV cache: the prefix is recomputed for every token).",
+    )
+    parser.add_argument("source", type=Path, help="a run directory, a step_N directory or a Hugging Face directory")
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--chat", action="store_true", help="render the prompt as a user message (chat template)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="at most this many tokens (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: all tokens)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds sampling (default 0)")
+    parser.add_argument(
+        "--tokenizer", help="tokenizer.json or its directory, or bytes (default: the run's data tokenizer)"
+    )
+    args = parser.parse_args(argv)
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    sampling.check()
+    model, codec = _generation_source(args.source, args.tokenizer)
+    prompt_ids = codec.encode(codec.chat_prompt(args.prompt) if args.chat else args.prompt)
+    check_prompt(prompt_ids, args.max_new_tokens, model.cfg, codec.name)
+    device = next(model.parameters()).device
+    new = generate(model, prompt_ids, args.max_new_tokens, sampling, codec.eos_id, device)
+    print(codec.decode(new[:-1] if new and new[-1] == codec.eos_id else new))
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    """`moeyard eval RUN_DIR [--data DIR]`: mean held-out loss and perplexity of the latest checkpoint."""
+    parser = argparse.ArgumentParser(
+        prog="moeyard eval",
+        description="Mean loss and perplexity of a run's checkpoint on held-out token windows (the trainer's "
+        "eval batches), in one process.",
+    )
+    parser.add_argument("source", type=Path, help="a run directory (its latest checkpoint) or a step_N directory")
+    parser.add_argument("--data", help="a `moeyard prepare` directory (default: the run's own data)")
+    parser.add_argument(
+        "--split", default="val", help="val (default): the tail data.val_fraction holds out; all: every token of --data"
+    )
+    parser.add_argument("--batches", type=int, help="held-out batches (default: the run's train.eval_batches)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if args.split not in SPLITS:
+        raise ValueError(f"--split={args.split} must be one of {', '.join(SPLITS)}")
+    model, path, meta = load_checkpoint_model(args.source, "eval", _device())
+    cfg = _run_config(path, "eval")
+    data = held_out(cfg.data, args.data, args.split, cfg.train, model.cfg.vocab_size)
+    batches = cfg.train.eval_batches if args.batches is None else args.batches
+    result = {"checkpoint": str(path), "step": meta["step"], **evaluate(model, data, cfg.train, batches)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"eval {path} (step {result['step']}): loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f} "
+            f"over {batches} batches of {cfg.train.batch_size}x{cfg.train.seq_len} tokens"
+        )
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "prepare": cmd_prepare,
     "export": cmd_export,
     "import": cmd_import,
+    "generate": cmd_generate,
+    "eval": cmd_eval,
     "dashboard": cmd_dashboard,
     "plan": cmd_plan,
 }

@@ -9,6 +9,7 @@ named against the model, and the predicted memory against the device.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import ipaddress
 import socket
 from pathlib import Path
@@ -49,6 +50,7 @@ def _validate(cfg: JobConfig, world_size: int) -> ParallelDims:
     cfg.data.check()
     cfg.parallel.check()
     cfg.profiling.check(world_size)
+    _check_sink_packages(cfg)
     cfg.checkpoint.check()
     check_cluster(cfg.cluster)
     _check_model_fits(cfg)
@@ -78,6 +80,18 @@ def _check_model_fits(cfg: JobConfig) -> None:
             "on",
             f"needs model.dim={m.dim} and moe.expert_hidden={e.expert_hidden} divisible by 8 (16-byte rows)",
         )
+
+
+def _check_sink_packages(cfg: JobConfig) -> None:
+    """The optional packages the metric sinks asked for are installed (rank 0 imports them only when it starts)."""
+    p = cfg.profiling
+    asked = {
+        "profiling.tensorboard": (p.tensorboard, {"tensorboard": "tensorboard"}, "pip install tensorboard"),
+        "profiling.wandb": (p.wandb, {"wandb": "wandb", "PIL": "pillow"}, "pip install 'moeyard[wandb]'"),
+    }
+    for name, (on, modules, install) in asked.items():  # module -> the package that installs it
+        missing = [pkg for module, pkg in modules.items() if on and importlib.util.find_spec(module) is None]
+        require(not missing, name, "true", f"needs {' and '.join(missing)} installed ({install})")
 
 
 def _check_memory(cfg: JobConfig, world_size: int) -> None:

@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from moeyard.moe.config import ModelConfig
-from moeyard.moe.masking import block_causal_mask, flex_block_mask
+from moeyard.moe.masking import block_causal_mask, flex_block_mask, sliding_window_mask
 
 try:  # flash-attn is a GPU-only extra; SDPA serves everywhere else.
     from flash_attn import flash_attn_func
@@ -61,14 +61,17 @@ def yarn_frequencies(
     """YaRN ("NTK-by-parts", Peng et al., 2023): pairs whose wavelength fits many times (>= beta_fast turns)
     into the pre-training context keep their frequency, those turning fewer than beta_slow times are divided
     by the factor, and a linear ramp over the pair index blends the two between (its ends rounded outward, as
-    transformers and DeepSeek do). Returns the frequencies and the cos/sin scale (config field docs)."""
+    transformers and DeepSeek do, unless yarn_truncate is false). Returns the frequencies and the cos/sin scale
+    (config field docs)."""
     s, original = cfg.yarn_factor, cfg.yarn_original_max_seq_len
 
     def pair_turning(turns: float) -> float:  # the pair index whose wavelength fits `turns` times
         return head_dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
 
-    low = max(math.floor(pair_turning(cfg.yarn_beta_fast)), 0)
-    high = min(math.ceil(pair_turning(cfg.yarn_beta_slow)), head_dim - 1)
+    low, high = pair_turning(cfg.yarn_beta_fast), pair_turning(cfg.yarn_beta_slow)
+    if cfg.yarn_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
     ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / ((high - low) or 0.001)).clamp(0, 1)
     keep = 1 - ramp
     blended = inv_freq / s * ramp + inv_freq * keep
@@ -138,6 +141,8 @@ def attention_kernel(
 
 def model_kernel(cfg: ModelConfig, device_type: str, dtype: torch.dtype, documents: bool) -> str:
     """`attention_kernel` for the attention of `cfg` (GQA where kv heads are fewer; MLA's widths)."""
+    if cfg.attention_sinks or cfg.sliding_window:  # SDPA with a dense mask (`attend`); flex refuses them
+        return "sdpa" if cfg.attn_impl != "flex" else "flex"
     mla = cfg.attention == "mla"
     gqa = not mla and cfg.n_kv_heads != cfg.n_heads
     v_dim = cfg.v_head_dim if mla else cfg.head_dim
@@ -184,9 +189,11 @@ def attend(
     mask: torch.Tensor | BlockMask | None = None,
     scale: float | None = None,
     use_flash: bool = False,
+    sinks_H: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal softmax attention scaled by `scale` (None: 1/sqrt(q/k head dim)); k and v may have fewer heads
-    (GQA) and v another head dim (MLA). -> [B, S, H, Vd].
+    (GQA) and v another head dim (MLA). -> [B, S, H, Vd]. `sinks_H`: one logit per head added to every
+    softmax's denominator (`_sdpa_with_sinks`; a dense mask or None only).
 
     `mask` (`attention_mask`) picks the kernel: a BlockMask runs FlexAttention (compiled on CUDA); a bool
     tensor [B, 1, S, S] (True = may attend; `moe.masking.block_causal_mask`) replaces SDPA's causal mask;
@@ -198,6 +205,8 @@ def attend(
     if isinstance(mask, BlockMask):
         flex = _compiled_flex() if q.is_cuda else flex_attention
         return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa).transpose(1, 2)
+    if sinks_H is not None:
+        return _sdpa_with_sinks(q, k, v, mask, scale, sinks_H).transpose(1, 2)
     fits = flash_fits(q.dtype, q.shape[-1], v.shape[-1])
     if use_flash and mask is None and flash_attn_func is not None and q.is_cuda and fits:
         return flash_attn_func(q_BSHd, k_BSHd, v_BSHd, causal=True, softmax_scale=scale)
@@ -218,6 +227,34 @@ def _sdpa(
     return F.scaled_dot_product_attention(
         q_BHSd, k_BGSd, v_BGSd, attn_mask=mask, is_causal=causal, enable_gqa=gqa, scale=scale
     )
+
+
+def _sdpa_with_sinks(
+    q_BHSd: torch.Tensor,
+    k_BGSd: torch.Tensor,
+    v_BGSd: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    sinks_H: torch.Tensor,
+) -> torch.Tensor:
+    """SDPA with attention sinks: softmax over [scores | sink_h] with the sink's probability dropped, i.e.
+    each head's output shrunk by Z / (Z + exp(sink_h)).
+
+    Done as one extra key and value of zeros whose additive mask entry is sink_h: its score is then exactly
+    sink_h and its value adds nothing. Chosen over rescaling by sigmoid(logsumexp - sink) because SDPA does
+    not return its logsumexp, and the extra column keeps every kernel that takes a float mask (with its
+    gradient, which reaches the sinks) usable. kv heads are expanded: the fused kernel that takes a float
+    mask (memory-efficient) takes no GQA. -> [B, H, S, Vd]."""
+    B, H, S, _ = q_BHSd.shape
+    repeat = H // k_BGSd.shape[1]
+    k, v = (t.repeat_interleave(repeat, dim=1) for t in (k_BGSd, v_BGSd))
+    k, v = (torch.cat([t, t.new_zeros(B, H, 1, t.shape[-1])], dim=2) for t in (k, v))
+    allowed = mask if mask is not None else sliding_window_mask(None, S, S, q_BHSd.device)
+    bias = torch.zeros(allowed.shape, dtype=q_BHSd.dtype, device=q_BHSd.device).masked_fill(~allowed, float("-inf"))
+    sink = sinks_H.to(q_BHSd.dtype).view(1, H, 1, 1).expand(bias.shape[0], H, S, 1)
+    bias = torch.cat([bias.expand(-1, H, -1, -1), sink], dim=-1)
+    sdpa = fused_sdpa if q_BHSd.is_cuda else _sdpa
+    return sdpa(q_BHSd, k, v, bias, scale, False)
 
 
 def fused_sdpa(
@@ -251,6 +288,18 @@ class PlainRMSNorm(nn.Module):
         return self.weight * xf.type_as(x)
 
 
+class Sinks(nn.Module):
+    """Attention sinks: one learned logit per query head, weight [H]. A module, not a bare parameter, so that
+    tensor parallelism can shard it with the heads and hand the attention its local slice (parallel/tensor.py)."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads))
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention with RoPE; optional q/k/v biases and q/k RMSNorm (before RoPE).
 
@@ -265,19 +314,25 @@ class Attention(nn.Module):
         qk_norm=full (OLMoE): q_norm [H*Hd], k_norm [G*Hd] <- q_norm, k_norm, each head's Hd slice permuted.
             Normalises the whole projection output before it is split into heads; tensor parallelism shards
             the weight like wq/wk's rows and computes the mean square over the full width.
-        qkv_bias (Qwen2, Qwen2-MoE): the q_proj/k_proj/v_proj biases; o_proj has none.
+        qkv_bias (Qwen2, Qwen2-MoE): the q_proj/k_proj/v_proj biases; o_proj has none unless o_bias (gpt-oss).
+        sinks.weight [H] (attention_sinks, gpt-oss) <- sinks: one logit per query head (`_sdpa_with_sinks`);
+            tensor parallelism shards it with the heads.
+    model.sliding_window: the blocks `cfg.window` names narrow their mask to the window (dense; FlexAttention
+    takes neither sinks nor windows here: model.attn_impl=flex is refused with them).
     OLMoE's `clip_qkv` is not implemented (null in OLMoE-1B-7B).
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0) -> None:
         super().__init__()
         hd, eps = cfg.head_dim, cfg.norm_eps
         self.head_dim = hd
         self.use_flash = cfg.attn_impl == "flash"
+        self.window = cfg.window(layer_id)
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=cfg.o_bias)
+        self.sinks = Sinks(cfg.n_heads) if cfg.attention_sinks else None
         full, head = cfg.qk_norm == "full", cfg.qk_norm == "head"
         self.q_norm = PlainRMSNorm(cfg.n_heads * hd, eps) if full else None
         self.k_norm = PlainRMSNorm(cfg.n_kv_heads * hd, eps) if full else None
@@ -295,7 +350,11 @@ class Attention(nn.Module):
             q, k = self.q_head_norm(q), self.k_head_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         v = self.wv(x_BSD).view(B, S, -1, self.head_dim)
-        return self.wo(attend(q, k, v, mask, use_flash=self.use_flash).reshape(B, S, -1))
+        if self.window:
+            mask = sliding_window_mask(mask, S, self.window, x_BSD.device)
+        sinks_H = self.sinks() if self.sinks is not None else None
+        out = attend(q, k, v, mask, use_flash=self.use_flash, sinks_H=sinks_H)
+        return self.wo(out.reshape(B, S, -1))
 
 
 class MLA(nn.Module):
@@ -358,7 +417,8 @@ class MLA(nn.Module):
         return self.wo(attend(q, k, v, mask, self.scale, self.use_flash).reshape(B, S, -1))
 
 
-def build_attention(cfg: ModelConfig) -> Attention | MLA:
-    """The attention module `cfg.attention` names (ValueError naming the field for a bad attention config)."""
+def build_attention(cfg: ModelConfig, layer_id: int = 0) -> Attention | MLA:
+    """The attention module `cfg.attention` names for block `layer_id` (ValueError naming the field for a bad
+    attention config)."""
     cfg.check_attention()
-    return MLA(cfg) if cfg.attention == "mla" else Attention(cfg)
+    return MLA(cfg) if cfg.attention == "mla" else Attention(cfg, layer_id)

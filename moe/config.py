@@ -79,6 +79,8 @@ class ModelConfig:
     yarn_beta_slow: float = 1.0
     """yarn: pairs turning fewer times than this are interpolated by the factor (a linear ramp between; equal
     betas, as Kimi-K2's 1 and 1, ramp over one pair)."""
+    yarn_truncate: bool = True
+    """yarn: round the ramp's ends outward to whole pairs (transformers' default); gpt-oss does not."""
     yarn_mscale: float = 1.0
     """yarn: with both yarn_mscale and yarn_mscale_all_dim > 0, cos/sin are scaled by m(s, mscale) /
     m(s, mscale_all_dim), where m(s, a) = 0.1 a ln s + 1; otherwise by m(s, 1) (the paper's temperature)."""
@@ -99,6 +101,15 @@ class ModelConfig:
     flex = FlexAttention always (compiled on CUDA)."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    attention_sinks: bool = False
+    """gqa: one learned logit per query head joins every softmax's denominator, so a head may attend to
+    nothing (gpt-oss; Xiao et al., 2023); `moe.attention.attend`."""
+    o_bias: bool = False
+    """gqa: a bias on the output projection (gpt-oss's attention_bias covers q/k/v and o)."""
+    sliding_window: int = 0
+    """Blocks that slide attend only to the last `sliding_window` positions (their own included); 0 = none."""
+    sliding_layers: str = choice("even", "all")
+    """With sliding_window: which blocks slide, the even ones (0, 2, ...: gpt-oss) or all."""
     attention: str = choice("gqa", "mla")
     """Grouped-query attention (Llama, Mixtral, Qwen, OLMoE) or multi-head latent attention (DeepSeek-V2/V3)."""
     head_dim_override: int | None = None
@@ -155,6 +166,10 @@ class ModelConfig:
         for name in ("rope_theta", "norm_eps"):
             require(getattr(self, name) > 0, f"model.{name}", getattr(self, name), "must be > 0")
         require(self.init_std >= 0, "model.init_std", self.init_std, "must be >= 0")
+        require(self.sliding_window >= 0, "model.sliding_window", self.sliding_window, "must be >= 0 (0 = none)")
+        dense = "must not be flex with model.attention_sinks or model.sliding_window (they attend through SDPA)"
+        require(self.attn_impl != "flex" or not (self.attention_sinks or self.sliding_window),
+                "model.attn_impl", self.attn_impl, dense)  # fmt: skip
 
     def check_attention(self) -> None:
         """Raises ValueError naming the first attention or RoPE field whose value breaks a rule."""
@@ -179,6 +194,9 @@ class ModelConfig:
                 ),
                 (self.qk_norm == "none", "qk_norm", f"must be none {why}"),
                 (not self.qkv_bias, "qkv_bias", f"must be false {why}"),
+                (not self.o_bias, "o_bias", f"must be false {why}"),
+                (not self.attention_sinks, "attention_sinks", "must be false with model.attention=mla (gqa only)"),
+                (self.sliding_window == 0, "sliding_window", "must be 0 with model.attention=mla (gqa only)"),
                 (self.q_lora_rank >= 0, "q_lora_rank", "must be >= 0 (0 = a plain query projection)"),
                 (self.kv_lora_rank >= 1, "kv_lora_rank", "must be >= 1"),
                 (self.qk_nope_head_dim >= 1, "qk_nope_head_dim", "must be >= 1"),
@@ -196,6 +214,11 @@ class ModelConfig:
             if not ok:
                 value = self.head_dim if name == "dim/n_heads" else getattr(self, name)
                 raise ValueError(f"model.{name}={value} {rule}")
+
+    def window(self, layer_id: int) -> int:
+        """How many positions block `layer_id` attends back over (its own included); 0 = the whole sequence."""
+        slides = self.sliding_layers == "all" or layer_id % 2 == 0
+        return self.sliding_window if slides else 0
 
     def is_moe_layer(self, layer_id: int) -> bool:
         """Whether block `layer_id` gets an MoE FFN under the placement knobs."""
@@ -244,6 +267,17 @@ class MoEConfig:
     """Aux-loss-free balancing: per-step update of the selection bias (DeepSeek-V3); 0 = off."""
     grouped_mm: str = choice("auto", "on", "off")
     """Expert matmuls as one torch grouped_mm (auto: when torch has it) or a per-expert loop."""
+    router_bias: bool = False
+    """A learned bias on the router logits, which selection and weights both see (gpt-oss)."""
+    expert_biases: bool = False
+    """Biases on each routed expert's three projections (gpt-oss; `moe.experts.GroupedExperts`)."""
+    activation: str = choice("swiglu", "clamped_swiglu")
+    """Routed experts' gate: silu(g) * u, or gpt-oss's (clamp(u, +-limit) + 1) * g' sigmoid(alpha g') with
+    g' = min(g, limit)."""
+    swiglu_alpha: float = 1.702
+    """clamped_swiglu: the sigmoid's gain (gpt-oss: 1.702, GELU's sigmoid approximation)."""
+    swiglu_limit: float = 7.0
+    """clamped_swiglu: the clamp on gate (above) and up (both sides) (gpt-oss: 7.0)."""
 
     @property
     def shared_hidden(self) -> int:
@@ -272,6 +306,7 @@ class MoEConfig:
             rule = f"must be <= experts in the chosen groups ({reachable})"
             require(self.top_k <= reachable, "moe.top_k", self.top_k, rule)
         require(self.route_scale > 0, "moe.route_scale", self.route_scale, "must be > 0")
+        require(self.swiglu_limit > 0, "moe.swiglu_limit", self.swiglu_limit, "must be > 0")
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             require(getattr(self, name) >= 0, f"moe.{name}", getattr(self, name), "must be >= 0")
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeyard.moe.config import MoEConfig
+
 HAS_GROUPED_MM = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
 FUSED_GROUPED_MM_ARCHS = (9, 10)
 """CUDA compute-capability majors (sm90, sm100) where torch's grouped_mm is one fused CUTLASS kernel, for
@@ -41,14 +43,37 @@ def looped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor | 
     return torch.cat([chunk @ w_DF for chunk, w_DF in zip(chunks, w_EDF.unbind(0), strict=True)])
 
 
-class GroupedExperts(nn.Module):
-    """E SwiGLU experts: y = (silu(x W1) * (x W3)) W2, per expert."""
+def clamped_swiglu(gate_NF: torch.Tensor, up_NF: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's gate: (clamp(up, +-limit) + 1) * g sigmoid(alpha g), g = min(gate, limit). The clamps bound
+    the activations (OpenAI trained with them); the +1 lets a zero up pass the gate through."""
+    gate_NF = gate_NF.clamp(max=limit)
+    return (up_NF.clamp(-limit, limit) + 1) * gate_NF * torch.sigmoid(alpha * gate_NF)
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, grouped_mm: Literal["auto", "on", "off"] = "auto"):
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts: y = (silu(x W1) * (x W3)) W2, per expert.
+
+    Options (moe config, see `from_config`): biases b1, b3 [E, F] and b2 [E, D] added after each projection
+    (expert_biases; sharded over ep with the weights, on dim 0), and gpt-oss's `clamped_swiglu` gate."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        grouped_mm: Literal["auto", "on", "off"] = "auto",
+        biases: bool = False,
+        clamp: tuple[float, float] | None = None,
+    ):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b1 = nn.Parameter(torch.empty(num_experts, hidden)) if biases else None
+        self.b3 = nn.Parameter(torch.empty(num_experts, hidden)) if biases else None
+        self.b2 = nn.Parameter(torch.empty(num_experts, dim)) if biases else None
+        self.clamp = clamp
+        """(alpha, limit) of `clamped_swiglu`, or None for silu(gate) * up."""
         if grouped_mm == "on" and not HAS_GROUPED_MM:
             raise ValueError("moe.grouped_mm=on needs torch grouped_mm, which this torch lacks (rule: use auto or off)")
         # grouped_mm needs 16-byte aligned row strides: widths that are multiples of 8 serve fp32 and bf16.
@@ -57,11 +82,17 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"moe.grouped_mm=on needs dim and expert_hidden divisible by 8 (got {dim}, {hidden})")
         self.use_grouped_mm = grouped_mm == "on" or (grouped_mm == "auto" and HAS_GROUPED_MM and aligned)
 
+    @classmethod
+    def from_config(cls, cfg: MoEConfig, num_experts: int, dim: int) -> GroupedExperts:
+        """`num_experts` experts of the moe config `cfg` (all of them, or one ep rank's share)."""
+        clamp = (cfg.swiglu_alpha, cfg.swiglu_limit) if cfg.activation == "clamped_swiglu" else None
+        return cls(num_experts, dim, cfg.expert_hidden, cfg.grouped_mm, cfg.expert_biases, clamp)
+
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Args: x_ND tokens sorted by expert; counts_E tokens per expert (int). Returns y_ND."""
         if x_ND.shape[0] == 0:
             # A rank can receive no tokens; keep the weights in the graph so their (zero) grads exist.
-            return x_ND + 0 * (self.w1.sum() + self.w2.sum() + self.w3.sum())
+            return x_ND + 0 * sum(p.sum() for p in self.parameters())
         w1, w2, w3 = self.w1, self.w2, self.w3
         dtype = autocast_dtype(x_ND.device.type)
         if dtype is not None:
@@ -69,6 +100,7 @@ class GroupedExperts(nn.Module):
             # training whenever the weights are fp32 masters (replicate mode). The casts are differentiable,
             # so gradients still reach the fp32 weights in fp32.
             x_ND, w1, w2, w3 = (t.to(dtype) for t in (x_ND, w1, w2, w3))
+        bias = self._bias_rows(counts_E, x_ND.shape[0], x_ND.dtype)
         if self.use_grouped_mm:
             # grouped_mm wants int32 cumulative row ends and contiguous operands (its CPU backward
             # rejects stride-0 gradients).
@@ -79,8 +111,19 @@ class GroupedExperts(nn.Module):
             # symbolic sizes (parallel's apply_compile turns on dynamo's capture_scalar_outputs), not a break.
             counts = counts_E.tolist()
             mm = lambda a, w: looped_mm(a, w, counts)
-        h_NF = F.silu(mm(x_ND, w1)) * mm(x_ND, w3)
-        return mm(h_NF, w2)
+        gate_NF, up_NF = bias(mm(x_ND, w1), self.b1), bias(mm(x_ND, w3), self.b3)
+        if self.clamp is None:
+            h_NF = F.silu(gate_NF) * up_NF
+        else:
+            h_NF = clamped_swiglu(gate_NF, up_NF, *self.clamp)
+        return bias(mm(h_NF, w2), self.b2)
+
+    def _bias_rows(self, counts_E: torch.Tensor, rows: int, dtype: torch.dtype):
+        """A function adding each row's expert bias ([E, W] repeated by counts) to an [N, W] output, or
+        returning the output as it is without biases. output_size keeps repeat_interleave off the host."""
+        if self.b1 is None:
+            return lambda y, b: y
+        return lambda y, b: y + b.to(dtype).repeat_interleave(counts_E, dim=0, output_size=rows)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

@@ -138,7 +138,7 @@ def init_rule(fqn: str, ndim: int, cfg: ModelConfig) -> float | str:
     """
     if "norm" in fqn and ndim == 1:
         return "ones"
-    if fqn.rsplit(".", 1)[-1] in ("expert_bias", "bias"):
+    if fqn.rsplit(".", 1)[-1] in ("expert_bias", "bias", "b1", "b2", "b3"):  # b*: routed experts' biases
         return "zeros"
     if any(f".{name}." in f".{fqn}." for name in ("wo", "w2")):
         return cfg.init_std / math.sqrt(2 * cfg.n_layers)

@@ -62,7 +62,7 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = Router(dim, cfg)
-        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden, cfg.grouped_mm)
+        self.experts = GroupedExperts.from_config(cfg, cfg.num_experts, dim)
         cfg.check_shared()
         self.shared_experts = SwiGLU(dim, cfg.shared_hidden) if cfg.shared_hidden else None
         # Qwen2-MoE's gate: one logit per token, sigmoid-squashed, scales the shared experts' output.

@@ -70,6 +70,17 @@ def block_causal_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
     return (same_BSS & causal_SS)[:, None]
 
 
+def sliding_window_mask(mask: torch.Tensor | None, seq_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """`mask` (bool [B, 1, S, S], or None for causal) narrowed to a sliding window: query i also needs
+    i - j < `window`, so it sees the last `window` positions, its own included (transformers' sliding_window).
+
+    Returns bool [B or 1, 1, S, S] (True = attend); the diagonal stays allowed."""
+    idx_S = torch.arange(seq_len, device=device)
+    behind_SS = idx_S[:, None] - idx_S[None, :]
+    window_SS = (behind_SS >= 0) & (behind_SS < window)
+    return window_SS[None, None] if mask is None else mask & window_SS
+
+
 def document_attention(doc_ids_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions int64 [B, S] and block-causal mask bool [B, 1, S, S] of a packed batch (see above)."""
     return document_positions(doc_ids_BS), block_causal_mask(doc_ids_BS)

@@ -35,7 +35,7 @@ class Block(nn.Module):
     def __init__(self, layer_id: int, cfg: ModelConfig, moe_cfg: MoEConfig) -> None:
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attention = build_attention(cfg)
+        self.attention = build_attention(cfg, layer_id)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
         self.moe = MoELayer(cfg.dim, moe_cfg) if self.is_moe else None

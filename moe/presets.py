@@ -123,6 +123,32 @@ ROUTINGS: dict[str, Routing] = {
 }
 """Routing recipes by name: the `moe=` options."""
 
+_GPT_OSS_MODEL = {  # what gpt-oss-20b and -120b share (their published config.json files)
+    "vocab_size": 201088,
+    "dim": 2880,
+    "n_heads": 64,
+    "n_kv_heads": 8,
+    "head_dim_override": 64,
+    "qkv_bias": True,
+    "o_bias": True,
+    "attention_sinks": True,
+    "sliding_window": 128,
+    "ffn_hidden": 2880,
+    "max_seq_len": 131072,
+    "rope_theta": 150000.0,
+    "rope_scaling": "yarn",
+    "yarn_factor": 32.0,
+    "yarn_truncate": False,
+    "yarn_mscale": 0.0,  # as config.json (no mscale key) imports; either gives the temperature m(32, 1)
+}
+_GPT_OSS_MOE = {
+    "top_k": 4,
+    "expert_hidden": 2880,
+    "router_bias": True,
+    "expert_biases": True,
+    "activation": "clamped_swiglu",
+}
+
 PRESETS: dict[str, Preset] = {
     "debug": Preset(
         "Tiny model for tests and golden layout checks: 4 blocks, 8 experts of width 32.",
@@ -294,6 +320,20 @@ PRESETS: dict[str, Preset] = {
             {"num_experts": 160, "top_k": 8, "expert_hidden": 1536, "num_shared_experts": 1, "route_scale": 2.5}
         ),
         routing="deepseek",
+    ),
+    "gpt_oss_20b": Preset(
+        "gpt-oss-20b shape (20.9 B parameters, as published): 24 blocks, every one MoE; grouped-query attention "
+        "with 64 query and 8 key/value heads of width 64, q/k/v/o biases and per-head attention sinks, the even "
+        "blocks sliding over 128 positions; YaRN x32 from 4096 positions (untruncated ramp); 32 experts with "
+        "biases and the clamped SwiGLU, top-4 from a biased router.",
+        model=_frozen({"name": "gpt_oss_20b", **_GPT_OSS_MODEL, "n_layers": 24}),
+        moe=_frozen({**_GPT_OSS_MOE, "num_experts": 32}),
+    ),
+    "gpt_oss_120b": Preset(
+        "gpt-oss-120b shape (116.8 B parameters, as published): gpt-oss-20b's blocks, 36 of them, with 128 "
+        "experts each.",
+        model=_frozen({"name": "gpt_oss_120b", **_GPT_OSS_MODEL, "n_layers": 36}),
+        moe=_frozen({**_GPT_OSS_MOE, "num_experts": 128}),
     ),
 }
 """Model presets by name: the `model=` options."""

@@ -169,7 +169,7 @@ class Router(nn.Module):
     def __init__(self, dim: int, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
+        self.gate = nn.Linear(dim, cfg.num_experts, bias=cfg.router_bias)
         # Aux-loss-free balancing: a bias that only steers selection, never the combine weights.
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=True)
 
@@ -182,7 +182,8 @@ class Router(nn.Module):
         # Router math in fp32: small logit differences decide discrete choices (ST-MoE, sec. 3). Autocast
         # would run the linear in bf16 whatever its inputs' dtype, so it is switched off here.
         with torch.autocast(x_GSD.device.type, enabled=False):
-            logits_TE = F.linear(x_GSD.reshape(G * S, -1).float(), self.gate.weight.float())
+            bias = self.gate.bias.float() if self.gate.bias is not None else None
+            logits_TE = F.linear(x_GSD.reshape(G * S, -1).float(), self.gate.weight.float(), bias)
         if self.cfg.router == "expert_choice":
             return self._expert_choice(logits_TE, G, S, split)
         return self._token_choice(logits_TE, G, S, reduce_load, split)

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from moeyard.moe.model import Transformer
 
-_EXPERT_PARAM = re.compile(r"(^|\.)experts\.w[123]$")
+_EXPERT_PARAM = re.compile(r"(^|\.)experts\.[wb][123]$")  # weights, and biases (moe.expert_biases)
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 

@@ -231,5 +231,5 @@ def apply_ep(
             continue
         old = moe.experts
         with torch.device(old.w1.device):
-            moe.experts = GroupedExperts(cfg.num_experts // ep, old.w1.shape[1], old.w1.shape[2], cfg.grouped_mm)
+            moe.experts = GroupedExperts.from_config(cfg, cfg.num_experts // ep, old.w1.shape[1])
         moe.dispatcher = AllToAllDispatcher(cfg.num_experts, ep_group, token_group, split, overlap, chunks)

@@ -17,6 +17,8 @@ Attention variants (moe/attention.py):
   tp-partial like the router's. A full-width q/k norm (qk_norm=full) normalises the whole projection output,
   which tp splits by heads: its weight is sharded like the projection's rows and it runs on DTensors, so the
   mean of squares is a Partial value that one all-reduce of [B, S, 1] completes (no all-gather of q or k).
+  gpt-oss: attention sinks [H] are sharded with the heads (`_HeadSharded`); o_proj's bias stays replicated
+  and is added once, after RowwiseParallel's reduction (DTensor's linear); sliding windows need nothing.
 - MLA: the up-projections (wq_b, or wq without a query bottleneck, and wkv_b) are column-parallel over heads
   and wo row-parallel; the down-projections wq_a, wkv_a and the latent norms are replicated (small, and
   every head needs the whole latent). Column-parallel layers sum their input's gradient over tp, so the
@@ -91,6 +93,8 @@ def _attention_plan(cfg: ModelConfig, between_blocks: Shard | Replicate) -> dict
     if cfg.qk_norm == "full":
         plan["attention.q_norm"] = _FullWidthNorm()
         plan["attention.k_norm"] = _FullWidthNorm()
+    if cfg.attention_sinks:
+        plan["attention.sinks"] = _HeadSharded()
     return plan
 
 
@@ -168,6 +172,22 @@ class _FullWidthNorm(ParallelStyle):
             partition_fn=shard_weight,
             input_fn=lambda mod, inputs, mesh: (DTensor.from_local(inputs[0], mesh, [Shard(-1)], run_check=False),),
             output_fn=lambda mod, out, mesh: out.to_local(),
+        )
+
+
+class _HeadSharded(ParallelStyle):
+    """A per-head parameter module (attention sinks [H]): its weight sharded over tp like the heads of the
+    column-parallel q projection (Shard(0): rank r keeps heads [r H/tp, (r+1) H/tp)); the attention receives the
+    local slice. Each head's logit is used only by the rank holding the head, so its gradient is local too."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def shard_weight(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+            for pname, param in list(mod.named_parameters(recurse=False)):
+                sharded = distribute_tensor(param, mesh, [Shard(0)], src_data_rank=self.src_data_rank)
+                mod.register_parameter(pname, nn.Parameter(sharded))
+
+        return distribute_module(
+            module, device_mesh, partition_fn=shard_weight, output_fn=lambda mod, out, mesh: out.to_local()
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moeyard.moe.config import check_fields, require
+from moeyard.moe.config import check_fields, choice, require
 
 
 @dataclass(kw_only=True)
@@ -39,6 +39,15 @@ class ProfilingConfig:
     """Write expert_load.jsonl."""
     tensorboard: bool = False
     """Also write TensorBoard scalars and load heatmaps (needs the tensorboard package)."""
+    wandb: bool = False
+    """Also log scalars and load heatmaps to Weights & Biases (needs `pip install 'moeyard[wandb]'`)."""
+    wandb_project: str = "moeyard"
+    """The W&B project the run is logged to."""
+    wandb_name: str | None = None
+    """The W&B run's name; null = the run directory's name."""
+    wandb_mode: str = choice("auto", "online", "offline", "disabled")
+    """online; offline (files under RUN_DIR/wandb, uploaded later by `wandb sync`); disabled; auto = the
+    WANDB_MODE environment variable, else online."""
     progress: bool = True
     """Rich progress bar on rank 0."""
     dead_expert_steps: int = 20

@@ -9,6 +9,7 @@ a loss mask (chat data) it is the mean over the targets the mask counts in the w
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from datetime import timedelta
@@ -174,7 +175,13 @@ class Trainer:
         """Metrics, profiling, the collective log and timeouts, the step guard and the checkpointer."""
         cfg, t, p = self.cfg, self.cfg.train, self.cfg.profiling
         self.log = MetricsLog(
-            self.run_dir, is_writer=self.rank == 0, progress=p.progress, total_steps=t.steps, tensorboard=p.tensorboard
+            self.run_dir,
+            is_writer=self.rank == 0,
+            progress=p.progress,
+            total_steps=t.steps,
+            tensorboard=p.tensorboard,
+            wandb=p if p.wandb else None,
+            job_config=dataclasses.asdict(cfg) if p.wandb else None,
         )
         tokens_per_step = t.batch_size * t.seq_len
         self.prof = StepProfiler(

@@ -3,8 +3,9 @@
 them back bit for bit, on one process, under ep2 FSDP and under tp2*pp2; `--dtype bfloat16` writes the fp32
 weights rounded to bf16, which transformers runs close to our fp32 model; configs no family represents
 are refused naming the field. Every family (tiny random transformers models, as in
-tests/unit/test_hf_families.py) imports under tp2*ep2 (FSDP) and under pp2 with the weights one process reads,
-bit for bit, and the same losses (Mixtral: the exported model above).
+tests/unit/test_hf_families.py, and gpt-oss's from tests/unit/test_gpt_oss.py) imports under tp2*ep2 (FSDP)
+and under pp2 with the weights one process reads, bit for bit, and the same losses (Mixtral: the exported model
+above).
 Run: .venv/bin/pytest -q tests/multiproc/test_hf.py
 """
 
@@ -256,13 +257,16 @@ FAMILY_RUN = [
 def family_imports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[list[str], dict]]:
     """Per family: the overrides `moeyard import` derives for a tiny random transformers model, and what one
     process training from it gives: the weights it read and the losses of two steps."""
-    from tests.unit.test_hf_families import TINY as FAMILIES  # (transformers: here, not in every rank)
+    from tests.unit.test_gpt_oss import save_tiny as save_gpt_oss  # (transformers: here, not in every rank)
+    from tests.unit.test_hf_families import TINY as FAMILIES
     from tests.unit.test_hf_families import import_overrides, save_tiny
 
     root = tmp_path_factory.mktemp("families")
     imports = {}
-    for family in [f for f in FAMILIES if f != "mixtral"]:  # Mixtral's layouts are tested above
-        save_tiny(family, root / family)
+    savers = {f: lambda out, f=f: save_tiny(f, out) for f in FAMILIES if f != "mixtral"}  # Mixtral: above
+    savers["gpt_oss"] = save_gpt_oss  # sinks sharded with the heads under tp, expert biases with the experts
+    for family, save in savers.items():
+        save(root / family)
         overrides = [*import_overrides(root / family), *FAMILY_RUN]
         trainer = make_trainer(compose([*overrides, f"run.dir={root / f'run_{family}'}"]))
         initial = full_state_dict(trainer.pm)
@@ -322,6 +326,10 @@ def test_every_family_imports_under_the_layout(family_imports, tmp_path: Path, n
             params = got["facts"]["params"]
             assert any(p[0] == "dtensor" and "tp" in p[2] for p in params.values()), family
             assert params["layers.1.moe.experts.w1"][3][0] < 8, family  # experts split over ep (and FSDP)
+            if family == "gpt_oss":  # its sinks split with the 4 heads over tp (and FSDP), expert biases over ep
+                _, _, mesh, local = params["layers.0.attention.sinks.weight"]
+                assert "tp" in mesh and local[0] <= 2, (mesh, local)
+                assert params["layers.1.moe.experts.b1"][3][0] < 8, params["layers.1.moe.experts.b1"]
         assert got["initial"].keys() == want["initial"].keys(), family
         for key, value in want["initial"].items():
             assert torch.equal(got["initial"][key], value), (family, key)

@@ -1,7 +1,8 @@
 """Resharding: a checkpoint saved under tp2*ep2 (4 ranks, FSDP) loads under ep4 (4 ranks), pp2 (2 ranks) and
 one process. Loaded with nothing left to train, the gathered parameters and AdamW state are the saving run's
 bit for bit; resumed at step 3, steps 4-6 give the uninterrupted tp2*ep2 run's losses (fp32, 1e-5 rel), final
-parameters and AdamW moments (fp32 tolerances, see `assert_close_state`) and the same step counters.
+parameters and AdamW moments (fp32 tolerances, see `assert_close_state`) and the same step counters. The
+one-process loader of `moeyard generate` and `moeyard eval` (no trainer) reads its parameters bit for bit too.
 
 The source layout has FSDP x TP DTensor parameters and expert shards wrapped over the ep axis, and the
 targets hold none of those shardings, so model and AdamW state both go through DCP's resharding.
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moeyard.interop.generate import load_checkpoint_model
 from tests.helpers import TINY, free_port, run_layout
 from tests.helpers import history_losses as losses
 
@@ -87,3 +89,16 @@ def test_resume_under_another_layout(source, tmp_path: Path, name: str, world: i
     assert losses(result["history"]) == pytest.approx(losses(src["history"])[3:], rel=1e-5)
     assert_close_state(result["state"], src["state"], "params")
     assert_close_state(result["optim"], src["optim"], "optim")
+
+
+def test_generate_and_eval_load_it_in_one_process(source) -> None:
+    """`moeyard generate` and `moeyard eval` read the tp2*ep2 (FSDP) save into one process with no trainer:
+    every parameter and aux-free bias is the saving run's, bit for bit (DCP's reshard copies bytes)."""
+    root, src = source
+    model, path, meta = load_checkpoint_model(root, "generate", torch.device("cpu"))
+    assert path == root / "step_6" and meta["layout"]["tp"] == meta["layout"]["ep"] == 2
+    got = {name: p.detach() for name, p in model.named_parameters()}
+    got |= {f"layers.{lid}.moe.router.expert_bias": moe.router.expert_bias for lid, moe in model.moe_layers().items()}
+    assert got.keys() == src["state"].keys(), sorted(got.keys() ^ src["state"].keys())
+    for name, value in src["state"].items():
+        assert torch.equal(got[name], value), name

@@ -36,6 +36,7 @@ def expected_params(m: ModelConfig, e: MoEConfig) -> int:
     attn = attention_params(m)
     dense = 3 * m.dim * m.ffn_hidden
     moe = m.dim * e.num_experts + 3 * m.dim * e.expert_hidden * (e.num_experts + e.num_shared_experts)
+    moe += e.router_bias * e.num_experts + e.expert_biases * e.num_experts * (2 * e.expert_hidden + m.dim)
     blocks = sum(attn + 2 * m.dim + (moe if m.is_moe_layer(i) else dense) for i in range(m.n_layers))
     return m.vocab_size * m.dim * (1 if m.tie_embeddings else 2) + blocks + m.dim
 
@@ -50,7 +51,8 @@ def attention_params(m: ModelConfig) -> int:
         return query + kv + m.n_heads * m.v_head_dim * m.dim
     qkv_width = m.head_dim * (m.n_heads + 2 * m.n_kv_heads)
     norms = {"none": 0, "head": 2 * m.head_dim, "full": m.head_dim * (m.n_heads + m.n_kv_heads)}[m.qk_norm]
-    return m.dim * qkv_width + m.qkv_bias * qkv_width + norms + m.n_heads * m.head_dim * m.dim
+    extras = m.o_bias * m.dim + m.attention_sinks * m.n_heads  # gpt-oss: o_proj bias, one sink per head
+    return m.dim * qkv_width + m.qkv_bias * qkv_width + norms + m.n_heads * m.head_dim * m.dim + extras
 
 
 def leaves(node: dict, prefix: str = ""):
