@@ -202,7 +202,7 @@ def cmd_export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="moeyard export",
         description="Write a checkpoint as safetensors with a config.json of its Hugging Face family "
-        "(Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 or OLMoE).",
+        "(Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, GLM-4.5, gpt-oss or OLMoE).",
     )
     parser.add_argument("source", type=Path, help="a run directory (its latest checkpoint) or a step_N directory")
     parser.add_argument("--out", type=Path, required=True, help="new or empty output directory")
@@ -218,7 +218,8 @@ def cmd_import(argv: list[str]) -> int:
     """`moeyard import HF_DIR [overrides]`: trains from Hugging Face weights, shaped by their config.json."""
     parser = argparse.ArgumentParser(
         prog="moeyard import",
-        description="Start training from Hugging Face Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 or OLMoE "
+        description="Start training from Hugging Face Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 (FP8 too), "
+        "Kimi-K2, GLM-4.5, gpt-oss (MXFP4 too) or OLMoE "
         "weights (sets model.*, moe.* and train.init_from=HF_DIR).",
     )
     parser.add_argument("hf_dir", type=Path, help="directory with config.json and safetensors")

@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 
 from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.moe.experts import GroupedExperts
 from moeyard.moe.init import init_slice_
 from moeyard.moe.layer import MoELayer
 from moeyard.moe.model import Transformer
@@ -109,6 +110,16 @@ def apply_ac(part: Transformer, mode: str, every: int) -> None:
             part.layers[lid] = checkpoint_wrapper(part.layers[lid], preserve_rng_state=False)
 
 
+def trace_expert_counts(parts: list[Transformer]) -> None:
+    """Where experts run the per-expert loop (moe/experts.py), which reads its counts on the host
+    (`.tolist()`), compiled blocks trace those reads as symbolic sizes instead of a graph break that would
+    split the block (and leave it uncompiled under a checkpoint); torchtitan sets the same for MoE. Only
+    then: the dynamo setting is process-wide, read when a block is traced, and it changes how inductor fuses
+    blocks that do not need it (a grouped_mm run would round differently from one process's reference)."""
+    if any(isinstance(m, GroupedExperts) and not m.use_grouped_mm for part in parts for m in part.modules()):
+        torch._dynamo.config.capture_scalar_outputs = True
+
+
 def apply_compile(part: Transformer) -> None:
     """Compiles each block in place (repeated blocks share one compiled graph).
 
@@ -116,10 +127,7 @@ def apply_compile(part: Transformer) -> None:
     from outside, the checkpoint becomes a higher-order op whose body may not mutate modules (the MoE
     layer hands out its routing statistics), and one such break leaves the whole block uncompiled.
     """
-    # The per-expert loop (moe/experts.py) reads its counts on the host (`.tolist()`): traced as symbolic
-    # sizes instead of a graph break, which would split the block (and leave it uncompiled under a
-    # checkpoint). A process-wide dynamo setting, read when a block is traced (torchtitan sets it for MoE too).
-    torch._dynamo.config.capture_scalar_outputs = True
+    trace_expert_counts([part])
     for block in part.layers.values():
         getattr(block, "_checkpoint_wrapped_module", block).compile()
 

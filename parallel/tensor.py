@@ -29,6 +29,7 @@ Attention variants (moe/attention.py):
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 
 import torch
@@ -155,17 +156,20 @@ class VocabParallelEmbedding(ParallelStyle):
         return module
 
 
+def _shard_rows(name: str, mod: nn.Module, mesh: DeviceMesh, src_data_rank: int | None) -> None:
+    """distribute_module's partition_fn: each of `mod`'s own parameters sharded on dim 0 over `mesh`."""
+    for pname, param in list(mod.named_parameters(recurse=False)):
+        sharded = distribute_tensor(param, mesh, [Shard(0)], src_data_rank=src_data_rank)
+        mod.register_parameter(pname, nn.Parameter(sharded))
+
+
 class _FullWidthNorm(ParallelStyle):
     """A norm over the last dim of a column-parallel output (OLMoE's q/k norm): the weight is sharded like the
     projection's rows, the input is this rank's slice of the last dim, and the norm runs on DTensors, which
     turn the mean of squares into one all-reduce (`PlainRMSNorm` in moe/attention.py). Output: local."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        def shard_weight(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
-            for pname, param in list(mod.named_parameters(recurse=False)):
-                sharded = distribute_tensor(param, mesh, [Shard(0)], src_data_rank=self.src_data_rank)
-                mod.register_parameter(pname, nn.Parameter(sharded))
-
+        shard_weight = functools.partial(_shard_rows, src_data_rank=self.src_data_rank)
         return distribute_module(
             module,
             device_mesh,
@@ -181,11 +185,7 @@ class _HeadSharded(ParallelStyle):
     local slice. Each head's logit is used only by the rank holding the head, so its gradient is local too."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        def shard_weight(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
-            for pname, param in list(mod.named_parameters(recurse=False)):
-                sharded = distribute_tensor(param, mesh, [Shard(0)], src_data_rank=self.src_data_rank)
-                mod.register_parameter(pname, nn.Parameter(sharded))
-
+        shard_weight = functools.partial(_shard_rows, src_data_rank=self.src_data_rank)
         return distribute_module(
             module, device_mesh, partition_fn=shard_weight, output_fn=lambda mod, out, mesh: out.to_local()
         )

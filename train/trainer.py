@@ -24,7 +24,7 @@ from moeyard.moe.experts import choose_expert_path
 from moeyard.parallel.data_parallel import finish_grads, gathered_through_step, sync_grads_now
 from moeyard.parallel.dims import Axis, ParallelDims
 from moeyard.parallel.grads import clip_grads, scale_grads
-from moeyard.parallel.parallelize import attach_schedule, build_parallel_model
+from moeyard.parallel.parallelize import attach_schedule, build_parallel_model, trace_expert_counts
 from moeyard.parallel.pipeline import StageShapes
 from moeyard.parallel.tensor import loss_context, reduce_tp_partial_grads
 from moeyard.profiling.profiler import StepProfiler
@@ -169,6 +169,8 @@ class Trainer:
         line = choose_expert_path(experts, cfg.moe.grouped_mm, self.device, dtype)
         if line and self.rank == 0:
             print(f"moeyard: {line}", flush=True)
+        if cfg.parallel.compile:  # the loop may have been chosen just now, for this device and dtype
+            trace_expert_counts(self.pm.parts)
         self.optimizer = build_optimizer(self.pm.named_parameters(), cfg.optim, self.device)
 
     def _build_services(self, collectives: CollectiveLog, timeout_s: int) -> None:

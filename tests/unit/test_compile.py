@@ -90,13 +90,15 @@ def test_compiled_blocks_capture_whole_graphs(ac: str, eager: list[float]) -> No
 @pytest.mark.parametrize("ac", ["none", "full"])
 def test_fp32_expert_loop_compiles_without_a_break(ac: str) -> None:
     """The per-expert loop reads the counts on the host once per layer: under compile they become symbolic
-    sizes (`apply_compile` turns on capture_scalar_outputs) instead of a break that splits the block, or
-    leaves it uncompiled under the checkpoint."""
+    sizes (`apply_compile` turns on capture_scalar_outputs for the loop) instead of a break that splits the
+    block, or leaves it uncompiled under the checkpoint."""
     loop = replace(MOE, grouped_mm="off")
     eager, _ = _train("none", compiled=False, moe=loop, dtype=torch.float32)
     torch._dynamo.reset()
     counters.clear()
-    losses, stats = _train(ac, compiled=True, moe=loop, dtype=torch.float32)
+    # The flag is process-wide (a run's process ends with it): restored after the test, so others see the default.
+    with torch._dynamo.config.patch(capture_scalar_outputs=False):
+        losses, stats = _train(ac, compiled=True, moe=loop, dtype=torch.float32)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert dict(counters["graph_break"]) == {}
     assert stats == [STEPS * MICRO] * MODEL.n_layers
