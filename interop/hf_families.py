@@ -287,6 +287,24 @@ def _grouped_moe_config(m: ModelConfig, e: MoEConfig) -> dict:
     }
 
 
+def _grouped_moe_overrides(hf: dict, experts: int, groups: int, top_groups: int, shared: int) -> dict:
+    """The MoE overrides DeepSeek-V3 and GLM-4.5 share (the import side of `_grouped_moe_config`)."""
+    return {
+        "model.ffn_hidden": hf["intermediate_size"],
+        "model.first_dense_layers": hf["first_k_dense_replace"],
+        "model.moe_every": 1,
+        "moe.num_experts": experts,
+        "moe.top_k": hf["num_experts_per_tok"],
+        "moe.expert_hidden": hf["moe_intermediate_size"],
+        "moe.router": "sigmoid_topk",
+        "moe.norm_topk_prob": bool(hf.get("norm_topk_prob", True)),
+        "moe.route_scale": float(hf["routed_scaling_factor"]),
+        "moe.n_groups": groups,
+        "moe.topk_groups": top_groups,
+        "moe.num_shared_experts": shared,
+    }
+
+
 def _base_config(m: ModelConfig, e: MoEConfig, family: Family) -> dict:
     """config.json keys every family shares (rope_theta flat for transformers 4, nested for 5)."""
     return {
@@ -525,18 +543,7 @@ class DeepseekV3(Family):
             "model.qk_rope_head_dim": hf["qk_rope_head_dim"],
             "model.qk_nope_head_dim": hf["qk_nope_head_dim"],
             "model.v_head_dim": hf["v_head_dim"],
-            "model.ffn_hidden": hf["intermediate_size"],
-            "model.first_dense_layers": hf["first_k_dense_replace"],
-            "model.moe_every": 1,
-            "moe.num_experts": experts,
-            "moe.top_k": hf["num_experts_per_tok"],
-            "moe.expert_hidden": hf["moe_intermediate_size"],
-            "moe.router": "sigmoid_topk",
-            "moe.norm_topk_prob": bool(hf.get("norm_topk_prob", True)),
-            "moe.route_scale": float(hf["routed_scaling_factor"]),
-            "moe.n_groups": groups,
-            "moe.topk_groups": top_groups,
-            "moe.num_shared_experts": hf["n_shared_experts"],
+            **_grouped_moe_overrides(hf, experts, groups, top_groups, hf["n_shared_experts"]),
             "moe.shared_expert_hidden": None,
             "moe.shared_expert_gate": False,
         }
@@ -630,18 +637,7 @@ class Glm4Moe(Family):
             **_base_overrides(hf, self),
             **_gqa_overrides(hf, "head" if hf.get("use_qk_norm") else "none", bool(hf.get("attention_bias"))),
             "model.partial_rotary_factor": float(partial),
-            "model.ffn_hidden": hf["intermediate_size"],
-            "model.first_dense_layers": hf["first_k_dense_replace"],
-            "model.moe_every": 1,
-            "moe.num_experts": experts,
-            "moe.top_k": hf["num_experts_per_tok"],
-            "moe.expert_hidden": hf["moe_intermediate_size"],
-            "moe.router": "sigmoid_topk",
-            "moe.norm_topk_prob": bool(hf.get("norm_topk_prob", True)),
-            "moe.route_scale": float(hf["routed_scaling_factor"]),
-            "moe.n_groups": groups,
-            "moe.topk_groups": hf["topk_group"],
-            "moe.num_shared_experts": shared,
+            **_grouped_moe_overrides(hf, experts, groups, hf["topk_group"], shared),
             "moe.shared_expert_hidden": None,
             "moe.shared_expert_gate": False,
         }
