@@ -37,9 +37,10 @@ fi
 # The unit tests whose outcome can depend on torch's version: its APIs (compat, pipelining, DCP, compile,
 # grouped_mm, SDPA, profiler, FakeTensor/dispatch modes) rather than pure Python (config, planner, docs).
 unit=(compat gpu_path compile moe_layer router attention attention_flex model train checkpoint checkpoint_scale
-  checksums startup_alloc document_mask profiling upcycle hf_families run_dir plan_state gpu_trainer)
+  checksums startup_alloc document_mask profiling upcycle hf_families run_dir plan_state gpu_trainer muon
+  static_dispatch context)
 "$venv/bin/pytest" -q $(printf "tests/unit/test_%s.py " "${unit[@]}") "$@"
-# Pipeline, bf16 and FSDP layouts against one process (not the 8-rank tp2-pp2-ep2-dp2: time), and a pipeline
+# Pipeline, bf16, FSDP and ZeRO layouts against one process (not the 8-rank tp2-pp2-ep2-dp2: time), and a pipeline
 # checkpoint loaded under another layout.
-"$venv/bin/pytest" -q tests/multiproc/test_golden.py tests/multiproc/test_reshard.py \
-  -k "(test_layout_trains_like_one_process and (pp2 or bf16 or fsdp) and not tp2-pp2) or (test_reshard and pp2)" "$@"
+"$venv/bin/pytest" -q tests/multiproc/test_golden.py tests/multiproc/test_reshard.py tests/multiproc/test_golden_zero.py \
+  -k "(test_layout_trains_like_one_process and (pp2 or bf16 or fsdp) and not tp2-pp2) or (test_reshard and pp2) or zero" "$@"

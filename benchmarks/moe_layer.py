@@ -2,8 +2,10 @@
 
 For each shape (T tokens, D model dim, E experts, K top-k, F expert hidden) and one seeded set of weights:
   floor          the bare expert work of the same routing: SwiGLU as three torch grouped_mm calls on tokens
-                 already sorted by expert (no router, no permutation, no combine). Nothing can beat it.
-  ours grouped   moe.layer.MoELayer, dropless, experts as grouped_mm (the default).
+                 already sorted by expert (no router, no permutation, no combine), with autograd's backward.
+  ours grouped   moe.layer.MoELayer, dropless, experts as grouped_mm (the default); on CPU its experts and
+                 combine have hand-written backward passes (moe/experts.py, moe/combine.py), so its expert
+                 part alone can run below the floor.
   ours looped    the same layer with one matmul per expert (moe.grouped_mm=off), for reference.
   deepspeed      deepspeed.moe.layer.MoE, ep_size=1, drop_tokens=False, an nn.Module SwiGLU expert, our
                  weights copied in (so it routes the same tokens to the same experts).
@@ -12,7 +14,8 @@ For each shape (T tokens, D model dim, E experts, K top-k, F expert hidden) and 
                  `grouped_mm` experts implementation (what from_pretrained picks where grouped_mm exists)
                  and its `eager` one (a Python loop over the experts hit).
 Every variant runs forward and backward (input and weight gradients). Variants take turns within each
-repeat, so drift on a shared machine hits them alike; the table shows the median and the ratio to the floor.
+repeat, so drift on a shared machine hits them alike; the table shows the median ms and the median over
+repeats of the time over the floor's in the same repeat ("x floor").
 Our layer also computes its balancing losses and routing statistics; the peers' blocks compute none (Hugging
 Face computes the aux loss once per model from the router logits), so that work is counted against ours.
 
@@ -346,6 +349,17 @@ def variants(
 
 def time_steps(steps: dict[str, Step], warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
     """Median ms per step; the variants take turns in every repeat."""
+    return {name: statistics.median(ts) for name, ts in time_repeats(steps, warmup, repeats, device).items()}
+
+
+def paired_ratios(times: dict[str, list[float]], base: str) -> dict[str, float]:
+    """Each variant's median over repeats of its time over `base`'s in the same repeat: a slowdown of the
+    machine that lasts a repeat cancels out, where a ratio of medians would let it tip either way."""
+    return {name: statistics.median(t / b for t, b in zip(ts, times[base], strict=True)) for name, ts in times.items()}
+
+
+def time_repeats(steps: dict[str, Step], warmup: int, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """ms of each step in each repeat; the variants take turns in every repeat."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for step in steps.values():
         for _ in range(warmup):
@@ -358,7 +372,7 @@ def time_steps(steps: dict[str, Step], warmup: int, repeats: int, device: torch.
             step()
             sync()
             times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def deepspeed_available(device: torch.device) -> str | None:
@@ -422,10 +436,10 @@ def main(argv: list[str] | None = None) -> None:
     for shape in shapes:
         torch.manual_seed(0)
         steps, _ = variants(shape, device, dtype, not ds_missing, () if hf_missing else HF_IMPLS)
-        ms = time_steps(steps, args.warmup, args.repeats, device)
-        floor = ms["floor (grouped_mm)"]
-        for i, (name, value) in enumerate(ms.items()):
-            print(f"{str(shape) if i == 0 else '':<34} {name:<24} {value:>9.2f} {value / floor:>8.2f}")
+        times = time_repeats(steps, args.warmup, args.repeats, device)
+        ratios = paired_ratios(times, "floor (grouped_mm)")
+        for i, (name, ts) in enumerate(times.items()):
+            print(f"{str(shape) if i == 0 else '':<34} {name:<24} {statistics.median(ts):>9.2f} {ratios[name]:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ only: each function or method named in PHASES that exists in the current moe/ co
 Forward time is the self time of the ops inside each innermost range. Backward time is charged to the
 phase whose forward op created the autograd node (matched by sequence number), so "gather" also holds the
 scatter-add of the gather's backward, "combine" the index_select of index_add's backward, and so on;
-"accumulate grads" is autograd adding weight gradients. The floor (the same routing's three grouped matmuls
-on pre-sorted tokens, benchmarks/moe_layer.py) is timed in the same run for scale.
+"accumulate grads" is autograd adding weight gradients. A hand-written backward (the experts' SwiGLU on
+CPU) is one autograd node: all of it is charged to its own phase, its grouped matmuls included. The floor
+(the same routing's three grouped matmuls on pre-sorted tokens, benchmarks/moe_layer.py) is timed in the
+same run for scale.
 
 Run: .venv/bin/python benchmarks/profile_layer.py [--shape N] [--threads 2] [--steps 5] [--ops 15] [--quick]
      (--shape indexes benchmarks/moe_layer.py's SHAPES; the default is the fine-grained one, the last)
@@ -52,6 +54,7 @@ PHASES: list[tuple[object, str, str]] = [
     (moe_dispatcher, "gather_rows", "gather rows (index_select)"),
     (moe_dispatcher, "combine_rows", "combine (weight, index_add)"),
     (moe_experts.GroupedExperts, "forward", "experts: casts, silu*mul, offsets"),
+    (moe_experts.SwiGLUGroupedMM, "apply", "experts: SwiGLU with hand-written backward"),
     (moe_experts, "_grouped_mm", "experts: grouped_mm"),
     (moe_layer.MoELayer, "forward", "layer: aux attach, stats, views"),
 ]

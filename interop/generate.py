@@ -8,7 +8,8 @@ over the whole sequence. Logits are read in fp32; sampling runs on the host with
 a seed gives the same tokens on every machine for the same logits.
 
 Weights come the ways `moeyard export` and `moeyard import` read them: a checkpoint through DCP, resharded into
-one process (`parallel.checkpoint.load`), and an HF directory through `interop.hf.load_hf_weights`.
+one process (`parallel.checkpoint.load`), and an HF directory through `interop.hf.load_hf_weights`. Given a
+layout, several ranks run the same loop (`sample_loop`) on the model sharded their way: interop/generate_ranks.py.
 """
 
 from __future__ import annotations
@@ -49,9 +50,14 @@ def load_checkpoint_model(source: Path, field: str, device: torch.device) -> tup
     """The checkpoint `source` names (a run directory's latest, or a step_N directory), whatever layout saved it,
     with its path and meta.json. Raises CheckpointError (a ValueError, one line) for an unusable checkpoint."""
     path, meta = ckpt.resolve(str(source), source, field)
+    return checkpoint_model(path, meta, field, device), path, meta
+
+
+def checkpoint_model(path: Path, meta: dict, field: str, device: torch.device) -> Transformer:
+    """The complete checkpoint at `path` (its meta.json read by `ckpt.resolve`), resharded into one process."""
     pm = one_process_model(ModelConfig(**meta["model"]), MoEConfig(**meta["moe"]), device)
     ckpt.load(pm, None, path, meta, field, weights_only=True)
-    return pm.parts[0], path, meta
+    return pm.parts[0]
 
 
 def load_hf_model(hf_dir: Path, m: ModelConfig, e: MoEConfig, field: str, device: torch.device) -> Transformer:
@@ -179,14 +185,33 @@ def generate(
     `model`: token ids [1, S] int64 -> logits [1, S, V] (a `Transformer`). No KV cache: the whole prefix is
     run again for every token (see the module doc).
     """
+
+    def last_logits(ids: list[int]) -> torch.Tensor:
+        logits_1SV = model(torch.tensor([ids], dtype=torch.int64, device=device))
+        _drain(model)
+        return logits_1SV[0, -1]
+
+    return sample_loop(last_logits, prompt_ids, max_new_tokens, sampling, eos_id)
+
+
+def sample_loop(
+    last_logits: Callable[[list[int]], torch.Tensor | None],
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    sampling: Sampling,
+    eos_id: int | None,
+    agree: Callable[[int | None], int] = lambda token: token,
+) -> list[int]:
+    """The loop of `generate`, for one process or many: `last_logits(ids)` gives the last position's logits
+    [V] on the process that picks (None elsewhere); `agree(token)` returns the picked token on every process
+    (one process: itself), so that every rank feeds the same sequence to its next forward."""
     sampling.check()
     generator = torch.Generator().manual_seed(sampling.seed)
     ids = list(prompt_ids)
     new: list[int] = []
     for _ in range(max_new_tokens):
-        logits_1SV = model(torch.tensor([ids], dtype=torch.int64, device=device))
-        _drain(model)
-        token = pick(logits_1SV[0, -1], sampling, generator)
+        logits_V = last_logits(ids)
+        token = agree(None if logits_V is None else pick(logits_V, sampling, generator))
         ids.append(token)
         new.append(token)
         if token == eos_id:

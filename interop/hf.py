@@ -13,6 +13,12 @@ Conventions that differ and how both directions bridge them:
   transformers' save_pretrained writes, and what every transformers version loads) or, as transformers 5
   holds them in memory, fused 3-D tensors `mlp.experts.gate_up_proj` [E, 2F, D] (gate rows, then up rows) and
   `mlp.experts.down_proj` [E, D, F]. Import reads either; export writes per-expert weights.
+- Multi-token prediction (DeepSeek-V3, model.mtp_layers): module k is HF's `model.layers.{n_layers + k - 1}`,
+  its block under the usual names and enorm, hnorm, eh_proj, shared_head.norm beside it. That layer also
+  stores embed_tokens and shared_head.head, copies of the shared embedding and head: export writes them,
+  import checks each box it reads equals the main tensor's (ValueError otherwise). transformers' model has no
+  MTP module (it ignores, and save_pretrained drops, these layers); import builds the modules only when the
+  weights carry them (`read_hf_config`).
 - Our RoPE rotates interleaved channel pairs (2i, 2i+1); HF's rotate_half rotates (i, i + R/2), with the same
   frequencies. Permuting the rows of each head of q and k (and of their biases and norm weights) maps one onto
   the other: attention scores do not change when q and k channels share a permutation. DeepSeek-V3's
@@ -40,9 +46,10 @@ from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint.metadata import Metadata
 
 from moeyard.interop import fp8, mxfp4
-from moeyard.interop.hf_families import FAMILIES, Family, Spec, family_of
+from moeyard.interop.hf_families import FAMILIES, MTP_COPIES, Family, Spec, family_of
 from moeyard.moe.config import ModelConfig, MoEConfig
 from moeyard.moe.model import Transformer
+from moeyard.moe.mtp import mtp_block_ids
 from moeyard.parallel import checkpoint as ckpt
 from moeyard.parallel.safe_metadata import SafeFileSystemReader
 from moeyard.parallel.shards import shard_extent
@@ -122,6 +129,8 @@ class TensorMap:
         """`hf`: the HF config.json, for the RoPE layout it names (default: the one our export writes)."""
         self.family = family
         self.specs: dict[str, Spec] = family.specs(m, hf or {})
+        self.mtp_prefixes = [f"model.layers.{lid}." for lid in mtp_block_ids(m)]
+        """The HF layers of the MTP modules, each storing copies of the embedding and head (`MTP_COPIES`)."""
         self.held: dict[str, torch.Tensor] = {}
         """A fused family's gate half of an expert tensor, until its up half comes (`Family.experts_to_hf`)."""
 
@@ -143,6 +152,8 @@ class TensorMap:
         """HF tensors for our full tensor `name`, one at a time (an expert stack gives one per expert, as views)."""
         if name in _TOP:
             yield _TOP[name], t
+            for prefix in self.mtp_prefixes if name in MTP_COPIES else ():
+                yield prefix + MTP_COPIES[name], t
             return
         prefix, rest = self._split(name)
         if rest.startswith("moe.experts.") and self.family.experts_to_hf is not None:
@@ -169,7 +180,7 @@ class TensorMap:
         rows the whole heads the box's rows fall in (then permuted and cut to the box)."""
         box = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
         if name in _TOP:
-            return reader.read(_TOP[name], box, full_shape)
+            return self._read_shared(name, box, full_shape, reader)
         prefix, rest = self._split(name)
         if rest.startswith("moe.experts.") and self.family.read_experts is not None:
             return self.family.read_experts(prefix, rest.rsplit(".", 1)[-1], full_shape, box, reader)
@@ -185,6 +196,20 @@ class TensorMap:
         rows = rows.unflatten(0, (-1, b))[:, torch.tensor(spec.perm)].flatten(0, 1)
         start = box[0].start - first * b
         return rows[start : start + shape[0]]
+
+    def _read_shared(
+        self, name: str, box: tuple[slice, ...], full_shape: torch.Size, reader: SafetensorsReader
+    ) -> torch.Tensor:
+        """A box of a top-level tensor; the embedding's and head's, checked against the MTP layers' copies."""
+        t = reader.read(_TOP[name], box, full_shape)
+        for prefix in self.mtp_prefixes if name in MTP_COPIES else ():
+            copy = prefix + MTP_COPIES[name]
+            if reader.has(copy) and not torch.equal(reader.read(copy, box, full_shape), t):
+                raise ValueError(
+                    f"train.init_from={reader.dir}: {copy} differs from {_TOP[name]} (rule: the MTP modules "
+                    "share the embedding and output head, so their copies must be equal)"
+                )
+        return t
 
     def _read_experts(
         self, prefix: str, w: str, full_shape: torch.Size, box: tuple[slice, ...], reader: SafetensorsReader
@@ -222,6 +247,11 @@ def check_exportable(m: ModelConfig, e: MoEConfig) -> Family:
     for ok, field, value, rule in family.rules(m, e):
         if not ok:
             raise ValueError(f"{field}={value} has no Hugging Face {family.title} equivalent (rule: {rule} to export)")
+    if m.mtp_layers and not family.mtp:
+        raise ValueError(
+            f"model.mtp_layers={m.mtp_layers} has no Hugging Face {family.title} equivalent "
+            "(rule: must be 0 to export; DeepSeek-V3 stores MTP modules)"
+        )
     return family
 
 
@@ -303,6 +333,8 @@ def export(source: Path, out: Path, dtype: str = "float32") -> Path:
     shapes = _full_shapes(m, e, tmap)
     groups = [[n for n in shapes if n == "tok_embeddings.weight"]]
     groups += [[n for n in shapes if n.startswith(f"layers.{i}.")] for i in range(m.n_layers)]
+    mtp = [(f"layers.{lid}.", f"mtp.{lid}.") for lid in mtp_block_ids(m)]  # a module's block and the rest
+    groups += [[n for n in shapes if n.startswith(prefixes)] for prefixes in mtp]
     groups += [[n for n in shapes if n in ("norm.weight", "output.weight")]]
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -341,6 +373,8 @@ def read_hf_config(hf_dir: Path, field: str) -> dict:
             f"model_type {', '.join(FAMILIES)})"
         )
     hf = family.normalise(hf)
+    if family.mtp and hf.get("num_nextn_predict_layers"):
+        hf["num_nextn_predict_layers"] = _mtp_layers_stored(hf_dir, hf)
     missing = [key for key in family.required if key not in hf]
     if missing:
         raise ValueError(f"{field}={hf_dir}: config.json lacks {', '.join(missing)} (rule: a {family.title} config)")
@@ -349,6 +383,26 @@ def read_hf_config(hf_dir: Path, field: str) -> dict:
     except ValueError as err:
         raise ValueError(f"{field}={hf_dir}: {err}") from None
     return hf
+
+
+def _mtp_layers_stored(hf_dir: Path, hf: dict) -> int:
+    """How many of config.json's num_nextn_predict_layers MTP layers the weights hold: all, or none where a
+    checkpoint lacks them (transformers' save_pretrained drops them, leaving the config's count)."""
+    first = f"model.layers.{hf['num_hidden_layers']}.eh_proj.weight"
+    if (hf_dir / INDEX).is_file():
+        try:
+            names = json.loads((hf_dir / INDEX).read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            return 0  # a corrupt index: `check_hf_dir` names it
+    elif (hf_dir / "model.safetensors").is_file():
+        try:
+            with safe_open(str(hf_dir / "model.safetensors"), framework="pt") as f:
+                names = set(f.keys())
+        except (SafetensorError, OSError):
+            return 0  # a corrupt file: `check_hf_dir` names it
+    else:
+        return 0
+    return hf["num_nextn_predict_layers"] if first in names else 0
 
 
 def overrides_from_hf(hf: dict) -> dict[str, object]:

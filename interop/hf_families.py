@@ -83,6 +83,9 @@ class Family:
     expert_bias: str | None = None
     """HF name of our aux-free selection bias (router.expert_bias), if the family has one."""
     default_rope_theta = 10000.0
+    mtp = False
+    """Whether the family stores multi-token-prediction modules (model.mtp_layers) as blocks after the main
+    ones (`MTP_SPECS`)."""
 
     experts_to_hf = None
     """Families whose experts are fused on disk (gpt-oss) write them with this (see GptOss); None: the
@@ -129,7 +132,20 @@ class Family:
             specs["moe.router.expert_bias"] = Spec(self.expert_bias)
         rotate = self.rotate_half(hf)
         specs.update(_mla_specs(m, rotate) if m.attention == "mla" else _gqa_specs(m, rotate))
-        return specs
+        return {**specs, **MTP_SPECS} if self.mtp and m.mtp_layers else specs
+
+
+MTP_SPECS = {
+    "enorm.weight": Spec("enorm.weight"),
+    "hnorm.weight": Spec("hnorm.weight"),
+    "eh_proj.weight": Spec("eh_proj.weight"),
+    "norm.weight": Spec("shared_head.norm.weight"),
+}
+"""DeepSeek-V3's MTP module k (HF `model.layers.{n_layers + k - 1}.`) besides its block: our `mtp.{id}.` names
+(moe/mtp.py). The layer also stores `embed_tokens` and `shared_head.head`: copies of the shared embedding and
+head (`MTP_COPIES`), written on export and checked equal to them on import."""
+
+MTP_COPIES = {"tok_embeddings.weight": "embed_tokens.weight", "output.weight": "shared_head.head.weight"}
 
 
 def _gqa_specs(m: ModelConfig, rotate: bool) -> dict[str, Spec]:
@@ -283,7 +299,7 @@ def _grouped_moe_config(m: ModelConfig, e: MoEConfig) -> dict:
         "routed_scaling_factor": e.route_scale,
         "n_group": e.n_groups,
         "topk_group": e.topk_groups,
-        "num_nextn_predict_layers": 0,
+        "num_nextn_predict_layers": m.mtp_layers,
     }
 
 
@@ -509,6 +525,7 @@ class DeepseekV3(Family):
     """(HF's defaults for the routing and shape keys are DeepSeek-V3's own, not a plain model's: required.)"""
     aliases = {"num_local_experts": "n_routed_experts"}
     expert_bias = "mlp.gate.e_score_correction_bias"
+    mtp = True
     LATENT_EPS = 1e-6
     """HF's MLA latent norms (q_a_layernorm, kv_a_layernorm) use this eps whatever rms_norm_eps says."""
 
@@ -546,6 +563,8 @@ class DeepseekV3(Family):
             **_grouped_moe_overrides(hf, experts, groups, top_groups, hf["n_shared_experts"]),
             "moe.shared_expert_hidden": None,
             "moe.shared_expert_gate": False,
+            # `interop.hf.read_hf_config` sets it to 0 where the weights lack the MTP layers
+            "model.mtp_layers": hf.get("num_nextn_predict_layers", 0),
         }
 
     def config(self, m: ModelConfig, e: MoEConfig) -> dict:

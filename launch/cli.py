@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,19 +22,25 @@ from moeyard.interop.generate import (
     Codec,
     Sampling,
     check_prompt,
+    checkpoint_model,
     codec_of_data,
     generate,
     load_checkpoint_model,
     load_codec,
     load_hf_model,
 )
-from moeyard.interop.hf import export, hydra_overrides, read_hf_config
+from moeyard.interop.generate_ranks import Request, layout_of
+from moeyard.interop.hf import check_hf_dir, export, hydra_overrides, read_hf_config
 from moeyard.interop.prepare import prepare
 from moeyard.job.compose import compose, conf_dir, load_resolved, to_yaml, write_resolved
 from moeyard.job.schema import ConfigError, JobConfig
+from moeyard.launch.generate_job import layout_job, run_generation
 from moeyard.launch.launchers import launch
 from moeyard.launch.validate import validate
+from moeyard.moe.config import ModelConfig, MoEConfig
 from moeyard.moe.model import Transformer
+from moeyard.parallel import checkpoint as ckpt
+from moeyard.parallel.dims import ParallelDims
 from moeyard.plan.command import cmd_plan
 from moeyard.profiling.dashboard import cmd_dashboard
 from moeyard.train.checkpointing import is_hf_dir
@@ -242,31 +249,71 @@ def _run_config(ckpt_path: Path, command: str) -> JobConfig:
     return load_resolved(path)
 
 
-def _generation_source(source: Path, tokenizer: str | None) -> tuple[Transformer, Codec]:
-    """The model of a run directory (latest checkpoint) or HF directory, and its tokenizer."""
-    device = _device()
+@dataclass(frozen=True)
+class GenerationSource:
+    """What `moeyard generate` reads, before any weights are: the model's shape, where its weights are (a
+    resolved and verified checkpoint, or a Hugging Face directory) and its tokenizer."""
+
+    model: ModelConfig
+    moe: MoEConfig
+    codec: Codec
+    checkpoint: tuple[Path, dict] | None = None
+    """The checkpoint's step_N directory and its meta.json."""
+    hf_dir: Path | None = None
+
+    def load_one_process(self) -> Transformer:
+        if self.hf_dir is not None:
+            return load_hf_model(self.hf_dir, self.model, self.moe, "generate", _device())
+        return checkpoint_model(*self.checkpoint, "generate", _device())
+
+    def request(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Request:
+        """What the ranks of a layout generate (the job sets `result`)."""
+        checkpoint = str(self.checkpoint[0]) if self.checkpoint else None
+        hf_dir = str(self.hf_dir) if self.hf_dir else None
+        return Request(
+            checkpoint=checkpoint,
+            hf_dir=hf_dir,
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            eos_id=self.codec.eos_id,
+            result="",
+        )
+
+
+def _generation_source(source: Path, tokenizer: str | None) -> GenerationSource:
+    """The model of a run directory (latest checkpoint), step_N or HF directory, and its tokenizer."""
     if is_hf_dir(source):
         if tokenizer is None and not (source / "tokenizer.json").is_file():
             rule = "give --tokenizer DIR (or bytes), or keep tokenizer.json in the model directory"
             raise ValueError(f"generate={source} has no tokenizer.json (rule: {rule})")
-        codec = load_codec(tokenizer or source)
         cfg = compose(hydra_overrides(read_hf_config(source, "generate")))
-        return load_hf_model(source, cfg.model, cfg.moe, "generate", device), codec
-    model, path, _ = load_checkpoint_model(source, "generate", device)
+        check_hf_dir(source, cfg.model, cfg.moe, "generate")
+        return GenerationSource(cfg.model, cfg.moe, load_codec(tokenizer or source), hf_dir=source)
+    path, meta = ckpt.resolve(str(source), source, "generate")
     if tokenizer is not None:
-        return model, load_codec(tokenizer)
-    cfg = _run_config(path, "generate")
-    return model, codec_of_data(cfg.data, cfg.model.vocab_size)
+        codec = load_codec(tokenizer)
+    else:
+        cfg = _run_config(path, "generate")
+        codec = codec_of_data(cfg.data, cfg.model.vocab_size)
+    return GenerationSource(ModelConfig(**meta["model"]), MoEConfig(**meta["moe"]), codec, checkpoint=(path, meta))
 
 
 def cmd_generate(argv: list[str]) -> int:
-    """`moeyard generate SOURCE --prompt TEXT`: prints the model's continuation."""
+    """`moeyard generate SOURCE --prompt TEXT [LAYOUT ...]`: prints the model's continuation."""
     parser = argparse.ArgumentParser(
         prog="moeyard generate",
-        description="Load a run's latest checkpoint (any layout) or a Hugging Face directory into one process "
-        "and print the continuation of a prompt (no KV cache: the prefix is recomputed for every token).",
+        description="Load a run's latest checkpoint (any layout) or a Hugging Face directory, into one process "
+        "or resharded into the layout the overrides give, and print the continuation of a prompt (no KV "
+        "cache: the prefix is recomputed for every token).",
     )
     parser.add_argument("source", type=Path, help="a run directory, a step_N directory or a Hugging Face directory")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="the layout, as `moeyard train` takes it: parallel.*, launcher.* and train.device overrides, e.g. "
+        "parallel.tp=2 parallel.ep=2 launcher.nproc_per_node=4 (default: one process)",
+    )
     parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument("--chat", action="store_true", help="render the prompt as a user message (chat template)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="at most this many tokens (default 64)")
@@ -276,15 +323,37 @@ def cmd_generate(argv: list[str]) -> int:
     parser.add_argument(
         "--tokenizer", help="tokenizer.json or its directory, or bytes (default: the run's data tokenizer)"
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"tokens": [...], "text": ..., "layout": {world_size, pp, dp, tp, ep}}',
+    )
+    args = parser.parse_intermixed_args(argv)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     sampling.check()
-    model, codec = _generation_source(args.source, args.tokenizer)
+    src = _generation_source(args.source, args.tokenizer)
+    codec = src.codec
     prompt_ids = codec.encode(codec.chat_prompt(args.prompt) if args.chat else args.prompt)
-    check_prompt(prompt_ids, args.max_new_tokens, model.cfg, codec.name)
-    device = next(model.parameters()).device
-    new = generate(model, prompt_ids, args.max_new_tokens, sampling, codec.eos_id, device)
-    print(codec.decode(new[:-1] if new and new[-1] == codec.eos_id else new))
+    check_prompt(prompt_ids, args.max_new_tokens, src.model, codec.name)
+    job = None
+    if args.overrides:
+        try:
+            job = layout_job(args.overrides, src.model, src.moe, len(prompt_ids) + args.max_new_tokens)
+        except (HydraException, OmegaConfBaseException) as err:
+            print(f"moeyard: config error: {compose_error_line(err, args.overrides)}", file=sys.stderr)
+            return 2
+    if job is not None and job.launcher.world_size() > 1:
+        status, result = run_generation(job, src.request(prompt_ids, args.max_new_tokens, sampling))
+        if result is None:  # the ranks failed (their launcher said why in one line), or launcher.dry_run
+            return status
+        new, layout = result["tokens"], result["layout"]
+    else:
+        model = src.load_one_process()
+        device = next(model.parameters()).device
+        new = generate(model, prompt_ids, args.max_new_tokens, sampling, codec.eos_id, device)
+        layout = layout_of(ParallelDims(pp=1, dp=1, tp=1, ep=1, world_size=1))
+    text = codec.decode(new[:-1] if new and new[-1] == codec.eos_id else new)
+    print(json.dumps({"tokens": new, "text": text, "layout": layout}) if args.json else text)
     return 0
 
 

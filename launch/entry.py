@@ -12,6 +12,8 @@ from moeyard.job.schema import JobConfig
 from moeyard.train.checkpointing import WeightLoader, is_hf_dir
 
 RANK_ARGS = ("-P", "-m", "moeyard.launch.rank")
+GENERATE_ENV = "MOEYARD_GENERATE"
+"""Set (to a request file) when the ranks generate rather than train (launch/generate_job.py)."""
 
 
 def rank_command(python: str = sys.executable) -> list[str]:

@@ -2,8 +2,9 @@
 
 It reads the resolved config named by MOEYARD_CONFIG, turns the launcher's environment into the
 torch.distributed one (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), sends the output of every
-rank but 0 to RUN_DIR/logs/rank_N.log, joins the process group and trains. torchrun sets the torch variables
-itself; srun tasks (launch.slurm) and MPI ranks (launch.mpi) get them translated here.
+rank but 0 to RUN_DIR/logs/rank_N.log, joins the process group and trains (or, where MOEYARD_GENERATE names
+a request of `moeyard generate` in a layout, generates: interop/generate_ranks.py). torchrun sets the torch
+variables itself; srun tasks (launch.slurm) and MPI ranks (launch.mpi) get them translated here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TextIO
 
 from moeyard.job.compose import load_resolved
 from moeyard.job.schema import JobConfig
-from moeyard.launch.entry import weight_loader
+from moeyard.launch.entry import GENERATE_ENV, weight_loader
 from moeyard.launch.mpi import rank_env_from_mpi
 from moeyard.launch.slurm import rank_env_from_slurm
 from moeyard.train.guard import exit_on_stop_signals
@@ -69,7 +70,13 @@ def run(cfg: JobConfig, console: TextIO) -> int:
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             join_process_group(cfg)
-        train(cfg, cfg.launcher.timeout_s, weight_loader(cfg))
+        request = os.environ.get(GENERATE_ENV)
+        if request:  # `moeyard generate` in a layout: only then is the interop code imported
+            from moeyard.interop.generate_ranks import generate_on_ranks
+
+            generate_on_ranks(cfg, Path(request), cfg.launcher.timeout_s)
+        else:
+            train(cfg, cfg.launcher.timeout_s, weight_loader(cfg))
         return 0
     except Exception as err:
         traceback.print_exc()

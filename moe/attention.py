@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import cache
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +32,26 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from moeyard.moe.config import ModelConfig
-from moeyard.moe.masking import block_causal_mask, flex_block_mask, sliding_window_mask
+from moeyard.moe.masking import block_causal_mask, context_mask, flex_block_mask, sliding_window_mask
 
 try:  # flash-attn is a GPU-only extra; SDPA serves everywhere else.
     from flash_attn import flash_attn_func
 except ImportError:
     flash_attn_func = None
+
+
+class SequenceShard(Protocol):
+    """This rank holds only some positions of every row (context parallelism, supplied by `parallel/`)."""
+
+    seq_len: int
+    """S, the whole row's length."""
+    positions_S: torch.Tensor
+    """int64 [Sl]: the global position of each token this rank holds, in the order it holds them."""
+
+    def gather(self, x_BSl: torch.Tensor) -> torch.Tensor:
+        """Every rank's tokens of the rows, whole and in position order: [B, Sl, ...] -> [B, S, ...]; its
+        gradient reaches each rank's own tokens."""
+        ...
 
 
 def rope_table(head_dim: int, max_seq_len: int, theta: float, yarn: ModelConfig | None = None) -> torch.Tensor:
@@ -156,21 +171,29 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def attention_mask(
-    cfg: ModelConfig, doc_ids_BS: torch.Tensor | None, x_BSD: torch.Tensor
+    cfg: ModelConfig, doc_ids_BS: torch.Tensor | None, x_BSD: torch.Tensor, shard: SequenceShard | None = None
 ) -> torch.Tensor | BlockMask | None:
     """The mask every block attends with in one micro-batch, built once for all of them (`attend` takes it).
 
     Args:
         cfg: the model config (attn_impl and the head shapes decide the kernel, `attention_kernel`).
-        doc_ids_BS: document ids [B, S] (`train.data.document_ids`), or None for one causal sequence per row.
+        doc_ids_BS: document ids [B, S] (`train.data.document_ids`) of whole rows, or None for one causal
+            sequence per row.
         x_BSD: the blocks' input (its device, dtype and sequence length).
+        shard: the positions this rank holds of every row (context parallelism), or None for all of them.
 
     Returns:
         A BlockMask where FlexAttention attends, else the dense block-causal mask bool [B, 1, S, S] with
-        documents, else None (causal).
+        documents, else None (causal). With `shard`, the rows of its queries against the whole row's keys
+        [B or 1, 1, Sl, S] (never None: SDPA's causal flag aligns unequal query and key counts otherwise).
     """
     documents = doc_ids_BS is not None
-    if model_kernel(cfg, x_BSD.device.type, compute_dtype(x_BSD), documents) == "flex":
+    kernel = model_kernel(cfg, x_BSD.device.type, compute_dtype(x_BSD), documents or shard is not None)
+    if shard is not None:
+        if kernel == "flex":
+            return flex_block_mask(doc_ids_BS, shard.seq_len, x_BSD.device, shard.positions_S)
+        return context_mask(doc_ids_BS, shard.positions_S, shard.seq_len)
+    if kernel == "flex":
         return flex_block_mask(doc_ids_BS, x_BSD.shape[1], x_BSD.device)
     return block_causal_mask(doc_ids_BS) if documents else None
 
@@ -338,6 +361,8 @@ class Attention(nn.Module):
         self.k_norm = PlainRMSNorm(cfg.n_kv_heads * hd, eps) if full else None
         self.q_head_norm = PlainRMSNorm(hd, eps) if head else None
         self.k_head_norm = PlainRMSNorm(hd, eps) if head else None
+        self.context: SequenceShard | None = None
+        """Set by context parallelism: x holds some positions of each row, keys and values are gathered whole."""
 
     def forward(self, x_BSD: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, S, D]; rope as `apply_rope` takes it, mask from `attention_mask` (None: causal). -> [B, S, D]."""
@@ -350,6 +375,8 @@ class Attention(nn.Module):
             q, k = self.q_head_norm(q), self.k_head_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         v = self.wv(x_BSD).view(B, S, -1, self.head_dim)
+        if self.context is not None:  # this rank's queries attend to the whole row: one gather of k and v
+            k, v = self.context.gather(torch.cat([k, v], dim=-1)).split([k.shape[-1], v.shape[-1]], dim=-1)
         if self.window:
             mask = sliding_window_mask(mask, S, self.window, x_BSD.device)
         sinks_H = self.sinks() if self.sinks is not None else None
@@ -402,6 +429,9 @@ class MLA(nn.Module):
         self.kv_a_norm = PlainRMSNorm(self.latent, eps)
         self.wkv_b = nn.Linear(self.latent, H * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, D, bias=False)
+        self.context: SequenceShard | None = None
+        """Set by context parallelism: x holds some positions of each row; the normalised latent and the
+        rotated key, L + R per token, are gathered whole (not the expanded keys and values, H (N + R + Vd))."""
 
     def forward(self, x_BSD: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, S, D]; rope as `apply_rope` takes it, mask from `attention_mask` (None: causal). -> [B, S, D]."""
@@ -409,9 +439,14 @@ class MLA(nn.Module):
         q = self.wq(x_BSD) if self.wq is not None else self.wq_b(self.q_a_norm(self.wq_a(x_BSD)))
         q_nope, q_rope = q.view(B, S, -1, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
         latent_BSL, k_rope_BSR = self.wkv_a(x_BSD).split([self.latent, self.rope], dim=-1)
-        kv = self.wkv_b(self.kv_a_norm(latent_BSL)).view(B, S, -1, self.nope + self.v_dim)
+        latent_BSL, k_rope_BS1R = self.kv_a_norm(latent_BSL), apply_rope(k_rope_BSR.unsqueeze(2), rope)
+        if self.context is not None:  # this rank's queries attend to the whole row
+            both = self.context.gather(torch.cat([latent_BSL, k_rope_BS1R.squeeze(2)], dim=-1))
+            latent_BSL, k_rope_BS1R = both[..., : self.latent], both[..., self.latent :].unsqueeze(2)
+        S_kv = latent_BSL.shape[1]
+        kv = self.wkv_b(latent_BSL).view(B, S_kv, -1, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        k_rope = apply_rope(k_rope_BSR.unsqueeze(2), rope).expand(-1, -1, k_nope.shape[2], -1)
+        k_rope = k_rope_BS1R.expand(-1, -1, k_nope.shape[2], -1)
         q = torch.cat([q_nope, apply_rope(q_rope, rope)], dim=-1)
         k = torch.cat([k_nope, k_rope], dim=-1)
         return self.wo(attend(q, k, v, mask, self.scale, self.use_flash).reshape(B, S, -1))

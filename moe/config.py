@@ -128,6 +128,9 @@ class ModelConfig:
     """mla: channels per q/k head without RoPE."""
     v_head_dim: int = 128
     """mla: width of each value head."""
+    mtp_layers: int = 0
+    """Multi-token prediction modules D (DeepSeek-V3: 1; moe/mtp.py): module k predicts the token k + 1 places
+    past the next, with its own norms, projection, block and head norm, sharing the embedding and output."""
 
     @property
     def head_dim(self) -> int:
@@ -163,6 +166,7 @@ class ModelConfig:
         )
         require(self.first_dense_layers >= 0, "model.first_dense_layers", self.first_dense_layers, "must be >= 0")
         require(self.moe_every >= 1, "model.moe_every", self.moe_every, "must be >= 1")
+        require(self.mtp_layers >= 0, "model.mtp_layers", self.mtp_layers, "must be >= 0 (0 = no MTP modules)")
         for name in ("rope_theta", "norm_eps"):
             require(getattr(self, name) > 0, f"model.{name}", getattr(self, name), "must be > 0")
         require(self.init_std >= 0, "model.init_std", self.init_std, "must be >= 0")
@@ -257,8 +261,20 @@ class MoEConfig:
     """Tokens per expert = ceil(capacity_factor * S * K / E) per sequence of S tokens; null = dropless."""
     drop_policy: str = choice("probability", "position")
     """Which assignments are dropped past capacity: lowest router weight first, or latest position first."""
+    dispatch: str = choice("dynamic", "static")
+    """How an MoE layer sizes its buffers: dynamic reads its row counts on the host once per layer (exact
+    sizes); static sizes them from the config and the batch shape and reads nothing on the host, so the layer
+    compiles with fullgraph=True and can be captured in a CUDA graph (moe/static_dispatch.py)."""
+    dispatch_capacity_factor: float | None = None
+    """dispatch=static: slots per expert per sequence of S tokens = ceil(factor * S * K / E); assignments past
+    them are dropped, lowest router weight first, and counted in dropped_frac. null = S slots, which nothing
+    overflows (buffers E / K times the mean load)."""
     aux_loss_coef: float = 0.01
-    """Switch/GShard load-balancing loss coefficient (batch level)."""
+    """Switch/GShard load-balancing loss coefficient (over the tokens `balance_scope` says)."""
+    balance_scope: str = choice("micro_batch", "sequence", "global_batch")
+    """Which tokens aux_loss_coef's statistics f_e and P_e cover: the micro-batch on every dp x tp rank; each
+    sequence (DeepSeek-V3's sequence-wise loss); or the step (f_e of micro-batch m over micro-batches 0..m of
+    the step, as Megatron-Core's global_aux_loss; moe/balance.py)."""
     seq_aux_loss_coef: float = 0.0
     """Sequence-level balancing loss coefficient (DeepSeek-V3)."""
     z_loss_coef: float = 0.001
@@ -297,6 +313,7 @@ class MoEConfig:
         self.check_shared()
         cf = self.capacity_factor
         require(cf is None or cf > 0, "moe.capacity_factor", cf, "must be > 0, or null for dropless")
+        self.check_dispatch()
         groups_ok = self.n_groups >= 1 and self.num_experts % self.n_groups == 0
         require(groups_ok, "moe.n_groups", self.n_groups, f"must divide {experts}")
         in_groups = f"must be in [1, moe.n_groups={self.n_groups}]"
@@ -309,6 +326,15 @@ class MoEConfig:
         require(self.swiglu_limit > 0, "moe.swiglu_limit", self.swiglu_limit, "must be > 0")
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             require(getattr(self, name) >= 0, f"moe.{name}", getattr(self, name), "must be >= 0")
+
+    def check_dispatch(self) -> None:
+        """Raises ValueError naming the first dispatch field whose value breaks a rule."""
+        dcf = self.dispatch_capacity_factor
+        require(dcf is None or dcf > 0, "moe.dispatch_capacity_factor", dcf, "must be > 0, or null for no overflow")
+        rule = "needs moe.dispatch=static (the dynamic dispatch sizes its buffers exactly and drops nothing)"
+        require(dcf is None or self.dispatch == "static", "moe.dispatch_capacity_factor", dcf, rule)
+        rule = "is token-choice only (expert_choice's slices hold data-dependent counts per expert); use dynamic"
+        require(self.dispatch == "dynamic" or self.router != "expert_choice", "moe.dispatch", self.dispatch, rule)
 
     def check_shared(self) -> None:
         """Raises ValueError naming the first shared-expert field whose value breaks a rule."""

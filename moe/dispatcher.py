@@ -7,7 +7,7 @@ compute (the shared experts, or another chunk's expert matmuls) without the mode
 expert-parallel all-to-all dispatcher lives in `parallel/expert.py` and follows the same protocol.
 
 Host synchronisations: none when the kept count is known from the shapes (dropless routing), else one
-(the kept count) per layer.
+(the kept count) per layer. `moe.dispatch=static` (`moe/static_dispatch.py`) reads none, whatever the routing.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from moeyard.moe.combine import weighted_scatter_add
 from moeyard.moe.router import Routing, SequenceSplit, count_per_expert
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -36,6 +37,9 @@ class MoEOutput:
     """Rows this rank's local experts processed, per local expert (int64 [E_local])."""
     alongside: torch.Tensor | None
     """The result of the `alongside` work, if any."""
+    overflow_E: torch.Tensor | None = None
+    """Assignments the dispatcher itself dropped past its buffers, per expert (int64 [E]; `moe.static_dispatch`);
+    None where it drops none. The layer counts them as dropped."""
 
 
 class Dispatcher(Protocol):
@@ -49,8 +53,16 @@ class Dispatcher(Protocol):
         """Sum per-expert routing counts over every rank whose tokens form this batch."""
         ...
 
-    def run(self, x_TD: torch.Tensor, routing: Routing, experts: ExpertsFn, alongside: AlongsideFn | None) -> MoEOutput:
-        """Dispatch, experts, combine; `alongside` runs exactly once, where it best hides communication."""
+    def run(
+        self,
+        x_TD: torch.Tensor,
+        routing: Routing,
+        experts: ExpertsFn,
+        alongside: AlongsideFn | None,
+        seq_len: int | None = None,
+    ) -> MoEOutput:
+        """Dispatch, experts, combine; `alongside` runs exactly once, where it best hides communication.
+        `seq_len`: tokens per sequence in `x_TD` (this rank's slice), for dispatchers that bound each sequence."""
         ...
 
 
@@ -73,8 +85,7 @@ def combine_rows(y_ND: torch.Tensor, routing: Routing, order_A: torch.Tensor, nu
     """Scatters expert outputs [N, D] (in `order_A`'s order) back to tokens, weighted by the router [T, D]."""
     token_N = routing.token_idx_A.index_select(0, order_A)
     weight_N = routing.weight_A.index_select(0, order_A).to(y_ND.dtype)
-    out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[-1])
-    return out_TD.index_add(0, token_N, y_ND * weight_N[:, None])
+    return weighted_scatter_add(y_ND, weight_N, token_N, num_tokens)
 
 
 class LocalDispatcher:
@@ -87,7 +98,14 @@ class LocalDispatcher:
     def reduce_load(self, counts_E: torch.Tensor) -> torch.Tensor:
         return counts_E
 
-    def run(self, x_TD: torch.Tensor, routing: Routing, experts: ExpertsFn, alongside: AlongsideFn | None) -> MoEOutput:
+    def run(
+        self,
+        x_TD: torch.Tensor,
+        routing: Routing,
+        experts: ExpertsFn,
+        alongside: AlongsideFn | None,
+        seq_len: int | None = None,
+    ) -> MoEOutput:
         order_A, counts_E = expert_order(routing, self.num_local_experts)
         kept_N = order_A[: kept_count(routing, counts_E)]
         y_ND = experts(gather_rows(x_TD, routing, kept_N), counts_E)

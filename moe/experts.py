@@ -36,6 +36,71 @@ def _eager_grouped_mm(fn, x_ND: torch.Tensor, w_EDF: torch.Tensor, offsets_E: to
     return fn(x_ND, w_EDF, offs=offsets_E)
 
 
+class SwiGLUGroupedMM(torch.autograd.Function):
+    """silu(x W1) * (x W3) W2 per expert as grouped matmuls, with a backward written out by hand.
+
+    Autograd's own graph of the same ops keeps silu(gate) and the gated product alive, and computes the
+    input gradient as two [N, D] grouped matmuls plus an add. This one keeps x, gate and up, recomputes
+    silu(gate) in backward, writes the gate and up gradients side by side into one [N, 2F] buffer, takes
+    the input gradient as ONE grouped matmul against [W1 | W3] where copying those is the cheaper extra,
+    and reuses its [N, F] temporaries in place. On CPU, where each new large tensor costs page faults, that
+    took the experts' forward+backward below three plain grouped_mm calls at the fine-grained shape of
+    benchmarks/moe_layer.py (0.92x, 1 thread). The same products: equal to autograd's result within fp32
+    rounding (only the input gradient's sum over 2F may run in another order).
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, w1_EDF, w3_EDF, w2_EFD, offsets_E):
+        gate_NF, up_NF = _grouped_mm(x_ND, w1_EDF, offsets_E), _grouped_mm(x_ND, w3_EDF, offsets_E)
+        ctx.save_for_backward(x_ND, w1_EDF, w3_EDF, w2_EFD, gate_NF, up_NF, offsets_E)
+        return _grouped_mm(F.silu(gate_NF).mul_(up_NF), w2_EFD, offsets_E)
+
+    @staticmethod
+    def backward(ctx, dy_ND):
+        x_ND, w1_EDF, w3_EDF, w2_EFD, gate_NF, up_NF, offsets_E = ctx.saved_tensors
+        need_x, need_w1, need_w3, need_w2, _ = ctx.needs_input_grad
+        dy_ND = dy_ND.contiguous()
+        hidden = gate_NF.shape[1]
+        dh_NF = _grouped_mm(dy_ND, w2_EFD.transpose(1, 2), offsets_E)
+        silu_NF = F.silu(gate_NF)
+        dgu_N2F = dh_NF.new_empty(dh_NF.shape[0], 2 * hidden)
+        dgate_NF, dup_NF = dgu_N2F[:, :hidden], dgu_N2F[:, hidden:]
+        torch.mul(dh_NF, silu_NF, out=dup_NF)
+        torch.ops.aten.silu_backward.grad_input(dh_NF.mul_(up_NF), gate_NF, grad_input=dgate_NF)
+        dw2 = _grouped_mm(silu_NF.mul_(up_NF).T, dy_ND, offsets_E) if need_w2 else None
+        dw1 = _grouped_mm(x_ND.T, dgate_NF, offsets_E) if need_w1 else None
+        dw3 = _grouped_mm(x_ND.T, dup_NF, offsets_E) if need_w3 else None
+        return _input_grad(dgu_N2F, w1_EDF, w3_EDF, offsets_E) if need_x else None, dw1, dw3, dw2, None
+
+
+def _input_grad(dgu_N2F: torch.Tensor, w1_EDF: torch.Tensor, w3_EDF: torch.Tensor, offsets_E: torch.Tensor):
+    """dgate W1^T + dup W3^T [N, D]: one grouped matmul over the concatenated weights when copying them
+    (E*D*2F elements) costs less than a second [N, D] product and its add; two products when experts are
+    few and wide against the rows (E*F > N)."""
+    hidden = w1_EDF.shape[2]
+    if w1_EDF.shape[0] * hidden > dgu_N2F.shape[0]:
+        dx_ND = _grouped_mm(dgu_N2F[:, :hidden], w1_EDF.transpose(1, 2), offsets_E)
+        return dx_ND.add_(_grouped_mm(dgu_N2F[:, hidden:], w3_EDF.transpose(1, 2), offsets_E))
+    return _grouped_mm(dgu_N2F, torch.cat([w1_EDF, w3_EDF], 2).transpose(1, 2), offsets_E)
+
+
+def aligned_for_grouped_mm(dim: int, hidden: int) -> bool:
+    """grouped_mm needs 16-byte aligned row strides: widths that are multiples of 8 serve fp32 and bf16."""
+    return dim % 8 == 0 and hidden % 8 == 0
+
+
+def uses_grouped_mm(setting: str, dim: int, hidden: int) -> bool:
+    """Whether experts of these widths multiply by grouped_mm under `moe.grouped_mm=setting` (before
+    `choose_expert_path` turns it off on a device without the fused kernel)."""
+    return setting == "on" or (setting == "auto" and HAS_GROUPED_MM and aligned_for_grouped_mm(dim, hidden))
+
+
+def hand_backward_on_cpu(e: MoEConfig, dim: int) -> bool:
+    """Whether CPU eager runs `SwiGLUGroupedMM` for the experts of `e` (the planner's activation model asks)."""
+    plain = not e.expert_biases and e.activation != "clamped_swiglu"
+    return plain and uses_grouped_mm(e.grouped_mm, dim, e.expert_hidden)
+
+
 def looped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor | list[int]) -> torch.Tensor:
     """Reference: one matmul per expert over its slice of the sorted tokens (counts read on the host)."""
     chunks = torch.split(x_ND, counts_E if isinstance(counts_E, list) else counts_E.tolist())
@@ -76,11 +141,9 @@ class GroupedExperts(nn.Module):
         """(alpha, limit) of `clamped_swiglu`, or None for silu(gate) * up."""
         if grouped_mm == "on" and not HAS_GROUPED_MM:
             raise ValueError("moe.grouped_mm=on needs torch grouped_mm, which this torch lacks (rule: use auto or off)")
-        # grouped_mm needs 16-byte aligned row strides: widths that are multiples of 8 serve fp32 and bf16.
-        aligned = dim % 8 == 0 and hidden % 8 == 0
-        if grouped_mm == "on" and not aligned:
+        if grouped_mm == "on" and not aligned_for_grouped_mm(dim, hidden):
             raise ValueError(f"moe.grouped_mm=on needs dim and expert_hidden divisible by 8 (got {dim}, {hidden})")
-        self.use_grouped_mm = grouped_mm == "on" or (grouped_mm == "auto" and HAS_GROUPED_MM and aligned)
+        self.use_grouped_mm = uses_grouped_mm(grouped_mm, dim, hidden)
 
     @classmethod
     def from_config(cls, cfg: MoEConfig, num_experts: int, dim: int) -> GroupedExperts:
@@ -111,12 +174,20 @@ class GroupedExperts(nn.Module):
             # symbolic sizes (parallel's apply_compile turns on dynamo's capture_scalar_outputs), not a break.
             counts = counts_E.tolist()
             mm = lambda a, w: looped_mm(a, w, counts)
+        if self._hand_backward(x_ND):
+            return SwiGLUGroupedMM.apply(x_ND.contiguous(), w1, w3, w2, offsets_E)
         gate_NF, up_NF = bias(mm(x_ND, w1), self.b1), bias(mm(x_ND, w3), self.b3)
         if self.clamp is None:
             h_NF = F.silu(gate_NF) * up_NF
         else:
             h_NF = clamped_swiglu(gate_NF, up_NF, *self.clamp)
         return bias(mm(h_NF, w2), self.b2)
+
+    def _hand_backward(self, x_ND: torch.Tensor) -> bool:
+        """Whether `SwiGLUGroupedMM` runs: grouped_mm in eager mode on CPU (where it was measured; compiled
+        graphs fuse the elementwise work themselves), plain silu gate, no biases."""
+        plain = self.b1 is None and self.clamp is None
+        return self.use_grouped_mm and plain and x_ND.device.type == "cpu" and not torch.compiler.is_compiling()
 
     def _bias_rows(self, counts_E: torch.Tensor, rows: int, dtype: torch.dtype):
         """A function adding each row's expert bias ([E, W] repeated by counts) to an [N, W] output, or

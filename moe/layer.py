@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeyard.moe.balance import recomputing
 from moeyard.moe.config import MoEConfig
-from moeyard.moe.dispatcher import Dispatcher, LocalDispatcher
+from moeyard.moe.dispatcher import Dispatcher, LocalDispatcher, MoEOutput
 from moeyard.moe.experts import GroupedExperts
 from moeyard.moe.router import Router, Routing
+from moeyard.moe.static_dispatch import StaticDispatcher
 
 
 class SwiGLU(nn.Module):
@@ -46,15 +48,6 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad_out, torch.ones(shape, dtype=dtype, device=device)
 
 
-def _recomputing() -> bool:
-    """True while autograd runs a backward pass (activation-checkpoint recompute): skip stat recording.
-
-    Eager only: torch.compile cannot trace this query (a graph break in every MoE layer), so a compiled
-    forward leaves its statistics in `pending_stats` instead (see `MoELayer._record`).
-    """
-    return torch._C._current_graph_task_id() != -1
-
-
 class MoELayer(nn.Module):
     """Token routing to E SwiGLU experts (optionally plus always-on shared experts, optionally gated per token)."""
 
@@ -67,7 +60,9 @@ class MoELayer(nn.Module):
         self.shared_experts = SwiGLU(dim, cfg.shared_hidden) if cfg.shared_hidden else None
         # Qwen2-MoE's gate: one logit per token, sigmoid-squashed, scales the shared experts' output.
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
-        self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts)
+        self.dispatcher: Dispatcher = (
+            StaticDispatcher(cfg) if cfg.dispatch == "static" else LocalDispatcher(cfg.num_experts)
+        )
         self.stats: list[dict[str, torch.Tensor]] = []
         """Detached per-forward routing statistics, drained by the trainer after each step."""
         self.pending_stats: dict[str, torch.Tensor] | None = None
@@ -80,7 +75,7 @@ class MoELayer(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         # The shared experts do not depend on the routing: the dispatcher runs them while tokens travel.
         alongside = (lambda: self._shared(x_TD)) if self.shared_experts is not None else None
-        result = self.dispatcher.run(x_TD, routing, self.experts, alongside)
+        result = self.dispatcher.run(x_TD, routing, self.experts, alongside, seq_len=S)
         out_TD = result.out_TD
         if result.alongside is not None:
             out_TD = out_TD + result.alongside
@@ -92,10 +87,10 @@ class MoELayer(nn.Module):
         if split is not None:
             # Each slice's terms estimate the whole sequence's, and the ranks' router gradients are summed:
             # weighting by 1/parts makes that sum the gradient of their mean.
-            weighted_aux = weighted_aux / split.parts
+            weighted_aux = weighted_aux / split.summed
         if torch.is_grad_enabled() and weighted_aux.requires_grad:
             out_TD = _AttachAuxLoss.apply(out_TD, weighted_aux)
-        self._record(self._stats(routing, result.received_E))
+        self._record(self._stats(routing, result))
         return out_TD.view(B, S, D)
 
     def _record(self, stats: dict[str, torch.Tensor]) -> None:
@@ -109,7 +104,7 @@ class MoELayer(nn.Module):
         """
         if torch.compiler.is_compiling():
             self.pending_stats = stats
-        elif not _recomputing():
+        elif not recomputing():
             self.stats.append(stats)
 
     def take_pending_stats(self) -> None:
@@ -124,19 +119,23 @@ class MoELayer(nn.Module):
             out_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * out_TD
         return out_TD
 
-    def _stats(self, routing: Routing, received_E: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _stats(self, routing: Routing, result: MoEOutput) -> dict[str, torch.Tensor]:
+        # A static dispatcher's overflow drops count as dropped, as the router's capacity drops do.
+        kept_E = routing.kept_E if result.overflow_E is None else routing.kept_E - result.overflow_E
         return {
             "routed": routing.routed_E,
-            "kept": routing.kept_E,
+            "kept": kept_E,
             "mean_prob": routing.mean_prob_E,
             "entropy": routing.entropy,
             "aux_loss": routing.aux_loss.detach(),
             "seq_aux_loss": routing.seq_aux_loss.detach(),
             "z_loss": routing.z_loss.detach(),
-            "received": received_E.detach(),
+            "received": result.received_E.detach(),
         }
 
     def drain_stats(self) -> list[dict[str, torch.Tensor]]:
-        """Returns and clears the statistics recorded since the last call."""
+        """Returns and clears the statistics recorded since the last call, which ends the step: global-batch
+        balancing counts the next step from zero (every driver drains after each step)."""
         stats, self.stats, self.pending_stats = self.stats, [], None
+        self.router.step_load.reset()
         return stats

@@ -70,6 +70,29 @@ def block_causal_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
     return (same_BSS & causal_SS)[:, None]
 
 
+def context_mask(doc_ids_BS: torch.Tensor | None, positions_Sq: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The rows of the causal (or, with document ids, block-causal) mask for queries at `positions_Sq`, against
+    every key of the row: what a rank attends with when it holds only some positions of each row (context
+    parallelism) and attends to the whole row's keys.
+
+    Args:
+        doc_ids_BS: document ids of the whole rows [B, S], or None for one causal sequence per row.
+        positions_Sq: int64 [Sq], the global positions of the queries.
+        seq_len: S, the keys' count.
+
+    Returns:
+        bool [B or 1, 1, Sq, S] (True = attend), equal to rows `positions_Sq` of `block_causal_mask` (or of the
+        causal mask); the diagonal stays allowed.
+    """
+    keys_S = torch.arange(seq_len, device=positions_Sq.device)
+    causal_QS = keys_S[None, :] <= positions_Sq[:, None]
+    if doc_ids_BS is None:
+        return causal_QS[None, None]
+    segment_BS = _segments(doc_ids_BS)
+    same_BQS = segment_BS[:, positions_Sq, None] == segment_BS[:, None, :]
+    return (same_BQS & causal_QS)[:, None]
+
+
 def sliding_window_mask(mask: torch.Tensor | None, seq_len: int, window: int, device: torch.device) -> torch.Tensor:
     """`mask` (bool [B, 1, S, S], or None for causal) narrowed to a sliding window: query i also needs
     i - j < `window`, so it sees the last `window` positions, its own included (transformers' sliding_window).
@@ -92,8 +115,14 @@ def _compiled_create_block_mask() -> Callable[..., BlockMask]:
     return torch.compile(create_block_mask, dynamic=False)
 
 
-def flex_block_mask(doc_ids_BS: torch.Tensor | None, seq_len: int, device: torch.device) -> BlockMask:
-    """The block-causal mask (or, without document ids, the causal mask) as FlexAttention's BlockMask.
+def flex_block_mask(
+    doc_ids_BS: torch.Tensor | None,
+    seq_len: int,
+    device: torch.device,
+    positions_Sq: torch.Tensor | None = None,
+) -> BlockMask:
+    """The block-causal mask (or, without document ids, the causal mask) as FlexAttention's BlockMask; with
+    `positions_Sq`, only the rows of queries at those global positions (`context_mask`'s BlockMask).
 
     Built once per micro-batch and shared by every layer; heads broadcast (H=None), and so do rows without
     document ids (B=None). On CUDA create_block_mask runs compiled, which evaluates the mask tile by tile
@@ -104,19 +133,19 @@ def flex_block_mask(doc_ids_BS: torch.Tensor | None, seq_len: int, device: torch
         doc_ids_BS: document ids [B, S] (any integer dtype), or None for one causal sequence per row.
         seq_len: S.
         device: where the mask lives (that of q, k and v).
+        positions_Sq: int64 [Sq] on `device`, the queries' global positions; None: every position of the row.
     """
-    if doc_ids_BS is None:
+    rows = None if doc_ids_BS is None else doc_ids_BS.shape[0]
+    segment_BS = None if doc_ids_BS is None else _segments(doc_ids_BS)
+    # Without positions the query index is its position: the kernel evaluates no extra gather per element.
+    pos = (lambda q_idx: q_idx) if positions_Sq is None else (lambda q_idx: positions_Sq[q_idx])
 
-        def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-            return kv_idx <= q_idx
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        q_pos = pos(q_idx)
+        if segment_BS is None:
+            return kv_idx <= q_pos
+        return (kv_idx <= q_pos) & (segment_BS[b, q_pos] == segment_BS[b, kv_idx])
 
-        rows = None
-    else:
-        segment_BS = _segments(doc_ids_BS)
-
-        def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-            return (kv_idx <= q_idx) & (segment_BS[b, q_idx] == segment_BS[b, kv_idx])
-
-        rows = doc_ids_BS.shape[0]
+    queries = seq_len if positions_Sq is None else len(positions_Sq)
     create = _compiled_create_block_mask() if torch.device(device).type == "cuda" else create_block_mask
-    return create(mask_mod, rows, None, seq_len, seq_len, device=device)
+    return create(mask_mod, rows, None, queries, seq_len, device=device)

@@ -232,7 +232,9 @@ PRESETS: dict[str, Preset] = {
         routing="olmoe",
     ),
     "deepseek_v3": Preset(
-        "DeepSeek-V3 shape (671 B parameters without the multi-token-prediction module, 37 B active): 61 "
+        "DeepSeek-V3 shape (671 B parameters without the multi-token-prediction module, 37 B active; "
+        "model.mtp_layers=1 adds it: 682.6 B, the published 685 B with the copies of the embedding and head and "
+        "the FP8 scales the Hugging Face checkpoint stores): 61 "
         "blocks (first 3 dense) with multi-head latent attention, 256 fine-grained routed experts + 1 shared, "
         "top-8 sigmoid routing limited to 4 of 8 groups, aux-loss-free bias balancing plus a small "
         "sequence-level loss. Default RoPE at the 4K pre-training context; the published 128K model adds YaRN "

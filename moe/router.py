@@ -13,13 +13,13 @@ a batch is split over data-parallel ranks or micro-batches: a sharded run drops 
 When tensor-parallel ranks share an MoE layer's work, each routes a slice of every sequence; a
 `SequenceSplit` (supplied by `parallel/`) lets the router make the capacity decision on whole sequences from
 the slices' small top-k decisions, so it still drops exactly what one process does. Its balancing terms are
-then local estimates whose mean over the slices is the whole sequence's value.
+then local estimates whose mean over the slices is the whole sequence's value. The Switch loss's f_e covers
+the micro-batch, each sequence, or the step's micro-batches so far (`moe.balance_scope`, moe/balance.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeyard.moe.balance import LoadReducer, StepLoad
 from moeyard.moe.config import MoEConfig
-
-LoadReducer = Callable[[torch.Tensor], torch.Tensor]
 
 
 class SequenceSplit(Protocol):
@@ -37,6 +36,9 @@ class SequenceSplit(Protocol):
 
     parts: int
     index: int
+    summed: int
+    """Of the `parts` ranks, how many sum their router gradients (tensor-parallel ranks; context-parallel ranks
+    average theirs with the data-parallel mean instead)."""
 
     def gather(self, t_GS: torch.Tensor) -> torch.Tensor:
         """Concatenates every rank's slice along dim 1, in order (no gradient): [G, S/parts, ...] -> [G, S, ...]."""
@@ -78,7 +80,7 @@ class Routing:
     entropy: torch.Tensor
     """Mean router entropy per token in nats (detached scalar)."""
     aux_loss: torch.Tensor
-    """Switch/GShard batch-level balancing loss, unscaled (differentiable scalar)."""
+    """Switch/GShard balancing loss over the tokens moe.balance_scope says, unscaled (differentiable scalar)."""
     seq_aux_loss: torch.Tensor
     """Sequence-level balancing loss, unscaled (differentiable scalar)."""
     z_loss: torch.Tensor
@@ -128,8 +130,11 @@ def switch_aux_loss(probs_TE: torch.Tensor, routed_E: torch.Tensor) -> torch.Ten
     """Switch/GShard balancing loss E * sum_e f_e * P_e.
 
     f_e (fraction of assignments routed to e) comes from `routed_E`, which the caller may have summed over
-    data-parallel ranks; P_e is the local mean probability. Averaging this loss over ranks then equals the
-    loss of the whole batch, so every layout trains like one process.
+    data-parallel ranks (and, for global-batch balancing, over the step's earlier micro-batches); P_e is the
+    local mean probability, over this rank's tokens only. Averaging this loss over ranks then equals the
+    loss of the whole batch, so every layout trains like one process. (Dividing P_e by the tokens of every
+    rank instead, as Megatron-Core's global_aux_loss did before NVIDIA/Megatron-LM#3769, makes the gradient
+    1/dp too small.)
     """
     E = probs_TE.shape[-1]
     f_E = routed_E.to(probs_TE.dtype) / routed_E.sum().clamp(min=1)
@@ -172,6 +177,8 @@ class Router(nn.Module):
         self.gate = nn.Linear(dim, cfg.num_experts, bias=cfg.router_bias)
         # Aux-loss-free balancing: a bias that only steers selection, never the combine weights.
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=True)
+        self.step_load = StepLoad()
+        """balance_scope=global_batch: the step's routed counts so far (reset by `MoELayer.drain_stats`)."""
 
     def forward(
         self, x_GSD: torch.Tensor, reduce_load: LoadReducer | None = None, split: SequenceSplit | None = None
@@ -225,8 +232,10 @@ class Router(nn.Module):
         if cfg.capacity_factor is not None:
             keep_TK = self._capacity_mask(topk_idx_TK, weight_TK, G, S, split)
             expert_TK, num_kept = torch.where(keep_TK, topk_idx_TK, E), None
-        global_routed_E = reduce_load(routed_E) if reduce_load is not None else routed_E
+        counts_E = None if cfg.balance_scope == "sequence" else self._balance_counts(routed_E, reduce_load)
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True) if cfg.router == "sigmoid_topk" else scores_TE
+        seq_aux = sequence_aux_loss(scores_TE.view(G, S, E), topk_idx_TK.view(G, S, K), split)
+        aux = seq_aux if counts_E is None else switch_aux_loss(probs_TE, counts_E)
 
         token_TK = torch.arange(G * S, device=logits_TE.device)[:, None].expand(-1, K)
         return Routing(
@@ -238,10 +247,18 @@ class Router(nn.Module):
             kept_E=count_per_expert(expert_TK, E),
             mean_prob_E=probs_TE.detach().mean(0),
             entropy=_entropy(probs_TE),
-            aux_loss=switch_aux_loss(probs_TE, global_routed_E),
-            seq_aux_loss=sequence_aux_loss(scores_TE.view(G, S, E), topk_idx_TK.view(G, S, K), split),
+            aux_loss=aux,
+            seq_aux_loss=seq_aux,
             z_loss=z_loss(logits_TE),
         )
+
+    def _balance_counts(self, routed_E: torch.Tensor, reduce_load: LoadReducer | None) -> torch.Tensor:
+        """The counts f_e comes from: this micro-batch's over every rank holding its tokens, or under
+        balance_scope=global_batch the step's so far (a forward without gradient, as in evaluation or
+        generation, trains nothing and keeps to its own micro-batch)."""
+        if self.cfg.balance_scope == "global_batch" and torch.is_grad_enabled():
+            return self.step_load.counts(routed_E, reduce_load)
+        return reduce_load(routed_E) if reduce_load is not None else routed_E
 
     def _capacity_mask(
         self, topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, G: int, S: int, split: SequenceSplit | None

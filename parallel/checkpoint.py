@@ -43,9 +43,11 @@ import torch.distributed.checkpoint as dcp
 
 from moeyard.moe.config import ModelConfig, MoEConfig
 from moeyard.parallel.checksums import ALGORITHM, ChecksumWriter, file_checksum, first_mismatch
+from moeyard.parallel.muon import Muon
 from moeyard.parallel.safe_metadata import SafeFileSystemReader
 from moeyard.parallel.shards import layout_free
 from moeyard.parallel.staging import HostStager
+from moeyard.parallel.zero import ZeroAdamW
 
 CHECKPOINTS = "checkpoints"
 FORMAT = 2
@@ -60,7 +62,7 @@ _MODEL_SHAPE = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_h
 _ATTENTION_SHAPE = ("attention", "head_dim_override", "qk_norm", "qkv_bias")
 _MLA_SHAPE = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 SHAPE_FIELDS = {
-    "model": (*_MODEL_SHAPE, *_ATTENTION_SHAPE, *_MLA_SHAPE, "first_dense_layers", "moe_every"),
+    "model": (*_MODEL_SHAPE, *_ATTENTION_SHAPE, *_MLA_SHAPE, "first_dense_layers", "moe_every", "mtp_layers"),
     "moe": ("num_experts", "expert_hidden", "num_shared_experts", "shared_expert_hidden", "shared_expert_gate"),
 }
 
@@ -236,6 +238,9 @@ def model_tensors(pm) -> list[tuple[str, torch.Tensor]]:
 
 def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Creates AdamW's zero state (as its first step would) so a load has tensors to fill."""
+    if isinstance(optimizer, Muon):  # its momentum buffers; its AdamW's moments below, in the shared state
+        optimizer.init_state()
+        optimizer = optimizer.adamw
     assert isinstance(optimizer, torch.optim.AdamW), type(optimizer)
     for group in optimizer.param_groups:
         on_device = group["fused"] or group["capturable"]
@@ -271,7 +276,9 @@ def build_state(
     """The flat DCP state dict of this rank: views of its shards, so a load fills them in place."""
     named = model_tensors(pm)
     state = {f"model.{name}": layout_free(name, t, pm.dims, pm.expert_mesh) for name, t in named}
-    if optimizer is not None:
+    if isinstance(optimizer, ZeroAdamW):  # dp_mode=zero1 or bf16 parameters: slices, named as replicate's
+        state.update(optimizer.layout_free_state())
+    elif optimizer is not None:
         name_of = {id(p): name for name, p in named}
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -529,6 +536,8 @@ def load(pm, optimizer, path: Path, meta: dict, field: str, *, weights_only: boo
             f"{field}={path} could not be read: {first_error_line(err)} "
             "(rule: the checkpoint must be complete and match the model)"
         ) from None
+    if with_optim and isinstance(optimizer, ZeroAdamW):  # bf16 parameters from the loaded fp32 masters
+        optimizer.params_from_masters()
     set_rng_states({kind: state[f"rng.rank{rank}.{kind}"] for kind in rng})
 
 

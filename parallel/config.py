@@ -10,15 +10,28 @@ from dataclasses import dataclass, field
 
 from moeyard.moe.config import check_fields, choice, require
 
+FSDP_MODES = ("zero2", "fsdp")
+"""dp_mode values applied with FSDP2 (parameters sharded at rest, gradients reduce-scattered)."""
+
+
+def uses_fsdp(dp_mode: str, dp: int) -> bool:
+    """Whether `dp_mode` applies FSDP2 at data-parallel degree `dp` (with one dp rank it has nothing to shard)."""
+    return dp_mode in FSDP_MODES and dp > 1
+
+
+def shards_optimizer(dp_mode: str, param_dtype: str) -> bool:
+    """Whether parallel/zero.py's optimizer steps the model (zero1, or fp32 masters of bf16 parameters)."""
+    return dp_mode == "zero1" or (param_dtype == "bf16" and dp_mode not in FSDP_MODES)
+
 
 @dataclass(kw_only=True)
 class ParallelConfig:
     """Degrees of each parallelism and how they are applied.
 
-    World size = pp * dp * tp. Expert parallelism folds over the data- and tensor-parallel ranks of a pipeline
-    stage: its dp * tp ranks are regrouped into edp * ep, the ep consecutive ranks of a group split each MoE
-    layer's experts (tp ranks first, then neighbouring dp ranks), and the edp = dp * tp / ep groups hold
-    replicas of the same experts.
+    World size = pp * dp * cp * tp. Expert parallelism folds over the data-, context- and tensor-parallel ranks
+    of a pipeline stage: its dp * cp * tp ranks are regrouped into edp * ep, the ep consecutive ranks of a
+    group split each MoE layer's experts (tp ranks first, then cp, then neighbouring dp ranks), and the
+    edp = dp * cp * tp / ep groups hold replicas of the same experts.
     """
 
     dp: int = -1
@@ -28,9 +41,20 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel degree (stages over ranks)."""
     ep: int = 1
-    """Expert-parallel degree; divides dp * tp and moe.num_experts."""
-    dp_mode: str = choice("replicate", "fsdp")
-    """Replicate parameters and all-reduce gradients, or shard parameters, grads and optimizer state (FSDP2)."""
+    """Expert-parallel degree; divides dp * cp * tp and moe.num_experts."""
+    cp: int = 1
+    """Context-parallel degree: each sequence is split over cp ranks (two chunks each, one from either end, so
+    causal work is balanced) and attention all-gathers keys and values over them (parallel/context.py)."""
+    dp_mode: str = choice("replicate", "zero1", "zero2", "fsdp")
+    """replicate: parameters, gradients and AdamW state on every dp rank, gradients all-reduced; zero1:
+    parameters and gradients replicated, AdamW state (and bf16 runs' fp32 master weights) sharded over dp,
+    updated parameters all-gathered (parallel/zero.py); zero2: gradients reduce-scattered too (FSDP2 without
+    resharding after forward: parameters gathered once a step, docs/zero.md); fsdp: parameters sharded too,
+    gathered per block in forward and again in backward (FSDP2)."""
+    param_dtype: str = choice("fp32", "bf16")
+    """dp_mode=replicate|zero1 with train.dtype=bf16: the model's parameters and gradients in bf16 (2 + 2 B per
+    element), the fp32 master weights kept by the optimizer beside AdamW's moments, as Megatron-Core keeps
+    them (fsdp and zero2 already keep fp32 shards as masters and gather bf16 ones)."""
     fsdp_hold: str = choice("step", "micro_batch")
     """dp_mode=fsdp: step keeps what FSDP gathers or accumulates through the step (under a pipeline every
     block's gathered parameters, one all-gather per unit and step; without one the unsharded gradients, one

@@ -43,10 +43,22 @@ def expert_shard(local_EXY: torch.Size, edp: int) -> Shard:
     return Shard(0)
 
 
-def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh, bf16: bool) -> None:
-    """Shards experts over edp and everything else over dp, one FSDP unit per block (FSDP2)."""
+def apply_fsdp(
+    model: Transformer, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh, bf16: bool, reshard_after_forward: bool = True
+) -> None:
+    """Shards experts over edp and everything else over dp, one FSDP unit per block (FSDP2).
+
+    reshard_after_forward=False is dp_mode=zero2: each unit is gathered once a step, before its forward, and
+    kept to its backward, whose gradients are reduce-scattered (ZeRO-2's traffic: one all-gather and one
+    reduce-scatter of the parameters a step). Chosen over a hand-written ZeRO-2 on replicated parameters
+    because FSDP2 reduce-scatters each block's gradients as its backward ends, so the full gradient never
+    exists at once (reduce-scattering after backward would hold it at the peak, ZeRO-1's memory), and it
+    already composes with tp, ep, pp and DCP; parameters also rest sharded between steps, which only lowers
+    memory outside the step.
+    """
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     edp = edp_mesh.size()
+    keep = {"reshard_after_forward": reshard_after_forward}
 
     def placement(param: torch.nn.Parameter) -> Shard:
         return expert_shard(param.shape, edp)
@@ -54,8 +66,8 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, edp_mesh: DeviceMesh, bf
     for block in model.layers.values():
         moe = _unwrap(block).moe
         if moe is not None:
-            fully_shard(moe.experts, mesh=edp_mesh, mp_policy=mp, shard_placement_fn=placement)
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+            fully_shard(moe.experts, mesh=edp_mesh, mp_policy=mp, shard_placement_fn=placement, **keep)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, **keep)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
 
 
@@ -89,12 +101,17 @@ def gathered_through_step(parts: Sequence[Transformer], hold: bool = True) -> It
             block.set_reshard_after_forward(True)
 
 
-def sync_grads_now(part: torch.nn.Module, sync: bool) -> None:
+def sync_grads_now(part: torch.nn.Module, sync: bool, keep_gathered: bool = False) -> None:
     """Without a pipeline: FSDP reduce-scatters gradients in the step's last micro-batch's backward only, one
     reduction per step; earlier micro-batches accumulate unsharded gradients (held until then, which
-    plan/memory.py counts). The replicated mode reduces once per step anyway (`finish_grads`)."""
+    plan/memory.py counts). The replicated mode reduces once per step anyway (`finish_grads`).
+
+    dp_mode=zero2 reduce-scatters every micro-batch (`sync`; the gradient rests sharded, as ZeRO-2's) and
+    keeps the parameters gathered after every backward but the step's last (`keep_gathered`): one all-gather
+    a step, as ZeRO-2's replicated parameters cost."""
     if isinstance(part, FSDPModule):
         part.set_requires_gradient_sync(sync)
+        part.set_reshard_after_backward(not keep_gathered)
 
 
 BUCKET_BYTES = 25 * 2**20
@@ -116,10 +133,11 @@ def _buckets(grads: list[torch.Tensor], cap: int) -> list[list[torch.Tensor]]:
 
 
 def _allreduce_mean(grads: list[torch.Tensor], group: dist.ProcessGroup, dp: int) -> None:
-    """Sums `grads` over `group` in place, one bucket per collective, and divides by dp."""
+    """Sums `grads` over `group` in place, one bucket per collective, and divides by dp. bf16 gradients
+    (parallel.param_dtype=bf16) are summed in fp32, as FSDP's reduce_dtype does, and rounded once."""
     for bucket in _buckets(grads, BUCKET_BYTES):
-        alone = len(bucket) == 1 and bucket[0].is_contiguous()
-        flat = bucket[0] if alone else torch.cat([g.flatten() for g in bucket])
+        alone = len(bucket) == 1 and bucket[0].is_contiguous() and bucket[0].dtype == torch.float32
+        flat = bucket[0] if alone else torch.cat([g.flatten() for g in bucket]).float()
         dist.all_reduce(flat, group=group)
         flat.div_(dp)
         if not alone:

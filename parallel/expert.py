@@ -25,6 +25,7 @@ from moeyard.moe.dispatcher import AlongsideFn, ExpertsFn, LocalDispatcher, MoEO
 from moeyard.moe.experts import GroupedExperts, autocast_dtype
 from moeyard.moe.model import Transformer
 from moeyard.moe.router import Routing
+from moeyard.parallel.static_a2a import StaticAllToAllDispatcher, StaticDataParallelDispatcher
 
 
 def _sum_over(group: dist.ProcessGroup | None, counts_E: torch.Tensor) -> torch.Tensor:
@@ -37,12 +38,14 @@ def _sum_over(group: dist.ProcessGroup | None, counts_E: torch.Tensor) -> torch.
 
 
 class TensorParallelSplit:
-    """This tp rank's slice of every sequence (a `moe.router.SequenceSplit` over the tp group)."""
+    """This tp rank's slice of every sequence (a `moe.router.SequenceSplit` over the tp group), or under
+    context parallelism this (cp, tp) rank's (over the cp x tp group, tp innermost; `summed`: tp)."""
 
-    def __init__(self, tp_group: dist.ProcessGroup) -> None:
+    def __init__(self, tp_group: dist.ProcessGroup, summed: int | None = None) -> None:
         self.group = tp_group
         self.parts = dist.get_world_size(tp_group)
         self.index = dist.get_rank(tp_group)
+        self.summed = self.parts if summed is None else summed
 
     @torch.no_grad()
     def gather(self, t_GS: torch.Tensor) -> torch.Tensor:
@@ -136,7 +139,14 @@ class AllToAllDispatcher:
     def reduce_load(self, counts_E: torch.Tensor) -> torch.Tensor:
         return _sum_over(self.token_group, counts_E)
 
-    def run(self, x_TD: torch.Tensor, routing: Routing, experts: ExpertsFn, alongside: AlongsideFn | None) -> MoEOutput:
+    def run(
+        self,
+        x_TD: torch.Tensor,
+        routing: Routing,
+        experts: ExpertsFn,
+        alongside: AlongsideFn | None,
+        seq_len: int | None = None,
+    ) -> MoEOutput:
         plans = self._plan(routing, x_TD.shape[0])
         in_flight = [self._send(self._rows(x_TD, routing, plan), plan) for plan in plans]
         side = alongside() if alongside is not None and self.overlap != "none" else None
@@ -216,20 +226,29 @@ def apply_ep(
     tp_group: dist.ProcessGroup | None = None,
     overlap: str = "none",
     chunks: int = 2,
+    summed: int | None = None,
 ) -> None:
     """Shrinks every MoE layer to its local experts and installs the matching dispatcher (meta device).
 
-    `token_group`: every rank holding tokens of the micro-batch (dp x tp); `tp_group`: set when tp ranks
-    each route a slice of every sequence; `overlap`, `chunks`: see AllToAllDispatcher (ep > 1 only).
+    `token_group`: every rank holding tokens of the micro-batch (dp x cp x tp); `tp_group`: set when ranks
+    each route a slice of every sequence (the tp ranks, or the cp x tp ranks under context parallelism, of
+    which `summed` = tp sum their router gradients); `overlap`, `chunks`: see AllToAllDispatcher (ep > 1 only).
     """
     ep = dist.get_world_size(ep_group) if ep_group is not None else 1
-    split = TensorParallelSplit(tp_group) if tp_group is not None else None
+    split = TensorParallelSplit(tp_group, summed) if tp_group is not None else None
     for moe in model.moe_layers().values():
         cfg = moe.cfg
+        static = cfg.dispatch == "static"  # buffers sized from the config: parallel/static_a2a.py
         if ep == 1:
-            moe.dispatcher = DataParallelDispatcher(cfg.num_experts, token_group, split)
+            if static:
+                moe.dispatcher = StaticDataParallelDispatcher(cfg, token_group, split)
+            else:
+                moe.dispatcher = DataParallelDispatcher(cfg.num_experts, token_group, split)
             continue
         old = moe.experts
         with torch.device(old.w1.device):
             moe.experts = GroupedExperts.from_config(cfg, cfg.num_experts // ep, old.w1.shape[1])
-        moe.dispatcher = AllToAllDispatcher(cfg.num_experts, ep_group, token_group, split, overlap, chunks)
+        if static:
+            moe.dispatcher = StaticAllToAllDispatcher(cfg, ep_group, token_group, split)
+        else:
+            moe.dispatcher = AllToAllDispatcher(cfg.num_experts, ep_group, token_group, split, overlap, chunks)

@@ -80,13 +80,20 @@ def global_grad_norm(
 
 
 @torch.no_grad()
-def clip_grads(named_params: list[tuple[str, torch.nn.Parameter]], max_norm: float, ep_group, pp_group) -> torch.Tensor:
-    """Scales gradients so their global norm is at most `max_norm` (0 = measure only); returns the norm."""
+def clip_grads(
+    named_params: list[tuple[str, torch.nn.Parameter]],
+    max_norm: float,
+    ep_group,
+    pp_group,
+    also_scale: list[torch.nn.Parameter] = (),
+) -> torch.Tensor:
+    """Scales gradients so their global norm is at most `max_norm` (0 = measure only); returns the norm.
+    `also_scale`: copies of counted parameters (another stage holds and counts them), scaled alike."""
     norm = global_grad_norm(named_params, ep_group, pp_group)
     if max_norm > 0:
         # The scale stays on the device: reading the norm on the host would synchronise every step.
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for _, param in named_params:
+        for _, param in [*named_params, *(("", p) for p in also_scale)]:
             if param.grad is not None:
                 param.grad.mul_(scale)
     return norm

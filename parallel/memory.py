@@ -5,7 +5,11 @@ communication) stands in for the job and the meta device for the GPU, so even a 
 no memory. `rank_memory` then counts what that rank holds while it trains:
 
 - model state, 16 B per local parameter element: the fp32 master weight, its fp32 gradient and AdamW's two
-  fp32 moments (fused AdamW, the CUDA default, adds no per-element temporaries);
+  fp32 moments (fused AdamW, the CUDA default, adds no per-element temporaries); under optim=muon, 12 B per
+  element of Muon's parameters (one fp32 momentum buffer, no step counter: parallel/muon.py); under
+  parallel.dp_mode=zero1 the two moments (8 B) on this rank's dp/edp slice of each parameter only, and under
+  parallel.param_dtype=bf16 a 2 B parameter and 2 B gradient per element and a 4 B fp32 master per element
+  of the slice (parallel/zero.py); zero2 is FSDP's count (its parameters rest sharded);
 - FSDP's transient copies, per element of a gathered unit (its TP and EP shard, no longer split over dp or
   edp): the bf16 parameter, its bf16 gradient and the fp32 reduce-scatter input, 2 + 2 + 4 = 8 B (fp32
   training: 12 B). Counted are the root unit (embedding, final norm, output: FSDP2 keeps the root gathered
@@ -34,16 +38,22 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
 from moeyard.moe.config import ModelConfig, MoEConfig
-from moeyard.parallel.config import ParallelConfig
+from moeyard.parallel.config import ParallelConfig, uses_fsdp
 from moeyard.parallel.data_parallel import expert_shard, is_expert_param
 from moeyard.parallel.dims import Axis, ParallelDims
+from moeyard.parallel.muon import takes_muon
 from moeyard.parallel.parallelize import ParallelModel, build_parallel_model
 from moeyard.parallel.pipeline import local_stage_ids, stage_layer_ranges
+from moeyard.parallel.zero import chunk_bounds, owned_dim
 
 STATE_BYTES = 16
 """fp32 parameter + fp32 gradient + AdamW exp_avg + exp_avg_sq, per local element."""
 STEP_BYTES = 4
 """AdamW's `step` counter: one fp32 scalar tensor per parameter tensor."""
+FP32_MASTER = 4
+"""An fp32 element: the parameter itself in fp32 training, its master copy under parallel.param_dtype=bf16."""
+MUON_SAVES = 4
+"""Bytes per element Muon's one momentum buffer saves against AdamW's two moments."""
 _FSDP_AXES = (Axis.DP.value, Axis.EDP.value)
 
 
@@ -64,10 +74,25 @@ class RankMemory:
     gathered_blocks: int = 0
     """Elements of all this rank's blocks, their experts included, once gathered (what FSDP holds across
     micro-batches: their accumulated gradients, and under a pipeline their parameters)."""
+    muon_params: int = 0
+    """Of `params`, the elements Muon updates (optim=muon): one momentum buffer instead of two moments."""
+    muon_tensors: int = 0
+    """Of `tensors`, those Muon updates (no step counter)."""
+    optimizer_params: int | None = None
+    """Elements AdamW's moments cover when not every local one: under dp_mode=zero1 this rank's slices
+    (parallel/zero.py; the first rank's, torch.chunk's largest). None: every local parameter element."""
+    param_bytes: int = 4
+    """Bytes of a parameter element and of its gradient's: 2 under parallel.param_dtype=bf16, whose fp32
+    master (4 B) the optimizer keeps beside the moments, on their elements."""
 
     @property
     def state_bytes(self) -> int:
-        return STATE_BYTES * self.params + STEP_BYTES * self.tensors
+        adamw_tensors = self.tensors - self.muon_tensors
+        owned = self.params if self.optimizer_params is None else self.optimizer_params
+        master = FP32_MASTER if self.param_bytes < FP32_MASTER else 0  # fp32 parameters are their own master
+        per_owned = STATE_BYTES - 2 * FP32_MASTER + master  # the two moments, and a separate master
+        params_and_grads = 2 * self.param_bytes * self.params
+        return params_and_grads + per_owned * owned - MUON_SAVES * self.muon_params + STEP_BYTES * adamw_tensors
 
     @property
     def transient_bytes(self) -> int:
@@ -109,8 +134,9 @@ def gathered_numel(param: torch.Tensor) -> int:
     return local_numel(param) * prod(size for axis, size in _sharded_axes(param) if axis in _FSDP_AXES)
 
 
-def rank_memory(pm: ParallelModel, bf16: bool) -> RankMemory:
-    """Counts this rank's parameter shards and FSDP's gathered units (see the module docstring)."""
+def rank_memory(pm: ParallelModel, bf16: bool, muon: bool = False, pcfg: ParallelConfig | None = None) -> RankMemory:
+    """Counts this rank's parameter shards and FSDP's gathered units (see the module docstring); `muon`:
+    optim=muon's state; `pcfg`: the layout's dp_mode and param_dtype (zero1 slices, bf16 parameters)."""
     root, blocks = 0, {}
     for name, param in pm.named_parameters():
         if name.startswith("layers."):
@@ -125,7 +151,27 @@ def rank_memory(pm: ParallelModel, bf16: bool) -> RankMemory:
         gathered_blocks=sum(blocks.values()),
         bf16=bf16,
         tensors=len(pm.named_parameters()),
+        muon_params=sum(local_numel(p) for n, p in pm.named_parameters() if muon and takes_muon(n, p.ndim)),
+        muon_tensors=sum(muon and takes_muon(n, p.ndim) for n, p in pm.named_parameters()),
+        **_zero_fields(pcfg, pm.dims, [(n, tuple(_local(p).shape)) for n, p in pm.named_parameters()]),
     )
+
+
+def zero_owned(name: str, shape: tuple[int, ...], dims: ParallelDims) -> int:
+    """Elements of the first (largest) dp_mode=zero1 slice of a local tensor of `shape` (parallel/zero.py):
+    split over edp for experts, over dp (its dp x cp ranks) otherwise."""
+    ways = dims.edp if is_expert_param(name) else dims.dp_cp
+    dim = owned_dim(torch.Size(shape), ways)
+    return chunk_bounds(shape[dim], ways, 0)[1] * prod(shape) // shape[dim]
+
+
+def _zero_fields(pcfg: ParallelConfig | None, dims: ParallelDims, shapes: list[tuple[str, tuple[int, ...]]]) -> dict:
+    """RankMemory's optimizer_params and param_bytes under `pcfg` (defaults without one)."""
+    if pcfg is None:
+        return {}
+    owned = sum(zero_owned(n, shape, dims) for n, shape in shapes) if pcfg.dp_mode == "zero1" else None
+    bf16 = pcfg.param_dtype == "bf16" and not uses_fsdp(pcfg.dp_mode, dims.dp_cp)
+    return {"optimizer_params": owned, "param_bytes": 2 if bf16 else FP32_MASTER}
 
 
 @contextmanager
@@ -190,7 +236,7 @@ def probe_shards(model_cfg: ModelConfig, moe_cfg: MoEConfig, pcfg: ParallelConfi
         max_seq_len=2,
     )
     dp = ep // gcd(ep, tp)  # the fewest dp ranks that fold ep (ep divides dp * tp)
-    probe_pcfg = replace(pcfg, tp=tp, ep=ep, pp=1, dp=dp, dp_mode="replicate", pp_layers=[], pp_stages_per_rank=1)
+    probe_pcfg = replace(pcfg, tp=tp, ep=ep, pp=1, dp=dp, cp=1, dp_mode="replicate", pp_layers=[], pp_stages_per_rank=1)
     with meta_rank(probe_model, moe_cfg, probe_pcfg, tp * dp, 0) as pm:
         params = [(name, tuple(_local(p).shape)) for name, p in pm.named_parameters()]
     blocks: dict[bool, list[LocalShape]] = {kind: [] for kind in kinds}
@@ -230,13 +276,20 @@ def _stage_shards(
 
 
 def stage_memory(
-    probe: ShardProbe, model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDims, pp_rank: int, bf16: bool
+    probe: ShardProbe,
+    model_cfg: ModelConfig,
+    pcfg: ParallelConfig,
+    dims: ParallelDims,
+    pp_rank: int,
+    bf16: bool,
+    muon: bool = False,
 ) -> RankMemory:
     """`rank_memory` of any rank at pipeline position `pp_rank`, from the probe's shapes (module docstring)."""
     blocks, root = _stage_shards(probe, model_cfg, pcfg, dims, pp_rank)
-    fsdp = pcfg.dp_mode == "fsdp" and dims.dp > 1
-    ways = {False: dims.dp if fsdp else 1, True: dims.edp if fsdp else 1}
+    fsdp = uses_fsdp(pcfg.dp_mode, dims.dp_cp)
+    ways = {False: dims.dp_cp if fsdp else 1, True: dims.edp if fsdp else 1}
     gathered = lambda shards: sum(prod(s.shape) for s in shards)
+    muon_shards = [s for shards in (*blocks, root) for s in shards if muon and takes_muon(s.name, len(s.shape))]
     return RankMemory(
         params=sum(_fsdp_numel(s, ways[s.expert]) for shards in (*blocks, root) for s in shards),
         gathered_root=gathered(root),
@@ -244,6 +297,9 @@ def stage_memory(
         gathered_blocks=sum(gathered(block) for block in blocks),
         bf16=bf16,
         tensors=sum(len(shards) for shards in (*blocks, root)),
+        muon_params=sum(_fsdp_numel(s, ways[s.expert]) for s in muon_shards),
+        muon_tensors=len(muon_shards),
+        **_zero_fields(pcfg, dims, [(s.name, s.shape) for shards in (*blocks, root) for s in shards]),
     )
 
 

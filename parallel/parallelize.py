@@ -18,11 +18,19 @@ from moeyard.moe.experts import GroupedExperts
 from moeyard.moe.init import init_slice_
 from moeyard.moe.layer import MoELayer
 from moeyard.moe.model import Transformer
-from moeyard.parallel.config import ParallelConfig
+from moeyard.parallel.config import ParallelConfig, uses_fsdp
+from moeyard.parallel.context import ContextShard, apply_cp
 from moeyard.parallel.data_parallel import apply_fsdp, clean_fqn
 from moeyard.parallel.dims import Axis, ParallelDims
 from moeyard.parallel.expert import apply_ep
-from moeyard.parallel.pipeline import StageShapes, build_schedule, local_stage_ids, split_model, stage_layer_ranges
+from moeyard.parallel.pipeline import (
+    StageShapes,
+    build_schedule,
+    embedding_group,
+    local_stage_ids,
+    split_model,
+    stage_layer_ranges,
+)
 from moeyard.parallel.shards import shard_extent
 from moeyard.parallel.tensor import apply_tp
 
@@ -37,20 +45,36 @@ class Groups:
     pp: dist.ProcessGroup | None = None
     tp: dist.ProcessGroup | None = None
     batch: dist.ProcessGroup | None = None
-    """The dp x tp ranks holding tokens of one micro-batch (MoE balancing counts are summed over them)."""
+    """The dp x cp x tp ranks holding tokens of one micro-batch (MoE balancing counts are summed over them)."""
+    cp: dist.ProcessGroup | None = None
+    """The ranks holding positions of the same rows (attention gathers keys and values over them)."""
+    sequence: dist.ProcessGroup | None = None
+    """The cp x tp ranks each routing a slice of the same rows (tp alone without context parallelism)."""
+    embedding: dist.ProcessGroup | None = None
+    """model.mtp_layers with pp > 1: the first and last stage's ranks, both holding the embedding."""
 
     @classmethod
-    def from_mesh(cls, mesh: DeviceMesh | None, expert_mesh: DeviceMesh | None, dims: ParallelDims) -> Groups:
+    def from_mesh(
+        cls,
+        mesh: DeviceMesh | None,
+        expert_mesh: DeviceMesh | None,
+        dims: ParallelDims,
+        context_mesh: DeviceMesh | None = None,
+    ) -> Groups:
         if mesh is None or expert_mesh is None:
             return cls()
         pick = lambda m, axis, size: m[axis.value].get_group() if size > 1 else None
+        tp = pick(mesh, Axis.TP, dims.tp)
+        cp_tp = (Axis.CP.value, Axis.TP.value)
         return cls(
-            dp=pick(mesh, Axis.DP, dims.dp),
+            dp=pick(mesh, Axis.DP, dims.dp_cp),
             edp=pick(expert_mesh, Axis.EDP, dims.edp),
             ep=pick(expert_mesh, Axis.EP, dims.ep),
             pp=pick(mesh, Axis.PP, dims.pp),
-            tp=pick(mesh, Axis.TP, dims.tp),
-            batch=ParallelDims.batch_mesh(mesh).get_group() if dims.dp * dims.tp > 1 else None,
+            tp=tp,
+            batch=ParallelDims.batch_mesh(mesh).get_group() if dims.dp_cp * dims.tp > 1 else None,
+            cp=pick(context_mesh, Axis.CP, dims.cp),
+            sequence=context_mesh[cp_tp]._flatten("sequence").get_group() if dims.cp > 1 else tp,
         )
 
 
@@ -63,7 +87,7 @@ class ParallelModel:
     n_stages: int
     dims: ParallelDims
     mesh: DeviceMesh | None
-    """Dense layers' mesh (pp, dp, tp); None in one process."""
+    """Dense layers' mesh (pp, dp, tp), its dp axis dp x cp ranks; None in one process."""
     expert_mesh: DeviceMesh | None
     """Experts' mesh (pp, edp, ep) over the same ranks; None in one process."""
     groups: Groups
@@ -99,6 +123,20 @@ def init_local_shards(
         init_slice_(local, name, shape, offset, cfg, seed)
     for moe in part.moe_layers().values():
         moe.router.expert_bias.zero_()
+
+
+@torch.no_grad()
+def params_to_bf16(part: Transformer) -> None:
+    """parallel.param_dtype=bf16: the module's parameters in bf16, rounded from their fp32 initial values
+    (the fp32 masters live in the optimizer, parallel/zero.py); buffers (rotary tables, expert biases) stay
+    fp32. A tied weight stays one parameter."""
+    done: dict[int, torch.nn.Parameter] = {}
+    for module in part.modules():
+        for key, param in module._parameters.items():
+            if param is not None and param.is_floating_point():
+                if id(param) not in done:
+                    done[id(param)] = torch.nn.Parameter(param.to(torch.bfloat16), param.requires_grad)
+                module._parameters[key] = done[id(param)]
 
 
 def apply_ac(part: Transformer, mode: str, every: int) -> None:
@@ -143,12 +181,17 @@ def build_parallel_model(
     seed: int,
     bf16: bool = False,
     init: bool = True,
+    context_mesh: DeviceMesh | None = None,
+    seq_len: int = 0,
 ) -> ParallelModel:
     """This rank's model parts, sharded and initialised identically to one process's model.
 
-    init=False allocates the shards without filling them, for a checkpoint load to overwrite.
+    init=False allocates the shards without filling them, for a checkpoint load to overwrite. Under context
+    parallelism `context_mesh` (`ParallelDims.build_context_mesh`) names the cp groups and every row holds
+    `seq_len` tokens.
     """
-    groups = Groups.from_mesh(mesh, expert_mesh, dims)
+    groups = Groups.from_mesh(mesh, expert_mesh, dims, context_mesh)
+    shard = ContextShard(groups.cp, seq_len, device) if groups.cp is not None else None
     with torch.device("meta"):
         whole = Transformer(model_cfg, moe_cfg)
     n_stages = dims.pp * pcfg.pp_stages_per_rank
@@ -157,22 +200,28 @@ def build_parallel_model(
         stage_ids = local_stage_ids(pp_rank, dims.pp, pcfg.pp_stages_per_rank)
         ranges = stage_layer_ranges(model_cfg.n_layers, n_stages, pcfg.pp_layers)
         parts = [split_model(whole, sid, ranges) for sid in stage_ids]
+        if model_cfg.mtp_layers:
+            groups.embedding = embedding_group(mesh, Axis.PP.value)
     else:
         stage_ids, parts = [0], [whole]
     for part in parts:
         if dims.tp > 1:
             apply_tp(part, mesh[Axis.TP.value], pcfg.sequence_parallel)
-        apply_ep(part, groups.ep, groups.batch, groups.tp, pcfg.ep_overlap, pcfg.ep_chunks)
+        apply_ep(part, groups.ep, groups.batch, groups.sequence, pcfg.ep_overlap, pcfg.ep_chunks, dims.tp)
+        apply_cp(part, shard)
         apply_ac(part, pcfg.activation_checkpoint, pcfg.ac_every)
         if pcfg.compile:
             apply_compile(part)
-        if pcfg.dp_mode == "fsdp" and dims.dp > 1:
-            apply_fsdp(part, mesh[Axis.DP.value], expert_mesh[Axis.EDP.value], bf16)
+        if uses_fsdp(pcfg.dp_mode, dims.dp_cp):
+            zero2 = pcfg.dp_mode == "zero2"
+            apply_fsdp(part, mesh[Axis.DP.value], expert_mesh[Axis.EDP.value], bf16, reshard_after_forward=not zero2)
         part.to_empty(device=device)  # the first real allocation: local shards only
         if model_cfg.tie_embeddings and part.output is not None and part.tok_embeddings is not None:
             part.output.weight = part.tok_embeddings.weight  # to_empty gave each module its own new tensor
         if init:
             init_local_shards(part, model_cfg, seed, dims, expert_mesh)
+        if pcfg.param_dtype == "bf16" and not uses_fsdp(pcfg.dp_mode, dims.dp_cp):
+            params_to_bf16(part)
         part.reset_buffers(device)
     return ParallelModel(
         parts=parts,

@@ -3,6 +3,13 @@
 Stages are whole blocks. A stage keeps the blocks of its range (names unchanged), the embedding only on the
 first stage, the final norm and output only on the last. Interleaved 1F1B gives each rank several stages,
 rank r holding stages r, r + pp, r + 2*pp, ... (the "loop" placement the schedule expects).
+
+Multi-token prediction (model.mtp_layers) runs on the last stage, not on a stage of its own: its modules
+need the main model's last hidden state and the output head, which the last stage already holds, so only
+the embedding is held twice (first and last stage; the copies start equal, `sum_shared_embedding_grads`
+sums their gradients and the grad norm counts one). A stage of its own would receive the hidden state and
+need a third copy of both the embedding and the head. The MTP blocks add to the last stage's work:
+parallel.pp_layers can give it fewer main blocks.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining.schedules import (
     Schedule1F1B,
@@ -41,16 +49,61 @@ def local_stage_ids(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
 def split_model(model: Transformer, stage_id: int, ranges: list[tuple[int, int]]) -> Transformer:
     """A copy of `model` (normally on the meta device) holding only stage `stage_id`'s parts."""
     start, end = ranges[stage_id]
+    last = stage_id == len(ranges) - 1
     stage = copy.deepcopy(model)
     for lid in list(stage.layers.keys()):
-        if not start <= int(lid) < end:
+        keep = last if lid in stage.mtp else start <= int(lid) < end
+        if not keep:
             del stage.layers[lid]
-    if stage_id != 0:
+    if stage_id != 0 and not (last and stage.mtp):  # the MTP modules embed tokens too
         stage.tok_embeddings = None
-    if stage_id != len(ranges) - 1:
+    if not last:
         stage.norm = None
         stage.output = None
+        for lid in list(stage.mtp.keys()):
+            del stage.mtp[lid]
     return stage
+
+
+def embedding_group(mesh: DeviceMesh, pp_axis: str) -> dist.ProcessGroup | None:
+    """Under model.mtp_layers: this rank's group of the first and last pipeline stage's ranks, which both
+    hold the embedding (the pp group itself when pp = 2). Every rank builds every such group (new_group is
+    collective) and keeps its own; None on the ranks of neither."""
+    pp_dim = mesh.mesh_dim_names.index(pp_axis)
+    lines = mesh.mesh.movedim(pp_dim, -1).reshape(-1, mesh.size(pp_dim)).tolist()
+    if len(lines[0]) == 2:
+        return mesh[pp_axis].get_group()
+    mine = None
+    for line in lines:
+        group = dist.new_group([line[0], line[-1]])
+        if dist.get_rank() in (line[0], line[-1]):
+            mine = group
+    return mine
+
+
+@torch.no_grad()
+def sum_shared_embedding_grads(
+    parts: list[Transformer], stage_ids: list[int], n_stages: int, group: dist.ProcessGroup | None
+) -> None:
+    """Sums the embedding's gradient over its copies on the first and last stage (model.mtp_layers with
+    pp > 1), so both take the same update; no-op elsewhere."""
+    if group is None:
+        return
+    holders = [p for p, sid in zip(parts, stage_ids, strict=True) if sid in (0, n_stages - 1)]
+    for part in holders:
+        grad = part.tok_embeddings.weight.grad
+        dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=group)
+
+
+def shared_embedding(
+    named_params: list[tuple[str, torch.nn.Parameter]], has_first_stage: bool
+) -> tuple[list[tuple[str, torch.nn.Parameter]], list[torch.nn.Parameter]]:
+    """(the parameters the grad norm counts, those it must not count but clip scales too): the last stage's
+    copy of the embedding (model.mtp_layers with pp > 1) is the first stage's, counted there once."""
+    if has_first_stage:
+        return named_params, []
+    copies = [p for name, p in named_params if name == "tok_embeddings.weight"]
+    return [(n, p) for n, p in named_params if n != "tok_embeddings.weight"], copies
 
 
 @dataclass(frozen=True)
@@ -72,6 +125,8 @@ class StageShapes:
     """With tp > 1 the logits are vocab-sharded DTensors."""
     sequence_parallel: bool = False
     """With tp > 1 and sequence parallelism, blocks pass on a 1/tp slice of the sequence."""
+    mtp_layers: int = 0
+    """The last stage's logits hold the main and each MTP module's sequence, one after another."""
 
     def _meta(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         # Floating tensors carry gradients across the boundary: the schedule derives the backward's
@@ -86,10 +141,11 @@ class StageShapes:
     def outputs(self, stage_id: int, n_stages: int) -> torch.Tensor:
         if stage_id < n_stages - 1:
             return self.hidden()
+        seq = self.seq_len * (1 + self.mtp_layers)
         if self.tp_mesh is None:
-            return self._meta((self.micro_rows, self.seq_len, self.vocab_size), self.logits_dtype)
+            return self._meta((self.micro_rows, seq, self.vocab_size), self.logits_dtype)
         tp = self.tp_mesh.size()
-        local = self._meta((self.micro_rows, self.seq_len, self.vocab_size // tp), self.logits_dtype)
+        local = self._meta((self.micro_rows, seq, self.vocab_size // tp), self.logits_dtype)
         return DTensor.from_local(local, self.tp_mesh, [Shard(-1)], run_check=False)
 
     def input_grads(self, stage_id: int) -> tuple[torch.Tensor | None]:

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from moeyard.parallel.data_parallel import is_expert_param
+from moeyard.parallel.zero import ZeroAdamW
 
 
 def _full(pm, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -42,8 +43,20 @@ def full_state_dict(pm) -> dict[str, torch.Tensor]:
 def full_optimizer_state(pm, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """AdamW's state per parameter at full shape ("NAME.exp_avg", "NAME.exp_avg_sq", "NAME.step"), on CPU,
     on every rank (a collective)."""
+    if isinstance(optimizer, ZeroAdamW):  # slices of each parameter (parallel/zero.py), described as DTensors
+        return _merge_stages(pm, _full_zero_state(optimizer))
     state = {}
     for name, param in pm.named_parameters():
         for key, value in optimizer.state.get(param, {}).items():
             state[f"{name}.{key}"] = value.detach().cpu().clone() if value.ndim == 0 else _full(pm, name, value)
     return _merge_stages(pm, state)
+
+
+def _full_zero_state(optimizer: ZeroAdamW) -> dict[str, torch.Tensor]:
+    """ZeroAdamW's moments and step counts at full shape (its checkpoint entries, gathered), on CPU."""
+    state = {}
+    for key, value in optimizer.layout_free_state().items():
+        if key.startswith("optim."):
+            full = value.full_tensor() if isinstance(value, DTensor) else value.detach()
+            state[key.removeprefix("optim.")] = full.cpu().clone()
+    return state

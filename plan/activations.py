@@ -21,6 +21,8 @@ exactly, for GQA, qk-norm, MLA, dense, MoE with shared experts, sigmoid and expe
     MoE rows sent           gather/combine indices, weights, returned rows y and y * w       A (2 D b + 28)
     MoE rows received       grouped-matmul input, h1, silu, h3, product (+ 2 regroup indices under EP)
                                                                                  R ((D + 4 Fe) b [+ 16])
+                            (uncompiled on CPU the hand-written backwards keep y alone and h1, h3:
+                            A (D b + 28) and R ((D + 2 Fe) b [+ 16]); `Shape.cpu_eager`)
     shared experts          4 T Fs b
     head                    final norm, output input, fp32 log-softmax            T (... + 4 V)
 
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 from math import ceil
 
 from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.moe.experts import hand_backward_on_cpu
 
 FP32 = 4
 INDEX = 8  # int64
@@ -66,6 +69,12 @@ class Shape:
     """Bytes of a projection's saved input: the bf16 cast under autocast, else the residual's."""
     math_attention: bool = False
     """The CPU runs MLA's attention on SDPA's math path (its flash kernel needs equal q/k and v widths)."""
+    cpu_eager: bool = False
+    """Uncompiled on CPU, where the experts' and the combine's backwards are written by hand and save less
+    (moe/experts.py `SwiGLUGroupedMM`: x, gate and up; moe/combine.py: y without y * w)."""
+    cp: int = 1
+    """Context-parallel ranks sharing each row: `seq` is this rank's S / cp positions, and attention keeps the
+    keys and values of all S, gathered (parallel/context.py)."""
 
     @property
     def tokens(self) -> int:
@@ -94,7 +103,7 @@ def attention_bytes(m: ModelConfig, s: Shape) -> dict[str, int]:
         out["attn"] = _mla_bytes(m, s)
         return out
     H, G, hd = m.n_heads // s.tp, m.n_kv_heads // s.tp, m.head_dim
-    core = T * ((2 * H + 2 * G) * hd * b + FP32 * H)
+    core = T * (2 * H * hd * b + FP32 * H) + T * s.cp * 2 * G * hd * b  # k and v: the whole row's under cp
     qk_norm = getattr(m, "qk_norm", "none")
     if qk_norm == "head":
         core += T * (2 * (H + G) * hd * b + FP32 * (H + G))
@@ -108,10 +117,11 @@ def _mla_bytes(m: ModelConfig, s: Shape) -> int:
     T, b, H = s.tokens, s.act, m.n_heads // s.tp
     Q, L, R, N, Vd = m.q_lora_rank, m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim, m.v_head_dim
     latent = T * (3 * Q * b + FP32) if Q > 0 else 0  # wq_a's output (the norm's input), normed, wq_b's input
-    kv = T * ((L + R) * b + FP32 + 2 * L * b)  # wkv_a's whole output, normed latent, wkv_b's input
-    qkv = T * H * (2 * (N + R) + Vd) * b
+    # wkv_a's whole output, normed latent; wkv_b's input (the whole row's latents under cp)
+    kv = T * ((L + R) * b + FP32 + L * b) + T * s.cp * L * b
+    qkv = T * H * (N + R) * b + T * s.cp * H * (N + R + Vd) * b  # q; k and v of the whole row
     if s.math_attention:
-        core = T * H * (s.seq * b + Vd * b)  # S x S probabilities, and wo's input (a copy)
+        core = T * H * (s.seq * s.cp * b + Vd * b)  # S x S probabilities, and wo's input (a copy)
     else:
         core = T * H * (Vd * b + FP32)  # out (= wo's input) and log-sum-exp
     return latent + kv + qkv + core
@@ -154,11 +164,13 @@ def moe_bytes(m: ModelConfig, e: MoEConfig, s: Shape) -> dict[str, int]:
     if shared and s.tp > 1 and not s.sp:
         gate_in += T * D * s.cast  # the shared experts' input: a second copy of this rank's slice
     ep_indices = 2 * INDEX if s.ep > 1 else 0
+    combine_rows = 1 if s.cpu_eager else 2  # y, and y * w where autograd's own backward runs
+    expert_widths = 2 if s.cpu_eager and hand_backward_on_cpu(e, D) else 4  # gate, up [, silu, product]
     return {
         "norm": norm_bytes(D, s.norm_tokens, s.res),
         "router": gate_in + router,
-        "moe_sent": sent * (2 * D * b + 3 * INDEX + FP32),
-        "moe_received": received * ((D + 4 * e.expert_hidden) * b + ep_indices),
+        "moe_sent": sent * (combine_rows * D * b + 3 * INDEX + FP32),
+        "moe_received": received * ((D + expert_widths * e.expert_hidden) * b + ep_indices),
         "shared": 4 * T * shared * b,
     }
 
@@ -189,6 +201,18 @@ def head_backward_bytes(m: ModelConfig, s: Shape) -> int:
     return (3 if s.tp > 1 else 2) * s.tokens * (m.vocab_size // s.tp) * FP32
 
 
+def _hand_backward_working(m: ModelConfig, e: MoEConfig, s: Shape) -> int:
+    """What the CPU's hand-written backwards hold at a block's backward peak beyond autograd's: exactly what
+    they do not save. The expert backward recomputes silu(gate) and fills one [R, 2 Fe] gate/up gradient
+    where autograd kept silu and the product; the combine's weights its [A, D] gradient where autograd
+    kept y * w. So the peak is autograd's, only reached later (test_plan_cpu measures it under full AC)."""
+    if not s.cpu_eager:
+        return 0
+    sent, received = routed_rows(e, s)
+    experts = 2 * received * e.expert_hidden * s.act if hand_backward_on_cpu(e, m.dim) else 0
+    return experts + sent * m.dim * s.act
+
+
 def block_backward_bytes(m: ModelConfig, e: MoEConfig, s: Shape, is_moe: bool) -> int:
     """Held on top of the saved tensors during one block's backward: the incoming gradient [T, D] and the
     gradients of the widest intermediate (the routed rows' [R, D] output and its weighted copy, or the dense
@@ -197,5 +221,5 @@ def block_backward_bytes(m: ModelConfig, e: MoEConfig, s: Shape, is_moe: bool) -
     incoming = T * D * s.res
     if is_moe:
         _, received = routed_rows(e, s)
-        return incoming + 2 * received * D * s.act
+        return incoming + 2 * received * D * s.act + _hand_backward_working(m, e, s)
     return incoming + 2 * T * (m.ffn_hidden // s.tp) * s.act

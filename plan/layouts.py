@@ -1,12 +1,13 @@
 """Every valid layout of a job on a cluster, predicted and ranked (what `moeyard plan` prints).
 
-The candidates are all degrees that multiply to the world size and pass the trainer's own validation
+The candidates are all degrees (tp, pp, dp, ep folded over dp x cp x tp, and for long rows cp:
+`LONG_CONTEXT`) that multiply to the world size and pass the trainer's own validation
 (job/layout.py's `check_layout`, applied to a copy of the config), with tp inside a node; interleaved 1F1B
 with the virtual stages `virtual_stages` lists (up to one layer per stage); micro-batch counts that divide the
-global batch; no, selective and full recomputation; FSDP or replicated data parallelism. GPipe is left out
-(it keeps every micro-batch in flight for 1F1B's bubble) unless the config asks for it. The global batch,
-sequence length, model and dtype are the config's: the planner answers "how should these ranks run this job".
-The ranks are cluster.*'s, else the launcher's (cluster.py `planned_cluster`).
+global batch; no, selective and full recomputation; replicated, ZeRO-1, ZeRO-2 or FSDP data parallelism
+(parallel.dp_mode). GPipe is left out (it keeps every micro-batch in flight for 1F1B's bubble) unless the
+config asks for it. The global batch, sequence length, model and dtype are the config's: the planner answers
+"how should these ranks run this job". The ranks are cluster.*'s, else the launcher's (cluster.py `planned_cluster`).
 
 Ranking and the recommendation: ranking.py.
 """
@@ -39,25 +40,47 @@ def virtual_stages(n_layers: int, pp: int) -> list[int]:
 
 def enumerate_layouts(cfg: JobConfig, world: int, per_node: int, nodes: int) -> list[Layout]:
     """Every layout of `world` ranks the trainer accepts for this job (module docstring)."""
-    m, e, batch = cfg.model, cfg.moe, cfg.train.batch_size
+    m, batch = cfg.model, cfg.train.batch_size
     out = []
     for tp in _divisors(world):
         if nodes > 1 and per_node % tp:
             continue
         for pp in (p for p in _divisors(world // tp) if p <= m.n_layers):
-            dp = world // (tp * pp)
-            for ep in (x for x in _divisors(dp * tp) if e.num_experts % x == 0):
-                for candidate in _variants(cfg, tp, pp, dp, ep, batch):
-                    try:
-                        applied = apply_layout(cfg, candidate)
-                        check_layout(applied, ParallelDims.from_config(applied.parallel, world))
-                    except ValueError:  # ConfigError included: the layout breaks a rule
-                        continue
-                    out.append(candidate)
+            for cp in _context_degrees(cfg, world // (tp * pp), tp, per_node, nodes):
+                out += _valid(cfg, world, tp, pp, cp, batch)
     return out
 
 
-def _variants(cfg: JobConfig, tp: int, pp: int, dp: int, ep: int, batch: int):
+LONG_CONTEXT = 16384
+"""Rows at least this long also try context parallelism (parallel.cp > 1). Shorter rows leave attention's
+quadratic share too small for cp to pay its per-layer key/value all-gather, and trying every cp would multiply
+the candidates (4x for Mixtral on 32 GPUs); a config that sets parallel.cp is always planned with its cp."""
+
+
+def _context_degrees(cfg: JobConfig, ranks: int, tp: int, per_node: int, nodes: int) -> list[int]:
+    """The cp degrees tried on `ranks` ranks (after tp and pp): 1, the configured cp, and for long rows every
+    cp that cuts them into 2 cp equal chunks with cp x tp inside a node (the all-gather runs every layer)."""
+    seq, asked = cfg.train.seq_len, cfg.parallel.cp
+    long = seq >= LONG_CONTEXT
+    within = lambda c: nodes == 1 or per_node % (c * tp) == 0
+    return [c for c in _divisors(ranks) if c == 1 or c == asked or (long and seq % (2 * c) == 0 and within(c))]
+
+
+def _valid(cfg: JobConfig, world: int, tp: int, pp: int, cp: int, batch: int) -> list[Layout]:
+    """The variants of degrees (tp, pp, cp) that the trainer accepts, for every ep folding over dp x cp x tp."""
+    out, dp = [], world // (tp * pp * cp)
+    for ep in (x for x in _divisors(dp * cp * tp) if cfg.moe.num_experts % x == 0):
+        for candidate in _variants(cfg, tp, pp, dp, ep, batch, cp):
+            try:
+                applied = apply_layout(cfg, candidate)
+                check_layout(applied, ParallelDims.from_config(applied.parallel, world))
+            except ValueError:  # ConfigError included: the layout breaks a rule
+                continue
+            out.append(candidate)
+    return out
+
+
+def _variants(cfg: JobConfig, tp: int, pp: int, dp: int, ep: int, batch: int, cp: int = 1):
     p = cfg.parallel
     schedules = [("1f1b", 1)]
     if pp > 1:
@@ -67,7 +90,7 @@ def _variants(cfg: JobConfig, tp: int, pp: int, dp: int, ep: int, batch: int):
         schedules += [("interleaved_1f1b", v) for v in stages]
         if p.pp_schedule == "gpipe":
             schedules.append(("gpipe", 1))
-    modes = ["replicate", "fsdp"] if dp > 1 else ["replicate"]
+    modes = ["replicate", "zero1", "zero2", "fsdp"] if dp * cp > 1 else ["replicate"]
     for micro in (x for x in _divisors(batch) if (batch // x) % dp == 0 and x >= pp):
         for schedule, vpp in schedules:
             keep = (pp, vpp) == (p.pp, p.pp_stages_per_rank) and p.pp_layers
@@ -85,6 +108,7 @@ def _variants(cfg: JobConfig, tp: int, pp: int, dp: int, ep: int, batch: int):
                         schedule=schedule,
                         sp=p.sequence_parallel and tp > 1,
                         pp_layers=tuple(p.pp_layers) if keep else (),
+                        cp=cp,
                     )
 
 

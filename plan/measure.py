@@ -133,6 +133,9 @@ class MemoryTimeline:
         # One entry per storage: FSDP's sharded gradients are views of one flat buffer per unit.
         params = dict(_storage(p) for _, p in self.trainer.pm.named_parameters())
         opt_state = dict(_storage(v) for s in self.trainer.optimizer.state.values() for v in s.values())
+        # parallel/zero.py steps fp32 masters: views of fp32 parameters, separate storages beside bf16 ones.
+        masters = (_storage(t) for group in self.trainer.optimizer.param_groups for t in group["params"])
+        opt_state.update((ptr, nbytes) for ptr, nbytes in masters if ptr not in params)
         return MemoryMeasurement(
             activation_peak=self._peak(prof, set(params) | set(opt_state), watch.frees),
             params=sum(params.values()),

@@ -1,7 +1,8 @@
 """Peak memory of every rank of a layout: exact model state, activations by formula, buffers, fixed overheads.
 
-peak = params + gradients + AdamW state       (parallel/memory.py: counted from the model built on the meta
-                                                device under the layout; exact)
+peak = params + gradients + optimizer state   (parallel/memory.py: counted from the model built on the meta
+                                                device under the layout; exact; AdamW's two moments, or
+                                                optim=muon's one momentum buffer for Muon's parameters)
      + saved activations of the micro-batches the schedule keeps in flight (activations.py, per block)
      + the largest backward working set on top of them (the loss's, or a block's, with its recomputation)
      + buffers: pipeline receive buffers (one per micro-batch and direction, kept by torch's pipelining) and
@@ -20,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moeyard.moe.config import ModelConfig, MoEConfig
-from moeyard.parallel.config import ParallelConfig
+from moeyard.parallel.config import ParallelConfig, uses_fsdp
 from moeyard.parallel.dims import ParallelDims
 from moeyard.parallel.memory import RankMemory
 from moeyard.parallel.pipeline import local_stage_ids, stage_layer_ranges
@@ -52,11 +53,11 @@ class RankPeak:
 
     @property
     def params(self) -> int:
-        return FP32 * self.state.params
+        return self.state.param_bytes * self.state.params
 
     @property
     def grads(self) -> int:
-        return FP32 * self.state.params
+        return self.state.param_bytes * self.state.params
 
     @property
     def optimizer(self) -> int:
@@ -120,9 +121,10 @@ def rank_peak(
     counts = in_flight(pcfg.pp_schedule, dims.pp, pp_rank, micro, vpp)
     hidden = shape.rows * (shape.seq // shape.tp if shape.sp else shape.seq) * model.dim * shape.res
     logits = shape.tokens * (model.vocab_size // shape.tp) * shape.act
-    fsdp = pcfg.dp_mode == "fsdp" and dims.dp > 1
-    hold = pcfg.fsdp_hold == "step"
-    gathered = _fsdp_gathered(model, shape, state, fsdp_bf16, dims.pp > 1 and hold) if fsdp else None
+    fsdp = uses_fsdp(pcfg.dp_mode, dims.dp_cp)
+    zero2 = pcfg.dp_mode == "zero2"  # gathered once a step, reduce-scattered every micro-batch (data_parallel.py)
+    hold = pcfg.fsdp_hold == "step" and not zero2
+    gathered = _fsdp_gathered(model, shape, state, fsdp_bf16, (dims.pp > 1 and hold) or zero2) if fsdp else None
     working, buffers, parts, one_micro = 0, 0, {}, 0
     for sid, count in zip(stage_ids, counts, strict=True):
         first, last = sid == 0, sid == n_stages - 1
@@ -144,7 +146,7 @@ def rank_peak(
         one_micro += sum(saved.values())
         working = max(working, over)
     if fsdp:
-        buffers += _fsdp_held(state, dims.pp, micro, max(counts), one_micro, fsdp_bf16, hold)
+        buffers += _fsdp_held(state, dims.pp, micro, max(counts), one_micro, fsdp_bf16, hold, zero2)
     return RankPeak(pp_rank, state, sum(parts.values()), working, buffers, parts)
 
 
@@ -159,7 +161,9 @@ def _fsdp_gathered(model: ModelConfig, shape: Shape, state: RankMemory, bf16: bo
     return root, root + output_grad + (0 if pipelined else 2 * per * state.gathered_block)
 
 
-def _fsdp_held(state: RankMemory, pp: int, micro: int, in_flight: int, one_micro: int, bf16: bool, hold: bool) -> int:
+def _fsdp_held(
+    state: RankMemory, pp: int, micro: int, in_flight: int, one_micro: int, bf16: bool, hold: bool, zero2: bool = False
+) -> int:
     """FSDP's bytes held across the step's micro-batches, on top of the peak's saved tensors.
 
     Under a pipeline the blocks' gathered parameters stay from their first forward to their last backward
@@ -170,9 +174,11 @@ def _fsdp_held(state: RankMemory, pp: int, micro: int, in_flight: int, one_micro
     micro-batches in flight only if a forward follows a backward (more micro-batches than in flight, 1F1B's
     steady state); otherwise the first backward has freed one micro-batch's saved tensors (`one_micro`).
     With `parallel.fsdp_hold=micro_batch` (`hold` False) blocks reshard after each forward, and only torch's
-    pipeline stages still hold gradients across micro-batches.
+    pipeline stages still hold gradients across micro-batches. dp_mode=zero2 holds every block's parameters
+    through the step, pipeline or not, and reduce-scatters every micro-batch's gradients (`hold` False: only
+    torch's pipeline stages hold them).
     """
-    params = (2 if bf16 else FP32) * state.gathered_blocks if pp > 1 and hold else 0
+    params = (2 if bf16 else FP32) * state.gathered_blocks if (pp > 1 and hold) or zero2 else 0
     held_grads = micro > 1 and (hold or pp > 1)  # parallel.fsdp_hold=micro_batch reduces each micro-batch's
     grads = FP32 * (state.gathered_root + state.gathered_blocks) if held_grads else 0
     return params + (grads if micro > in_flight else max(0, grads - one_micro))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from moeyard.job.schema import JobConfig
 from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.parallel.config import uses_fsdp
 from moeyard.parallel.dims import ParallelDims
 from moeyard.parallel.memory import ShardProbe, probe_shards, stage_memory, stage_param_split
 from moeyard.plan.activations import FP32, Shape
@@ -42,6 +43,8 @@ class Layout:
     schedule: str = "1f1b"
     sp: bool = False
     pp_layers: tuple[int, ...] = ()
+    cp: int = 1
+    """Context-parallel ranks sharing each row (parallel.cp)."""
 
     @staticmethod
     def single(**changes) -> Layout:
@@ -55,6 +58,7 @@ class Layout:
             f"parallel.pp={self.pp}",
             f"parallel.dp={self.dp}",
             f"parallel.ep={self.ep}",
+            f"parallel.cp={self.cp}",
             f"parallel.pp_stages_per_rank={self.vpp}",
             f"parallel.pp_schedule={self.schedule}",
             f"parallel.activation_checkpoint={self.ac}",
@@ -68,8 +72,8 @@ class Layout:
 
     @property
     def world(self) -> int:
-        """Ranks the layout runs on (ep folds over dp x tp)."""
-        return self.tp * self.pp * self.dp
+        """Ranks the layout runs on (ep folds over dp x cp x tp)."""
+        return self.tp * self.pp * self.dp * self.cp
 
     def name(self) -> str:
         """A short name from what differs from one process, e.g. tp2-sp-pp2-v2-ep2-dp2-fsdp-ac-full (the
@@ -79,8 +83,9 @@ class Layout:
             schedule = {"gpipe": "-gpipe", "interleaved_1f1b": f"-v{self.vpp}"}.get(self.schedule, "")
             parts.append(f"pp{self.pp}{schedule}")
             parts += ["+".join(map(str, self.pp_layers))] if self.pp_layers else []
+        parts += [f"cp{self.cp}"] if self.cp > 1 else []
         parts += [f"ep{self.ep}"] if self.ep > 1 else []
-        parts += [f"dp{self.dp}" + ("-fsdp" if self.dp_mode == "fsdp" else "")] if self.dp > 1 else []
+        parts += [f"dp{self.dp}" + ("" if self.dp_mode == "replicate" else f"-{self.dp_mode}")] if self.dp > 1 else []
         parts += [f"ac-{self.ac}"] if self.ac != "none" else []
         return "-".join(parts) or "single"
 
@@ -88,8 +93,9 @@ class Layout:
         sched = {"interleaved_1f1b": f" v{self.vpp}", "gpipe": " gpipe"}.get(self.schedule, "") if self.pp > 1 else ""
         ac = {"none": "-", "selective": "sel", "full": "full"}[self.ac]
         return (
-            f"tp{self.tp}{'sp' if self.sp else ''} pp{self.pp}{sched} ep{self.ep} dp{self.dp}"
-            f"{' fsdp' if self.dp_mode == 'fsdp' else ''} m{self.micro_batches} ac:{ac}"
+            f"tp{self.tp}{'sp' if self.sp else ''} pp{self.pp}{sched}{f' cp{self.cp}' if self.cp > 1 else ''}"
+            f" ep{self.ep} dp{self.dp}"
+            f"{'' if self.dp_mode == 'replicate' else ' ' + self.dp_mode} m{self.micro_batches} ac:{ac}"
         )
 
 
@@ -104,10 +110,11 @@ def layout_of(cfg: JobConfig, world: int) -> Layout:
         vpp=p.pp_stages_per_rank,
         micro_batches=cfg.train.micro_batches,
         ac=p.activation_checkpoint,
-        dp_mode=p.dp_mode if dims.dp > 1 else "replicate",
+        dp_mode=p.dp_mode if dims.dp_cp > 1 else "replicate",
         schedule=p.pp_schedule,
         sp=p.sequence_parallel and dims.tp > 1,
         pp_layers=tuple(p.pp_layers),
+        cp=dims.cp,
     )
 
 
@@ -120,6 +127,7 @@ def apply_layout(cfg: JobConfig, layout: Layout) -> JobConfig:
         pp=layout.pp,
         dp=layout.dp,
         ep=layout.ep,
+        cp=layout.cp,
         pp_stages_per_rank=layout.vpp,
         pp_schedule=layout.schedule,
         activation_checkpoint=layout.ac,
@@ -193,11 +201,14 @@ class Planner:
         return self._probes[(tp, ep)]
 
     def shape(self, layout: Layout) -> Shape:
-        t, fsdp_bf16 = self.cfg.train, self.bf16 and layout.dp_mode == "fsdp" and layout.dp > 1
+        dp_cp = layout.dp * layout.cp  # the ranks FSDP shards over
+        t, fsdp_bf16 = self.cfg.train, self.bf16 and dp_cp > 1 and uses_fsdp(layout.dp_mode, dp_cp)
+        fsdp_bf16 = fsdp_bf16 or (self.bf16 and self.cfg.parallel.param_dtype == "bf16")  # a bf16 residual stream
         act = 2 if self.bf16 else FP32
         return Shape(
             rows=t.batch_size // layout.micro_batches // layout.dp,
-            seq=t.seq_len,
+            seq=t.seq_len // layout.cp,
+            cp=layout.cp,
             tp=layout.tp,
             sp=layout.sp,
             ep=layout.ep,
@@ -206,18 +217,20 @@ class Planner:
             res=2 if fsdp_bf16 else FP32,
             cast=act,
             math_attention=self.kind == "cpu",
+            cpu_eager=self.kind == "cpu" and not self.cfg.parallel.compile,
         )
 
     def predict(self, layout: Layout) -> Prediction:
         cfg = apply_layout(self.cfg, layout)
-        world = layout.tp * layout.pp * layout.dp
+        world = layout.world
         dims = ParallelDims.from_config(cfg.parallel, world)
         probe, shape = self.probe(layout.tp, layout.ep), self.shape(layout)
-        fsdp_bf16 = self.bf16 and layout.dp_mode == "fsdp"
-        key = (layout.tp, layout.pp, layout.dp, layout.ep, layout.vpp, layout.dp_mode, layout.pp_layers)
+        fsdp_bf16 = self.bf16 and uses_fsdp(layout.dp_mode, dims.dp_cp)
+        muon = cfg.optim.name == "muon"  # one momentum buffer per element of Muon's parameters, not two moments
+        key = (layout.tp, layout.pp, layout.dp, layout.ep, layout.vpp, layout.dp_mode, layout.pp_layers, layout.cp)
         if key not in self._states:
             self._states[key] = (
-                [stage_memory(probe, cfg.model, cfg.parallel, dims, r, fsdp_bf16) for r in range(dims.pp)],
+                [stage_memory(probe, cfg.model, cfg.parallel, dims, r, fsdp_bf16, muon) for r in range(dims.pp)],
                 [stage_param_split(probe, cfg.model, cfg.parallel, dims, r) for r in range(dims.pp)],
             )
         states, splits = self._states[key]

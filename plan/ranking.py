@@ -28,6 +28,9 @@ OK, TIGHT, NO_FIT = "yes", "tight", "NO"
 """A layout's class, as the table's `fits` column shows it."""
 
 _AC_COST = {"none": 0, "selective": 1, "full": 2}
+_DP_COST = {"replicate": 0, "zero1": 1, "zero2": 2, "fsdp": 3}
+"""Fewer collectives and less sharded state first: ZeRO-1 adds an all-gather, ZeRO-2 shards gradients through
+FSDP, FSDP gathers again in backward."""
 
 
 def fit_class(p: Prediction, margin: float) -> str:
@@ -40,10 +43,10 @@ def fit_class(p: Prediction, margin: float) -> str:
 def simplicity(layout: Layout) -> tuple[int, int, bool, int]:
     """Smaller is simpler: the parallel degrees in use (of tp, pp, ep, dp: each one more kind of collective
     to go wrong or wait on), then pipeline stages per pipeline (pp x virtual stages: fewer sends and a
-    schedule with fewer steps), then replicated before FSDP (no per-micro-batch gathers), then less
+    schedule with fewer steps), then replicated, ZeRO-1, ZeRO-2, FSDP in that order (`_DP_COST`), then less
     recomputation."""
-    used = sum(d > 1 for d in (layout.tp, layout.pp, layout.ep, layout.dp))
-    return used, layout.pp * layout.vpp, layout.dp_mode == "fsdp", _AC_COST[layout.ac]
+    used = sum(d > 1 for d in (layout.tp, layout.pp, layout.cp, layout.ep, layout.dp))
+    return used, layout.pp * layout.vpp, _DP_COST[layout.dp_mode], _AC_COST[layout.ac]
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ class StepTime:
     compute: float
     """Forward, backward and recomputation of m micro-batches."""
     tp: float
+    """Tensor-parallel collectives, and context parallelism's key/value all-gathers and reduce-scatters."""
     ep: float
     pp: float
     dp: float
@@ -158,15 +159,24 @@ def attention_work(m: ModelConfig, s: Shape) -> tuple[float, float, float]:
         H = m.n_heads // tp
         Q, L, R, N, Vd = m.q_lora_rank, m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim, m.v_head_dim
         q = 2 * T * (D * Q + Q * H * (N + R)) if Q else 2 * T * D * H * (N + R)
-        gemm = q + 2 * T * D * (L + R) + 2 * T * L * H * (N + Vd) + 2 * T * H * Vd * D
-        core = T * S * H * (N + R + Vd)  # QK^T and PV, half of the S x S (causal)
-        moved = T * (2 * D + H * (2 * (N + R) + 2 * Vd) + Q + L) * b
+        # Under context parallelism wkv_b expands the whole row's gathered latents on every cp rank.
+        gemm = q + 2 * T * D * (L + R) + 2 * T * s.cp * L * H * (N + Vd) + 2 * T * H * Vd * D
+        core = T * S * s.cp * H * (N + R + Vd)  # QK^T and PV, half of the S x S (causal)
+        moved = T * (2 * D + H * (2 * (N + R) + 2 * Vd) + Q + L) * b + T * (s.cp - 1) * (L + R) * b
     else:
         H, G, hd = m.n_heads // tp, m.n_kv_heads // tp, m.head_dim
         gemm = 2 * T * D * (H + 2 * G) * hd + 2 * T * H * hd * D
-        core = 2 * T * S * H * hd
-        moved = T * (2 * D + 3 * (H + G) * hd + 2 * H * hd) * b
+        core = 2 * T * S * s.cp * H * hd  # this rank's queries against the whole row's keys under cp
+        moved = T * (2 * D + 3 * (H + G) * hd + 2 * H * hd) * b + T * (s.cp - 1) * 2 * G * hd * b
     return gemm, core, moved + 3 * s.norm_tokens * D * s.res * 2  # + the norm and the residual add
+
+
+def kv_bytes(m: ModelConfig, s: Shape) -> int:
+    """What one rank's attention contributes to the cp all-gather of one block: its positions' keys and values
+    (MLA: normed latents and rotary keys)."""
+    if getattr(m, "attention", "gqa") == "mla":
+        return s.tokens * (m.kv_lora_rank + m.qk_rope_head_dim) * s.act
+    return s.tokens * 2 * (m.n_kv_heads // s.tp) * m.head_dim * s.act
 
 
 def ffn_work(
@@ -226,6 +236,10 @@ def chunk_work(
     reduce_scatter = topo.ring(tp_ranks, hidden, "reduce_scatter")
     all_reduce = all_gather + reduce_scatter if s.sp else topo.ring(tp_ranks, hidden, "all_reduce")
     a_gemm, a_core, a_bytes = attention_work(m, s)
+    # Context parallelism: each attention all-gathers keys and values (MLA: latents and rotary keys) over the
+    # cp ranks, and reduce-scatters their gradients in backward; counted with tp's collectives.
+    cp_ranks = [i * dims.tp for i in range(dims.cp)]
+    cp_pass = topo.ring(cp_ranks, s.cp * kv_bytes(m, s), "all_gather") if dims.cp > 1 else 0.0
     sent, _ = routed_rows(e, replace(s, headroom=1.0))
     a2a = topo.all_to_all(ep_ranks, sent * m.dim * s.act, _dedup_scale(e, topo, ep_ranks)) if dims.ep > 1 else 0.0
     per_kind = {}
@@ -235,7 +249,7 @@ def chunk_work(
         forward = matmul + a_core / rate.attention + (a_bytes + f_bytes) / rate.memory
         backward = 2 * matmul + 2.5 * a_core / rate.attention + 2 * (a_bytes + f_bytes) / rate.memory
         ffn_tp = all_reduce if not is_moe else (0.0 if s.sp else all_gather)
-        per_kind[is_moe] = (forward, backward, all_reduce + ffn_tp, 2 * a2a if is_moe else 0.0)
+        per_kind[is_moe] = (forward, backward, all_reduce + ffn_tp + cp_pass, 2 * a2a if is_moe else 0.0)
     fixed = _fixed_per_block(pcfg, dims, topo.cal)
     for layer in range(*layers):
         is_moe = m.is_moe_layer(layer)
@@ -264,7 +278,7 @@ def _fixed_per_block(pcfg: ParallelConfig, dims: ParallelDims, cal: Calibration)
     """Fixed seconds per block and micro-batch: the base and what tensor (and sequence) parallelism and FSDP
     add."""
     tp = (cal.tp_layer_s + (cal.sp_layer_s if pcfg.sequence_parallel else 0.0)) if dims.tp > 1 else 0.0
-    fsdp = cal.fsdp_layer_s if pcfg.dp_mode == "fsdp" and dims.dp > 1 else 0.0
+    fsdp = cal.fsdp_layer_s if pcfg.dp_mode == "fsdp" and dims.dp_cp > 1 else 0.0
     return cal.layer_s + tp + fsdp
 
 
@@ -288,9 +302,9 @@ def _fsdp_comm(
     its gradients; bytes its copies move in a micro-batch: each gather's output copied into the parameters,
     the gradients copied into the reduce-scatter's input, counted as if both ran every micro-batch). How
     many of each a step makes is `_fsdp_per_micro_batch`'s."""
-    if pcfg.dp_mode != "fsdp" or dims.dp == 1:
+    if pcfg.dp_mode != "fsdp" or dims.dp_cp == 1:
         return 0.0, 0.0, 0.0
-    dp_ranks = [i * dims.tp for i in range(dims.dp)]
+    dp_ranks = [i * dims.tp for i in range(dims.dp_cp)]  # the mesh's dp axis: dp x cp ranks
     per = 2 if topo.bf16 else FP32
     blocks = state.gathered_block * (layers[1] - layers[0])
     gathered = blocks + state.gathered_root
@@ -384,20 +398,20 @@ def _p2p(m: ModelConfig, s: Shape, dims: ParallelDims, topo: Topology) -> float:
     if dims.pp == 1:
         return 0.0
     nbytes = s.rows * (s.seq // s.tp if s.sp else s.seq) * m.dim * s.res
-    bw, lat = topo.link([0, dims.dp * dims.tp], "send")
+    bw, lat = topo.link([0, dims.dp_cp * dims.tp], "send")
     return nbytes / (bw * topo.cal.coll_eff) + lat
 
 
 def _dp_time(pcfg, dims, topo: Topology, state: RankMemory, split: tuple[int, int], backward: float) -> float:
     """Replicated gradients all-reduced once per step (FSDP's traffic is per micro-batch, in chunk_work), in
     buckets that are copied in, divided and copied back (6 passes over the bytes)."""
-    if dims.dp == 1 and dims.edp == 1 or (pcfg.dp_mode == "fsdp" and dims.dp > 1):
+    if dims.dp_cp == 1 and dims.edp == 1 or (pcfg.dp_mode == "fsdp" and dims.dp_cp > 1):
         return 0.0
     dense, expert = split
-    dp_ranks = [i * dims.tp for i in range(dims.dp)]
+    dp_ranks = [i * dims.tp for i in range(dims.dp_cp)]  # cp ranks reduce gradients with the dp ranks
     edp_ranks = [i * dims.ep for i in range(dims.edp)]
     t = topo.ring(dp_ranks, FP32 * dense, "all_reduce") + topo.ring(edp_ranks, FP32 * expert, "all_reduce")
-    reduced = (dense if dims.dp > 1 else 0) + (expert if dims.edp > 1 else 0)
+    reduced = (dense if dims.dp_cp > 1 else 0) + (expert if dims.edp > 1 else 0)
     t += 6 * FP32 * reduced / _rates(topo).memory
     if topo.features.overlap_dp:
         return max(0.0, t - 2 / 3 * backward)

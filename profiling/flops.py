@@ -61,8 +61,10 @@ def ffn_flops_per_token(model: ModelConfig, moe: MoEConfig, layer_id: int) -> in
 def forward_flops_per_token(model: ModelConfig, moe: MoEConfig, seq_len: int) -> int:
     """Forward matmul FLOPs per token of the whole model at sequence length `seq_len` (formula above)."""
     projections, scores = attention_flops_per_token(model, seq_len)
-    blocks = sum(projections + scores + ffn_flops_per_token(model, moe, i) for i in range(model.n_layers))
-    return blocks + 2 * model.dim * model.vocab_size
+    layers = range(model.n_layers + model.mtp_layers)  # each MTP module's block too (moe/mtp.py)
+    blocks = sum(projections + scores + ffn_flops_per_token(model, moe, i) for i in layers)
+    mtp = model.mtp_layers * 2 * 2 * model.dim * model.dim  # each MTP module's projection, [D, 2D]
+    return blocks + mtp + (1 + model.mtp_layers) * 2 * model.dim * model.vocab_size  # the head once per depth
 
 
 def train_flops_per_token(model: ModelConfig, moe: MoEConfig, seq_len: int) -> int:

@@ -59,6 +59,9 @@ class TrainConfig:
     is g x the copies, moe.top_k a multiple of g and moe.route_scale = g (the step-0 function stays dense)."""
     nonfinite: str = choice("halt", "skip")
     """A step with NaN/Inf loss or gradients: stop with an error, or skip its update (logged in metrics)."""
+    mtp_loss_coef: float = 0.3
+    """Weight lambda of the multi-token-prediction loss, lambda / D times the sum of the D modules' mean
+    cross-entropies (model.mtp_layers; DeepSeek-V3: 0.3 for the first 10T tokens, then 0.1)."""
     callbacks: list[Any] = field(default_factory=list)
     """Trainer callbacks (train/callbacks.py), each {_target_: package.module.Name, **its arguments}."""
 
@@ -74,6 +77,7 @@ class TrainConfig:
         require(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0 (0 = never)")
         require(self.eval_batches >= 1, "train.eval_batches", self.eval_batches, "must be >= 1")
         require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+        require(self.mtp_loss_coef >= 0, "train.mtp_loss_coef", self.mtp_loss_coef, "must be >= 0")
         require(bool(self.resume), "train.resume", self.resume, "must be none, auto or a checkpoint path")
         g = self.upcycle_granularity
         require(g >= 1, "train.upcycle_granularity", g, "must be >= 1")

@@ -1,4 +1,5 @@
-"""AdamW and the learning-rate schedule (linear warmup, then cosine decay)."""
+"""The optimizer (AdamW, or Muon for hidden matrices with AdamW for the rest) and the learning-rate schedule
+(linear warmup, then cosine decay)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from moeyard.moe.config import check_fields, choice, require
+from moeyard.parallel.muon import Muon, takes_muon
 
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay."""
+    """AdamW (or Muon) with linear warmup then cosine decay."""
 
+    name: str = choice("adamw", "muon")
+    """adamw: AdamW for every parameter. muon: Muon (parallel/muon.py) for 2-D hidden weights and each expert
+    matrix, AdamW for embeddings, output head, norms, routers and biases; both at `lr` and `weight_decay`."""
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -30,6 +35,18 @@ class OptimConfig:
     """Clip the global gradient norm to this (0 = off)."""
     fused: str = choice("auto", "on", "off")
     """Fused AdamW kernel (auto: on CUDA only; the foreach kernel elsewhere)."""
+    muon_momentum: float = 0.95
+    """Muon's momentum (an EMA of the gradients, as torch.optim.Muon's)."""
+    muon_nesterov: bool = True
+    """Muon orthogonalises the Nesterov look-ahead of the momentum rather than the momentum itself."""
+    muon_ns_steps: int = 5
+    """Newton-Schulz iterations per Muon update."""
+    muon_rms_scale: float = 0.2
+    """Update-RMS rule (Moonlight): an A x B matrix's orthogonalised update is scaled by
+    muon_rms_scale * sqrt(max(A, B)), so its RMS is about muon_rms_scale, AdamW's, and lr carries over."""
+    muon_ns_dtype: str = choice("auto", "float32", "bfloat16")
+    """Newton-Schulz precision (auto: bf16 on CUDA, as Keller Jordan's Muon; fp32 elsewhere, where bf16 is no
+    faster)."""
 
     def check(self) -> None:
         """Raises ValueError naming the first field whose value breaks a rule."""
@@ -42,6 +59,9 @@ class OptimConfig:
             require(0 <= getattr(self, name) < 1, f"optim.{name}", getattr(self, name), "must be in [0, 1)")
         require(self.eps > 0, "optim.eps", self.eps, "must be > 0")
         require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        require(0 <= self.muon_momentum < 1, "optim.muon_momentum", self.muon_momentum, "must be in [0, 1)")
+        require(1 <= self.muon_ns_steps < 100, "optim.muon_ns_steps", self.muon_ns_steps, "must be in [1, 99]")
+        require(self.muon_rms_scale > 0, "optim.muon_rms_scale", self.muon_rms_scale, "must be > 0")
 
 
 def lr_at(step: int, o: OptimConfig, total_steps: int) -> float:
@@ -54,6 +74,30 @@ def lr_at(step: int, o: OptimConfig, total_steps: int) -> float:
 
 def build_optimizer(
     named_params: list[tuple[str, torch.nn.Parameter]], o: OptimConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """optim.name: AdamW for every parameter, or Muon for those `takes_muon` picks and AdamW for the rest."""
+    muon = [p for name, p in named_params if takes_muon(name, p.ndim)] if o.name == "muon" else []
+    if not muon:  # AdamW alone (also a pipeline stage without hidden matrices)
+        return build_adamw(named_params, o, device)
+    rest = [(name, p) for name, p in named_params if not takes_muon(name, p.ndim)]
+    ns_dtype = torch.bfloat16 if o.muon_ns_dtype == "bfloat16" else torch.float32
+    if o.muon_ns_dtype == "auto" and device.type == "cuda":
+        ns_dtype = torch.bfloat16
+    return Muon(
+        muon,
+        build_adamw(rest, o, device),
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        momentum=o.muon_momentum,
+        nesterov=o.muon_nesterov,
+        ns_steps=o.muon_ns_steps,
+        rms_scale=o.muon_rms_scale,
+        ns_dtype=ns_dtype,
+    )
+
+
+def build_adamw(
+    named_params: list[tuple[str, torch.nn.Parameter]], o: OptimConfig, device: torch.device
 ) -> torch.optim.AdamW:
     """AdamW; matrices decay, vectors (norms) do not; fused kernel on CUDA (apex's FusedAdam equivalent).
 
@@ -62,16 +106,20 @@ def build_optimizer(
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for _, p in named_params:
         groups.setdefault((p.ndim >= 2, isinstance(p, DTensor)), []).append(p)
-    fused = o.fused == "on" or (o.fused == "auto" and device.type == "cuda")
     param_groups = [
         {"params": params, "weight_decay": o.weight_decay if decay else 0.0}
         for (decay, _), params in sorted(groups.items())
     ]
-    return torch.optim.AdamW(
-        param_groups,
-        lr=o.lr,
-        betas=(o.beta1, o.beta2),
-        eps=o.eps,
-        fused=fused or None,
-        foreach=None if fused else True,
-    )
+    return torch.optim.AdamW(param_groups, **adamw_options(o, device))
+
+
+def adamw_options(o: OptimConfig, device: torch.device) -> dict:
+    """AdamW's options besides its groups (also parallel/zero.py's, which steps master slices)."""
+    fused = o.fused == "on" or (o.fused == "auto" and device.type == "cuda")
+    return {
+        "lr": o.lr,
+        "betas": (o.beta1, o.beta2),
+        "eps": o.eps,
+        "fused": fused or None,
+        "foreach": None if fused else True,
+    }

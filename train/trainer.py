@@ -21,12 +21,15 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from moeyard.moe.experts import choose_expert_path
+from moeyard.moe.mtp import mtp_targets
+from moeyard.parallel.config import shards_optimizer, uses_fsdp
 from moeyard.parallel.data_parallel import finish_grads, gathered_through_step, sync_grads_now
 from moeyard.parallel.dims import Axis, ParallelDims
 from moeyard.parallel.grads import clip_grads, scale_grads
 from moeyard.parallel.parallelize import attach_schedule, build_parallel_model, trace_expert_counts
-from moeyard.parallel.pipeline import StageShapes
+from moeyard.parallel.pipeline import StageShapes, shared_embedding, sum_shared_embedding_grads
 from moeyard.parallel.tensor import loss_context, reduce_tp_partial_grads
+from moeyard.parallel.zero import ZeroAdamW
 from moeyard.profiling.profiler import StepProfiler
 from moeyard.profiling.sinks import MetricsLog
 from moeyard.train.callbacks import Callback, Callbacks
@@ -35,7 +38,7 @@ from moeyard.train.collectives import CollectiveLog, apply_timeouts, recording
 from moeyard.train.config import TrainerConfig, computes_in_bf16
 from moeyard.train.data import IGNORE, Prefetcher, TokenData, build_data, to_device
 from moeyard.train.guard import NonFiniteError, StepGuard
-from moeyard.train.optim import build_optimizer, lr_at
+from moeyard.train.optim import adamw_options, build_optimizer, lr_at
 
 DEFAULT_TIMEOUT_S = 1800
 
@@ -97,6 +100,14 @@ def loss_scale(targets_BS: torch.Tensor, micro_batches: int, dp: int) -> torch.T
     return torch.tensor(micro_batches * dp / max(counted, 1), dtype=torch.float32)
 
 
+def mtp_scales(targets_BKS: torch.Tensor, micro_batches: int, dp: int) -> torch.Tensor:
+    """Under model.mtp_layers, `loss_scale` for the main targets and each depth's (row k of the global batch's
+    `mtp_targets` [B, 1 + D, S]): M * dp / count_k, so each depth's loss is its mean over the targets it
+    counts in the whole global batch, in every layout (depth k counts fewer: sequence ends, documents)."""
+    counted_K = (targets_BKS != IGNORE).sum(dim=(0, 2)).clamp(min=1)
+    return (micro_batches * dp / counted_K).float()
+
+
 def _plain(t: torch.Tensor) -> torch.Tensor:
     """A detached plain tensor (loss_parallel returns replicated DTensor losses)."""
     t = t.detach()
@@ -131,6 +142,7 @@ class Trainer:
         self.callbacks = Callbacks([*Callbacks.from_config(cfg.train.callbacks).callbacks, *callbacks])
         self.step = 0
         self._scale: torch.Tensor | None = None  # the running batch's `loss_scale` (a loss mask), read by _lm_loss
+        self._mtp_parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (LM, MTP) losses per micro-batch
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
@@ -148,8 +160,10 @@ class Trainer:
         distributed = self.dims.is_distributed
         self.mesh = self.dims.build_mesh(self.device.type) if distributed else None
         self.expert_mesh = self.dims.build_expert_mesh(self.device.type) if distributed else None
+        self.context_mesh = self.dims.build_context_mesh(self.device.type) if distributed else None
         self.micro_rows = t.batch_size // t.micro_batches // self.dims.dp
-        self.dp_rank = self.mesh[Axis.DP.value].get_local_rank() if self.dims.dp > 1 else 0
+        # The mesh's dp axis holds dp x cp ranks, cp innermost: cp ranks share rows.
+        self.dp_rank = self.mesh[Axis.DP.value].get_local_rank() // self.dims.cp if self.dims.dp_cp > 1 else 0
         self.tp_rank = self.mesh[Axis.TP.value].get_local_rank() if self.dims.tp > 1 else 0
         self.pm = build_parallel_model(
             cfg.model,
@@ -162,6 +176,8 @@ class Trainer:
             t.seed,
             self.bf16,
             init,
+            context_mesh=self.context_mesh,
+            seq_len=t.seq_len,
         )
         attach_schedule(self.pm, cfg.parallel, self.device, t.micro_batches, self._lm_loss, self._stage_shapes())
         experts = [moe.experts for moe in self.pm.moe_layers().values()]
@@ -171,7 +187,11 @@ class Trainer:
             print(f"moeyard: {line}", flush=True)
         if cfg.parallel.compile:  # the loop may have been chosen just now, for this device and dtype
             trace_expert_counts(self.pm.parts)
-        self.optimizer = build_optimizer(self.pm.named_parameters(), cfg.optim, self.device)
+        if shards_optimizer(cfg.parallel.dp_mode, cfg.parallel.param_dtype):  # zero1, or bf16 params' masters
+            zero1, options = cfg.parallel.dp_mode == "zero1", adamw_options(cfg.optim, self.device)
+            self.optimizer = ZeroAdamW(self.pm, zero1, cfg.optim.weight_decay, **options)
+        else:
+            self.optimizer = build_optimizer(self.pm.named_parameters(), cfg.optim, self.device)
 
     def _build_services(self, collectives: CollectiveLog, timeout_s: int) -> None:
         """Metrics, profiling, the collective log and timeouts, the step guard and the checkpointer."""
@@ -210,21 +230,25 @@ class Trainer:
     def _stage_shapes(self) -> StageShapes:
         """What crosses pipeline stage boundaries, from the config (no forward on placeholder data)."""
         cfg = self.cfg
-        fsdp_bf16 = self.bf16 and cfg.parallel.dp_mode == "fsdp" and self.dims.dp > 1
+        # bf16 parameters (FSDP's gathered ones, or parallel.param_dtype=bf16) give a bf16 residual stream.
+        fsdp = uses_fsdp(cfg.parallel.dp_mode, self.dims.dp_cp)
+        fsdp_bf16 = self.bf16 and (fsdp or cfg.parallel.param_dtype == "bf16")
         return StageShapes(
             micro_rows=self.micro_rows,
-            seq_len=cfg.train.seq_len,
+            seq_len=cfg.train.seq_len // self.dims.cp,
             dim=cfg.model.dim,
             vocab_size=cfg.model.vocab_size,
             hidden_dtype=torch.bfloat16 if fsdp_bf16 else torch.float32,
             logits_dtype=torch.bfloat16 if self.bf16 else torch.float32,
             tp_mesh=self.mesh[Axis.TP.value] if self.dims.tp > 1 else None,
             sequence_parallel=cfg.parallel.sequence_parallel,
+            mtp_layers=cfg.model.mtp_layers,
         )
 
     def _checkpoint_meta(self) -> dict:
         d, cfg = self.dims, self.cfg
         layout = {"pp": d.pp, "dp": d.dp, "tp": d.tp, "ep": d.ep, "dp_mode": cfg.parallel.dp_mode}
+        layout.update({"cp": d.cp} if d.cp > 1 else {})  # named where used, as in the config error lines
         world = dist.get_world_size() if dist.is_initialized() else 1
         return checkpoint_meta(world, layout, cfg.model, cfg.moe, cfg.train.seed)
 
@@ -249,18 +273,45 @@ class Trainer:
         # 2.11's pipeline stage refuses ("stride mismatch") against the contiguous shapes it was declared.
         return x.view(m, self.dims.dp, r, -1)[:, self.dp_rank].reshape(m * r, -1).contiguous()
 
+    def context_split(self, x_BS: torch.Tensor) -> torch.Tensor:
+        """This rank's positions of rows [B, S] under context parallelism (parallel/context.py), else the rows."""
+        shard = self.pm.parts[0].context
+        return shard.split(x_BS) if shard is not None else x_BS
+
     def _host_batch(self, step: int) -> tuple[torch.Tensor, ...]:
         """This rank's inputs and targets of step's global batch, on the host (cut before the copy), and under
         a loss mask the step's `loss_scale`."""
         x, y = self.data.batch(step, self.cfg.train.batch_size)
-        scale = loss_scale(y, self.cfg.train.micro_batches, self.dims.dp)
+        if self.cfg.model.mtp_layers:  # every depth's targets, [B, (1 + D) * S], and their scales
+            y = mtp_targets(y, self.cfg.model.mtp_layers, self.data.documents(x), IGNORE)
+            scale = mtp_scales(y, self.cfg.train.micro_batches, self.dims.dp_cp)
+            y = y.flatten(1)
+        else:
+            scale = loss_scale(y, self.cfg.train.micro_batches, self.dims.dp_cp)
         rows = (self._own_rows(x), self._own_rows(y))
         return rows if scale is None else (*rows, scale)
 
     def _lm_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """`lm_loss` with the running batch's scale: the loss every layout's micro-batches (and the pipeline
         schedule, which holds this function from the start) compute."""
-        return lm_loss(logits, targets, self._scale)
+        if not self.cfg.model.mtp_layers:
+            return lm_loss(logits, targets, self._scale)
+        S = logits.shape[1] // (1 + self.cfg.model.mtp_layers)
+        if targets.shape[1] == S:  # evaluation hands the main targets only: the LM loss
+            return lm_loss(logits[:, :S], targets, self._scale)
+        return self._mtp_loss(logits, targets, S)
+
+    def _mtp_loss(self, logits: torch.Tensor, targets: torch.Tensor, S: int) -> torch.Tensor:
+        """The training loss under model.mtp_layers: LM loss + lambda / D * sum_k CE_k (DeepSeek-V3, eq. 25),
+        each term a mean over its depth's counted targets (`mtp_scales`); logits [B, (1 + D) * S, V], targets
+        [B, (1 + D) * S] (`mtp_targets`, flattened)."""
+        K = 1 + self.cfg.model.mtp_layers
+        parts = [
+            lm_loss(logits[:, k * S : (k + 1) * S], targets[:, k * S : (k + 1) * S], self._scale[k]) for k in range(K)
+        ]
+        main, mtp = parts[0], torch.stack(parts[1:]).mean()
+        self._mtp_parts.append((_plain(main), _plain(mtp)))
+        return main + self.cfg.train.mtp_loss_coef * mtp
 
     def forward_backward(
         self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | None = None
@@ -269,7 +320,10 @@ class Trainer:
         the batch's `loss_scale` under a loss mask)."""
         m = self.cfg.train.micro_batches
         self._scale = scale
+        self._mtp_parts = []
         losses: list[torch.Tensor] = []
+        doc = self.data.documents(x)  # data.document_mask: the whole rows' document ids [M * rows, S], else None
+        x, y = self.context_split(x), self.context_split(y)
         with loss_context(self.dims.tp), self._autocast():
             if self.pm.schedule is not None:
                 args = (x,) if self.pm.has_first_stage else ()
@@ -277,22 +331,27 @@ class Trainer:
                 # No outputs back: torch would keep every micro-batch's logits until the step ends; the
                 # losses come from the loss function, in `losses`.
                 with self.prof.phase("forward_backward"):  # [profiling] a schedule interleaves the two
-                    kwargs = self._stage_kwargs(x)
-                    with gathered_through_step(self.pm.parts, self.cfg.parallel.fsdp_hold == "step"):
+                    kwargs = self._stage_kwargs(x, doc)
+                    hold = self.cfg.parallel.fsdp_hold == "step" and self.cfg.parallel.dp_mode == "fsdp"  # zero2 holds
+                    with gathered_through_step(self.pm.parts, hold):
                         self.pm.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
-                return [_plain(loss) for loss in losses]
+                return self._lm_losses([_plain(loss) for loss in losses])
             model = self.pm.parts[0]
-            doc = self.data.documents(x)  # data.document_mask: document ids [M * rows, S], else None
             docs = doc.chunk(m) if doc is not None else [None] * m
             for i, (xm, ym, dm) in enumerate(zip(x.chunk(m), y.chunk(m), docs, strict=True)):
-                sync_grads_now(model, i == m - 1 or self.cfg.parallel.fsdp_hold == "micro_batch")
+                zero2, last = self.cfg.parallel.dp_mode == "zero2", i == m - 1
+                sync_grads_now(model, last or zero2 or self.cfg.parallel.fsdp_hold == "micro_batch", zero2 and not last)
                 with self.prof.phase("forward"):  # [profiling]
-                    loss = self._lm_loss(model(xm, doc_ids=dm), ym)
+                    loss = self._lm_loss(model(xm, doc_ids=dm, **self._mtp_kwargs(xm)), ym)
                 with self.prof.phase("backward"):  # [profiling]
                     loss.backward()
                 losses.append(_plain(loss))
         scale_grads([p for _, p in self.pm.named_parameters()], 1.0 / m)
-        return losses
+        return self._lm_losses(losses)
+
+    def _lm_losses(self, losses: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The LM part of each micro-batch's loss (under model.mtp_layers the loss adds the MTP term)."""
+        return [main for main, _ in self._mtp_parts] if self.cfg.model.mtp_layers else losses
 
     def train_step(self, log: bool = True) -> dict[str, float]:
         """One optimizer step. Only a logging step (`log`) reads values back to the host: every other step
@@ -307,11 +366,14 @@ class Trainer:
         losses = self.forward_backward(x, y, *scale)
         g = self.pm.groups
         with self.prof.phase("grad_sync"):  # [profiling]
-            dp_mode = cfg.parallel.dp_mode if self.dims.dp > 1 else "replicate"  # FSDP is applied when dp > 1
-            finish_grads(self.pm.parts, dp_mode, g.dp, g.edp, self.dims.dp, self.dims.edp)
+            # cp ranks average gradients as dp ranks do (the mesh's dp axis holds dp x cp ranks).
+            dp_mode = "fsdp" if uses_fsdp(cfg.parallel.dp_mode, self.dims.dp_cp) else "replicate"  # zero1: replicated
+            finish_grads(self.pm.parts, dp_mode, g.dp, g.edp, self.dims.dp_cp, self.dims.edp)
             reduce_tp_partial_grads(self.pm.named_parameters(), g.tp)  # MoE router, shared experts
+            sum_shared_embedding_grads(self.pm.parts, self.pm.stage_ids, self.pm.n_stages, g.embedding)  # MTP
         with self.prof.phase("optimizer"):  # [profiling]
-            grad_norm = clip_grads(self.pm.named_parameters(), cfg.optim.grad_clip, g.ep, g.pp)
+            counted, copy = shared_embedding(self.pm.named_parameters(), self.pm.has_first_stage)
+            grad_norm = clip_grads(counted, cfg.optim.grad_clip, g.ep, g.pp, also_scale=copy)
             updated = self.guard.allow_update(grad_norm, self.optimizer)  # [guard] NaN/Inf: skip or halt
             if updated:
                 self.optimizer.step()
@@ -349,15 +411,17 @@ class Trainer:
         """A logging step's figures: losses, balancing terms, drops, guard flags, peak memory and expert load
         travel in one packed all-reduce and come back to the host in one read."""
         parts = [self._pack_losses(losses, layer_stats), grad_norm.detach().double().reshape(1)]
-        parts += [self.guard.pack(self.device), self.prof.pack(layer_stats)]
+        parts += [self.guard.pack(self.device), self.prof.pack(layer_stats), self._pack_mtp()]
         vec = torch.cat([t.to(self.device, torch.float64) for t in parts])
         if dist.is_initialized():
             dist.all_reduce(vec)
         values = read_to_host(vec)
+        if self.cfg.model.mtp_layers:  # (1/D) sum_k CE_k, the mean over the depths (without lambda)
+            metrics["mtp_loss"] = values.pop() / self.dims.dp_cp
         world = dist.get_world_size() if dist.is_initialized() else 1
         lm_sum, aux_sum, seq_sum, z_sum, routed, kept, norm_sum, bad, stop = values[:9]
-        n = self.dims.dp * self.dims.tp
-        metrics.update(loss=lm_sum / self.dims.dp, aux_loss=aux_sum / n, seq_aux_loss=seq_sum / n)
+        n = self.dims.dp_cp * self.dims.tp
+        metrics.update(loss=lm_sum / self.dims.dp_cp, aux_loss=aux_sum / n, seq_aux_loss=seq_sum / n)
         metrics.update(z_loss=z_sum / n, dropped_frac=1.0 - kept / routed if routed else 0.0)
         metrics["grad_norm"] = norm_sum / world  # identical on every rank
         self.guard.unpack([bad, stop], metrics["grad_norm"], metrics["loss"])
@@ -385,36 +449,52 @@ class Trainer:
             ]
         )
 
+    def _pack_mtp(self) -> torch.Tensor:
+        """Under model.mtp_layers, this rank's MTP loss ([1], counted on tp rank 0 of the last stage, the
+        mean over micro-batches); else nothing ([0])."""
+        if not self.cfg.model.mtp_layers:
+            return torch.zeros(0, dtype=torch.float64, device=self.device)
+        held = self._mtp_parts and self.tp_rank == 0
+        mtp = torch.stack([m for _, m in self._mtp_parts]).double().mean() if held else torch.zeros(())
+        return mtp.to(self.device, torch.float64).reshape(1)
+
     @staticmethod
     def _layer_mean(layer_stats: dict, name: str, zero: torch.Tensor) -> torch.Tensor:
         """`name` averaged over each layer's micro-batches, summed over layers."""
         means = (torch.stack([s[name] for s in per_layer]).double().mean() for per_layer in layer_stats.values())
         return sum(means, zero)
 
-    def _stage_kwargs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _stage_kwargs(self, x: torch.Tensor, doc: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """What every pipeline stage's forward takes besides its input: the document ids under
-        data.document_mask. Every pp rank loads the batch's tokens, so each stage derives the ids of its own
-        micro-batch (the schedule splits them with the inputs); no stage sends them to the next."""
-        doc = self.data.documents(x)
-        return {"doc_ids": doc} if doc is not None else {}
+        data.document_mask, and under model.mtp_layers the token ids (the last stage's MTP modules embed
+        them). Every pp rank loads the batch's tokens, so each stage derives the ids of its own micro-batch
+        (the schedule splits them with the inputs); no stage sends them to the next. `doc`: the whole rows'
+        document ids (`data.documents` before `context_split`)."""
+        kwargs = {"doc_ids": doc} if doc is not None else {}
+        return {**kwargs, **self._mtp_kwargs(x)}
+
+    def _mtp_kwargs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Under model.mtp_layers, the token ids that ask the model for the MTP logits too (`Transformer.forward`)."""
+        return {"mtp_tokens": x} if self.cfg.model.mtp_layers else {}
 
     def _eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """This rank's mean LM loss over one held-out batch (zero on ranks without the last stage)."""
         m = self.cfg.train.micro_batches
+        doc = self.data.documents(x)  # data.document_mask: the whole rows' document ids, else None
+        x, y = self.context_split(x), self.context_split(y)
         with loss_context(self.dims.tp), self._autocast():
             if self.pm.schedule is None:
                 model = self.pm.parts[0]
-                doc = self.data.documents(x)  # data.document_mask: document ids, else None
                 docs = doc.chunk(m) if doc is not None else [None] * m
                 chunks = zip(x.chunk(m), y.chunk(m), docs, strict=True)
-                losses = [self._lm_loss(model(xm, doc_ids=dm), ym) for xm, ym, dm in chunks]
+                losses = [self._lm_loss(model(xm, doc_ids=dm, **self._mtp_kwargs(xm)), ym) for xm, ym, dm in chunks]
             else:
                 losses = []
                 first, last = self.pm.has_first_stage, self.pm.has_last_stage
                 args, target = (x,) if first else (), y if last else None
                 # As in training: the losses come from the loss function, one per micro-batch; with outputs
                 # asked for, torch would also keep every micro-batch's logits and concatenate them whole.
-                kwargs = self._stage_kwargs(x)
+                kwargs = self._stage_kwargs(x, doc)
                 self.pm.schedule.eval(*args, target=target, losses=losses, return_outputs=False, **kwargs)
         if not losses:
             return torch.zeros((), dtype=torch.float64)
@@ -428,7 +508,7 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64)
         for i in range(t.eval_batches):
             x, y = self.data.eval_batch(i, t.batch_size)
-            scale = loss_scale(y, t.micro_batches, self.dims.dp)  # a loss mask: as in training
+            scale = loss_scale(y, t.micro_batches, self.dims.dp_cp)  # a loss mask: as in training
             self._scale = None if scale is None else to_device(scale, self.device)
             x, y = self.local_rows(x), self.local_rows(y)
             loss = self._eval_loss(x, y)
@@ -440,7 +520,7 @@ class Trainer:
         if dist.is_initialized():
             total = total.to(self.device)
             dist.all_reduce(total)
-            total = total.cpu() / self.dims.dp
+            total = total.cpu() / self.dims.dp_cp
         return float(total) / t.eval_batches
 
     def fit(self) -> list[dict[str, float]]:

@@ -278,7 +278,7 @@ def _expected_param(name: str, shape: list[int], dims: ParallelDims, sp: bool, f
     elif fsdp:
         placements.append(f"_S(0, {dims.tp})" if tp_dim == 0 else "S(0)")
         axes.append("dp")
-        local[0] //= dims.dp
+        local[0] //= dims.dp_cp  # the mesh's dp axis: dp x cp ranks
     if tp_dim is not None:
         placements.append(f"S({tp_dim})")
         axes.append("tp")
@@ -308,7 +308,7 @@ def expected_layout(overrides: list[str], world: int, rank: int) -> dict:
     blocks = sorted(b for s in stages for b in range(starts[s], starts[s] + counts[s]))
     with torch.device("meta"):
         full = Transformer(cfg.model, cfg.moe)
-    fsdp = p.dp_mode == "fsdp" and dims.dp > 1
+    fsdp = p.dp_mode == "fsdp" and dims.dp_cp > 1
 
     def held(name: str) -> bool:
         if name.startswith("layers."):

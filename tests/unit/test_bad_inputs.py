@@ -313,6 +313,7 @@ CASES: list[tuple[str, Setup, str]] = [
     field("parallel.pp_stages_per_rank=0"),
     field("parallel.pp_stages_per_rank=2", "must be 1 for pp_schedule=1f1b"),
     field("parallel.dp_mode=zero3"),
+    field("parallel.param_dtype=bf16", "parallel.param_dtype=bf16 needs train.dtype=bf16"),
     field("parallel.ep_overlap=shared", "needs parallel.ep > 1"),
     ("ep-not-dividing-dp", lambda t, f: torchrun(t, "parallel.ep=3"), "parallel.ep=3 must divide dp x tp = 2x1"),
     ("tp-beyond-world", lambda t, f: torchrun(t, "parallel.tp=4"), "parallel.pp*tp=4"),

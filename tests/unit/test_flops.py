@@ -30,12 +30,24 @@ def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
 
 
+def bmm_flops_without_row_dots(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """[B, M, K] x [B, K, N]: 2*B*M*K*N, except the per-row dot products [N, 1, D] x [N, D, 1] of the combine's
+    CPU backward (moe/combine.py: the router weights' gradient, elementwise work that MFU's matmul count
+    leaves out, as it does on the paths that compute it as a product and a sum)."""
+    if a_shape[1] == 1 and b_shape[2] == 1:
+        return 0
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+
 def counted_train_flops(overrides: list[str], batch: int, seq: int) -> tuple[int, dict[str, int]]:
     cfg = compose(["model=debug", *overrides])
     model = Transformer(cfg.model, cfg.moe)
     init_weights(model, 0)
     tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq))
-    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: grouped_mm_flops})
+    counter = FlopCounterMode(
+        display=False,
+        custom_mapping={torch.ops.aten._grouped_mm: grouped_mm_flops, torch.ops.aten.bmm: bmm_flops_without_row_dots},
+    )
     with counter, sdpa_kernel(SDPBackend.MATH):
         model(tokens).float().sum().backward()
     by_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}

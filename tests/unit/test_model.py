@@ -138,8 +138,9 @@ def test_init_weights_is_reproducible_and_zeroes_bias():
 
 PUBLISHED = {
     # preset: (total, active) in billions as published, and each figure's last digit (the tolerance unit).
-    # DeepSeek-V3: 671 B main model, 37 B activated; the Hugging Face checkpoint's 685 B adds the 14 B
-    # multi-token-prediction module, which we do not build. Qwen3-30B-A3B: 30.5 B, 3.3 B activated.
+    # DeepSeek-V3: 671 B main model, 37 B activated; the Hugging Face checkpoint's 685 B adds the
+    # multi-token-prediction module (model.mtp_layers=1: tests/unit/test_mtp.py). Qwen3-30B-A3B: 30.5 B,
+    # 3.3 B activated.
     # OLMoE-1B-7B: 6.9 B, 1.3 B active. Mixtral-8x7B: 46.7 B, 12.9 B active.
     "deepseek_v3": (671.0, 37.0, 1.0),
     "qwen3_30b_a3b": (30.5, 3.3, 0.1),

@@ -8,7 +8,10 @@ losses' [E] and [sequences, E] statistics, grouped_mm's [E] offsets). Variants: 
 a dense block, MoE with a shared expert and softmax routing; per-head q/k norm, a head-dim override and
 sigmoid group-limited routing; full-width q/k norm with q/k/v biases; MLA with and without the query
 bottleneck (on CPU its attention runs SDPA's math path, saving the S x S probabilities) with expert-choice
-routing. When the model code changes what it saves, this test names the part that moved.
+routing. When the model code changes what it saves, this test names the part that moved. The formulas model
+both paths: autograd's own graph (compiled and on accelerators; the CPU-only hand-written backwards of the
+experts, moe/experts.py `SwiGLUGroupedMM`, and of the combine, moe/combine.py, switched off) and uncompiled
+CPU with them (`Shape.cpu_eager`: they keep x, gate and up, and y without y * w).
 
 Run: .venv/bin/pytest -q tests/unit/test_plan_activations.py
 """
@@ -19,7 +22,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moeyard.moe import combine
 from moeyard.moe.config import ModelConfig, MoEConfig
+from moeyard.moe.experts import GroupedExperts
 from moeyard.moe.model import Transformer, init_weights
 from moeyard.plan.activations import Shape, block_bytes, embedding_bytes, head_bytes
 
@@ -71,8 +76,17 @@ def saved_by_part(model: Transformer, tokens: torch.Tensor) -> dict[str, int]:
     return parts
 
 
+def plain_weighted_scatter_add(y_ND, weight_N, token_N, num_tokens):
+    """moe/combine.py's expression as compiled graphs and accelerators run it (autograd's own backward)."""
+    return y_ND.new_zeros(num_tokens, y_ND.shape[-1]).index_add(0, token_N, y_ND * weight_N[:, None])
+
+
+@pytest.mark.parametrize("path", ["autograd", "cpu eager"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_formulas_equal_saved_tensors(variant):
+def test_formulas_equal_saved_tensors(variant, path, monkeypatch):
+    if path == "autograd":  # what compiled graphs and accelerators save
+        monkeypatch.setattr(GroupedExperts, "_hand_backward", lambda self, x: False)
+        monkeypatch.setattr(combine._WeightedScatterAdd, "apply", plain_weighted_scatter_add)
     model_kw, moe_kw = VARIANTS[variant]
     m = ModelConfig(**{**BASE, **model_kw})
     e = MoEConfig(**{**dict(num_experts=6, top_k=2, expert_hidden=40), **moe_kw})
@@ -80,7 +94,7 @@ def test_formulas_equal_saved_tensors(variant):
     init_weights(model, seed=0)
     tokens = torch.randint(0, m.vocab_size, (ROWS, SEQ), generator=torch.Generator().manual_seed(0))
     measured = saved_by_part(model, tokens)
-    shape = Shape(rows=ROWS, seq=SEQ, math_attention=True)
+    shape = Shape(rows=ROWS, seq=SEQ, math_attention=True, cpu_eager=path == "cpu eager")
     slack = 4 * e.num_experts * (ROWS + 4) + 64  # per-expert and per-sequence vectors the formulas omit
     want = {"embedding": embedding_bytes(shape), "head": head_bytes(m, shape)}
     want.update({str(i): sum(block_bytes(m, e, shape, m.is_moe_layer(i)).values()) for i in range(m.n_layers)})
