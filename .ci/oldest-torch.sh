@@ -40,7 +40,8 @@ unit=(compat gpu_path compile moe_layer router attention attention_flex model tr
   checksums startup_alloc document_mask profiling upcycle hf_families run_dir plan_state gpu_trainer muon
   static_dispatch context)
 "$venv/bin/pytest" -q $(printf "tests/unit/test_%s.py " "${unit[@]}") "$@"
-# Pipeline, bf16, FSDP and ZeRO layouts against one process (not the 8-rank tp2-pp2-ep2-dp2: time), and a pipeline
-# checkpoint loaded under another layout.
+# Pipeline, bf16, FSDP and ZeRO layouts against one process (not the 8-rank tp2-pp2-ep2-dp2: time), a pipeline
+# checkpoint loaded under another layout, and Muon's uneven all-to-all of experts whose rows FSDP splits.
 "$venv/bin/pytest" -q tests/multiproc/test_golden.py tests/multiproc/test_reshard.py tests/multiproc/test_golden_zero.py \
-  -k "(test_layout_trains_like_one_process and (pp2 or bf16 or fsdp) and not tp2-pp2) or (test_reshard and pp2) or zero" "$@"
+  tests/multiproc/test_golden_muon.py \
+  -k "(test_layout_trains_like_one_process and (pp2 or bf16 or fsdp) and not tp2-pp2) or (test_reshard and pp2) or zero or one-expert" "$@"

@@ -22,11 +22,13 @@ Newton-Schulz needs whole matrices, and the update of a shard is the shard of th
 - a plain tensor (one process, a pipeline stage, experts under EP: each rank's [E/ep, X, Y] block holds its
   experts whole) is orthogonalised where it is, without communication;
 - experts under FSDP split along the expert dim hold whole experts too: local;
-- a tensor-parallel or FSDP-sharded 2-D weight, and experts whose rows FSDP splits (fewer experts than edp
-  ranks), are gathered over their own mesh (`full_tensor`: a TP or FSDP group, never an ep group, so no rank
-  holds more than its own experts), orthogonalised, and each rank keeps its slice. Every rank of that group
-  repeats the same Newton-Schulz on one matrix at a time; handing whole matrices round-robin to the group's
-  ranks would divide that work (not done yet).
+- experts whose rows FSDP splits (fewer local experts than edp ranks) are moved by one all-to-all to whole
+  experts, each on one rank of the edp group (ranks past the expert count hold none), orthogonalised there
+  once, and moved back: no rank holds more than ceil(E_local / edp) experts, none repeats another's work;
+- a tensor-parallel or FSDP-sharded 2-D weight is gathered over its own mesh (`full_tensor`: a TP or FSDP
+  group), orthogonalised, and each rank keeps its slice. Every rank of that group repeats the same
+  Newton-Schulz on that matrix; handing whole matrices round-robin to the group's ranks would divide that
+  work (not done yet).
 Momentum buffers are shaped and sharded like their parameters, so checkpoints save and reshard them as they
 do AdamW's moments (parallel/checkpoint.py).
 """
@@ -37,7 +39,8 @@ import math
 import re
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import Placement
 
 from moeyard.parallel.data_parallel import clean_fqn, is_expert_param
 
@@ -90,12 +93,27 @@ def _whole_matrices_local(p: torch.Tensor) -> bool:
     return all(pl.is_replicate() or (pl.is_shard() and pl.dim < p.ndim - 2) for pl in p.placements)
 
 
+def _by_whole_experts(p: DTensor) -> list[Placement] | None:
+    """For an [E, X, Y] expert DTensor whose rows one mesh dim splits (FSDP with fewer local experts than edp
+    ranks): its placements with that split moved to the expert dim, where each rank holds whole experts
+    (unevenly: ranks past E hold none). None for any other tensor."""
+    rows = [i for i, pl in enumerate(p.placements) if pl.is_shard() and pl.dim >= 1]
+    if p.ndim != 3 or len(rows) != 1 or any(pl.is_shard() and pl.dim == 0 for pl in p.placements):
+        return None
+    return [Shard(0) if i == rows[0] else pl for i, pl in enumerate(p.placements)]
+
+
 def orthogonalised_local(p: torch.Tensor, u_local: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
     """This rank's piece of NS(U), where `u_local` is this rank's piece of U, sharded like parameter `p`."""
     if _whole_matrices_local(p):
         return newton_schulz(u_local, steps, dtype)
     mesh, placements = p.device_mesh, p.placements
     u = DTensor.from_local(u_local, mesh, placements, shape=p.shape, stride=p.stride(), run_check=False)
+    experts = _by_whole_experts(p)
+    if experts is not None:  # one all-to-all each way; each expert orthogonalised once, on one rank
+        mine = newton_schulz(u.redistribute(mesh, experts).to_local(), steps, dtype)
+        done = DTensor.from_local(mine, mesh, experts, shape=p.shape, stride=p.stride(), run_check=False)
+        return done.redistribute(mesh, placements).to_local()
     whole = newton_schulz(u.full_tensor(), steps, dtype)
     # Replicate -> the parameter's placements is a local slice: no communication.
     replicated = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim, run_check=False)

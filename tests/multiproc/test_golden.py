@@ -132,7 +132,8 @@ EXACT = Tolerance(loss_rtol=1e-5, aux_rtol=1e-5, dropped_atol=1e-12, param_atol=
 near_ties.rounding_margin over the model's 4 blocks and the output's sums of <= 256 terms (the vocabulary),
 twice (layout and reference): 2 * 5 * 16 * 2^-24 = 9.5e-6, and 1/1000 of what the loss falls in a step.
 Dropped pairs: equal, a count of decisions. Parameters: 1e-5 absolute is 0.3% of one Adam step (lr 3e-3),
-so a missed, repeated or misdirected update shows; the bias: 1/1000 of one update."""
+so a missed, repeated or misdirected update shows, widened per element where Adam magnifies rounding
+(`adam_amplification`); the bias: 1/1000 of one update."""
 
 PARAM_REL_NEAR_TIE = 0.5
 """Where decisions flip, a parameter's error stays below half its movement. The failures this still guards
@@ -236,9 +237,28 @@ def assert_same_training(ref: dict, got: dict, tol: Tolerance | None = None) -> 
             assert rel <= tol.param_rel, f"{name}: |got - ref| is {rel:.3g} of its movement (> {tol.param_rel})"
         else:
             assert moved.abs().max() >= 100 * tol.param_atol, f"{name} moved only {moved.abs().max():.3g}"
-            torch.testing.assert_close(
-                got["state"][name], value, rtol=1e-4, atol=tol.param_atol, msg=lambda m, n=name: f"{n}: {m}"
+            atol = tol.param_atol * adam_amplification(ref.get("optim", {}).get(f"{name}.exp_avg_sq"))
+            excess = (got["state"][name] - value).abs() - (atol + 1e-4 * value.abs())
+            assert excess.max() <= 0, (
+                f"{name}: {int((excess > 0).sum())} elements beyond rounding, the worst by {float(excess.max()):.3g}"
             )
+
+
+ADAM_AMPLIFICATION_CAP = 30.0
+"""30 x EXACT's 1e-5 is 3e-4, a third of the smallest learning rate in BASE's schedule (9.75e-4 at step 5), so
+a missed or repeated Adam step still shows on every element."""
+
+
+def adam_amplification(exp_avg_sq: torch.Tensor | None) -> torch.Tensor | float:
+    """How much Adam magnifies an element's rounding: a gradient's rounding error scales with the sums that
+    make its tensor's gradient (their RMS), and Adam divides each element's step by that element's own
+    gradient RMS, sqrt(v). An element whose gradient is k times below its tensor's RMS carries k times the
+    rounding (seen: 6.75x on one wo element under tp2, 1.15e-5 where its neighbours stay below 5e-7). At
+    least 1, at most ADAM_AMPLIFICATION_CAP; 1 where the optimizer keeps no second moment."""
+    if exp_avg_sq is None:
+        return 1.0
+    rms = exp_avg_sq.mean().sqrt()
+    return (rms / exp_avg_sq.sqrt().clamp_min(rms / ADAM_AMPLIFICATION_CAP)).clamp_min(1.0)
 
 
 # --- what a layout must look like on every rank --------------------------------------------------------

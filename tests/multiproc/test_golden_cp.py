@@ -3,7 +3,8 @@ process, on packed documents (data.document_mask) with grouped-query attention (
 heads over 2 kv heads), and each rank holds the load-balanced positions of every row.
 
 Layouts: on 4 ranks, in one spawned group, cp2 (x dp2, with FSDP over the dp x cp ranks), cp2 x tp2, cp2 x
-ep2 (the expert-parallel pair is the cp pair) and cp2 x pp2 with multi-head latent attention; on 8 ranks
+ep2 (the expert-parallel pair is the cp pair) and cp2 x pp2 with multi-head latent attention; on 8 ranks,
+in one group, tp2 x cp2 x ep2 (dp2; the expert-parallel pair is the tp pair, replicated over cp and dp) and
 tp2 x cp2 x ep4 (dp2), whose expert-parallel groups span tp and cp ranks. The one-process reference is the
 same config with cp=1.
 
@@ -42,7 +43,10 @@ FOUR_RANKS = [
     ("cp2-ep2-dp2", ["parallel.cp=2", "parallel.ep=2", "parallel.dp=2"], SHORT_DOCS),
     ("cp2-pp2-mla", ["parallel.cp=2", "parallel.pp=2"], SHORT_DOCS_MLA),
 ]
-EIGHT_RANKS = [("tp2-cp2-ep4-dp2", ["parallel.tp=2", "parallel.cp=2", "parallel.ep=4", "parallel.dp=2"], STDLIB_DOCS)]
+EIGHT_RANKS = [
+    ("tp2-cp2-ep2-dp2", ["parallel.tp=2", "parallel.cp=2", "parallel.ep=2", "parallel.dp=2"], STDLIB_DOCS),
+    ("tp2-cp2-ep4-dp2", ["parallel.tp=2", "parallel.cp=2", "parallel.ep=4", "parallel.dp=2"], STDLIB_DOCS),
+]
 
 
 @pytest.fixture(scope="module")

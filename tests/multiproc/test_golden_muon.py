@@ -3,9 +3,10 @@
 Golden cases (test_golden.py's contract: losses, gathered parameters, layout in place), each against the
 one-process Muon run of its config, plus every Muon momentum buffer gathered against the reference's:
 dp2 FSDP (2-D weights gathered over dp for Newton-Schulz), dp2 FSDP with one expert (its rows split over edp,
-gathered over edp only), tp2 (gathered over tp), ep2 (experts whole on their ep rank, orthogonalised there),
-ep2 + FSDP (experts split along the expert dim: local), pp2, and tp2 * pp2 * ep2 with FSDP over dp2 (8 ranks:
-FSDP over a tensor-parallel dim places a _StridedShard, gathered over both). The 2-rank cases share one
+moved whole to one rank, which alone orthogonalises it: asserted), tp2 (gathered over tp), ep2 (experts whole
+on their ep rank, orthogonalised there), ep2 + FSDP (experts split along the expert dim: local), pp2, and
+tp2 * pp2 * ep2 with FSDP over dp2 (8 ranks: FSDP over a tensor-parallel dim places a _StridedShard, gathered
+over both). The 2-rank cases share one
 spawned group, one Trainer after another.
 
 Momentum through DCP: the ep2 + FSDP run saves at step 3; tp2 (2 ranks, in the same group)
@@ -20,13 +21,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from moeyard.job.compose import compose
-from moeyard.parallel.muon import takes_muon
+from moeyard.parallel import muon
+from moeyard.parallel.muon import newton_schulz, takes_muon
 from moeyard.parallel.state import full_optimizer_state, full_state_dict
 from tests.helpers import free_port, layout_facts, local_rank_env, make_trainer, spawn
 from tests.multiproc import test_golden as golden
@@ -61,14 +64,23 @@ def _overrides(case_id: str, root: Path) -> list[str]:
 
 
 def _train(overrides: list[str], rank: int, world: int) -> dict:
-    """One run in the open group; rank 0's result (helpers._rank's keys), else {}."""
+    """One run in the open group; rank 0's result (helpers._rank's keys, each rank's layout facts also
+    listing how many expert matrices each of its batched Newton-Schulz calls took), else {}."""
     trainer = make_trainer(compose(overrides))
     initial = full_state_dict(trainer.pm)
-    history = trainer.fit()
+    expert_batches = []
+
+    def recording(u, steps, dtype):
+        if u.ndim == 3:
+            expert_batches.append(u.size(0))
+        return newton_schulz(u, steps, dtype)
+
+    with mock.patch.object(muon, "newton_schulz", recording):
+        history = trainer.fit()
     result = {"history": history, "state": full_state_dict(trainer.pm), "initial": initial}
     result["optim"] = full_optimizer_state(trainer.pm, trainer.optimizer)
     facts = [None] * world
-    dist.all_gather_object(facts, layout_facts(trainer))
+    dist.all_gather_object(facts, {**layout_facts(trainer), "ns_expert_batches": expert_batches})
     return {**result, "layout": facts} if rank == 0 else {}
 
 
@@ -127,6 +139,9 @@ def test_muon_layout_trains_like_one_process(case_id, root, tmp_path_factory):
         for facts in got["layout"]:
             experts = {n: f for n, f in facts["params"].items() if ".experts." in n}
             assert experts and all(f[1:3] == (("S(1)",), ("edp",)) for f in experts.values()), experts
+        # The one expert is orthogonalised whole on rank 0 only (moved there by an all-to-all), never repeated.
+        batches = [facts["ns_expert_batches"] for facts in got["layout"]]
+        assert set(batches[0]) == {1} and set(batches[1]) == {0}, batches
     else:
         golden.assert_layout_applied(_overrides(case_id, root), world, got)
     golden.assert_same_training(ref, got)

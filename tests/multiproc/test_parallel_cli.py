@@ -64,7 +64,7 @@ BAD_LAYOUTS = [
         2,
         "model.tie_embeddings=True is not supported with parallel.pp",
     ),
-    (["parallel.dp_mode=zero3"], 1, "parallel.dp_mode=zero3 must be one of replicate, fsdp"),
+    (["parallel.dp_mode=zero3"], 1, "parallel.dp_mode=zero3 must be one of replicate, zero1, zero2, fsdp"),
 ]
 
 
