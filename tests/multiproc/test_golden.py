@@ -253,7 +253,8 @@ def adam_amplification(exp_avg_sq: torch.Tensor | None) -> torch.Tensor | float:
     """How much Adam magnifies an element's rounding: a gradient's rounding error scales with the sums that
     make its tensor's gradient (their RMS), and Adam divides each element's step by that element's own
     gradient RMS, sqrt(v). An element whose gradient is k times below its tensor's RMS carries k times the
-    rounding (seen: 6.75x on one wo element under tp2, 1.15e-5 where its neighbours stay below 5e-7). At
+    rounding (seen: 6.75x on one wo element under tp2, 1.15e-5 where its neighbours stay below 5e-7). The
+    reference's final second moment stands for the run's: it averages every step's squared gradient. At
     least 1, at most ADAM_AMPLIFICATION_CAP; 1 where the optimizer keeps no second moment."""
     if exp_avg_sq is None:
         return 1.0

@@ -6,8 +6,7 @@ dp2 FSDP (2-D weights gathered over dp for Newton-Schulz), dp2 FSDP with one exp
 moved whole to one rank, which alone orthogonalises it: asserted), tp2 (gathered over tp), ep2 (experts whole
 on their ep rank, orthogonalised there), ep2 + FSDP (experts split along the expert dim: local), pp2, and
 tp2 * pp2 * ep2 with FSDP over dp2 (8 ranks: FSDP over a tensor-parallel dim places a _StridedShard, gathered
-over both). The 2-rank cases share one
-spawned group, one Trainer after another.
+over both). The 2-rank cases share one spawned group, one Trainer after another.
 
 Momentum through DCP: the ep2 + FSDP run saves at step 3; tp2 (2 ranks, in the same group)
 resumes from it and must train steps 4-5 as the saving run did. Restarting Muon's momentum from zero changes
