@@ -73,6 +73,16 @@ def moeyard(*overrides: str, timeout: float, env: dict[str, str] | None = None) 
     )
 
 
+def job_report(out: subprocess.CompletedProcess, run_dir: Path, chars: int = 1500) -> str:
+    """Why a launched job failed: the tails of its stderr, its stdout (where mpiexec reports a rank's signal)
+    and every log under RUN_DIR/logs (ranks 1.., launcher.log with the held tracebacks)."""
+    parts = [f"--- stderr\n{out.stderr[-chars:]}", f"--- stdout\n{out.stdout[-chars:]}"]
+    logs = run_dir / "logs"
+    for log in sorted(logs.iterdir()) if logs.is_dir() else ():
+        parts.append(f"--- {log.name}\n{log.read_text(errors='replace')[-chars:]}")
+    return "\n".join(parts)
+
+
 def run_losses(run_dir: Path) -> list[float]:
     """The `loss` column of RUN_DIR/metrics.jsonl."""
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -17,7 +17,7 @@ from moeyard.job.compose import compose
 from moeyard.launch.cli import main as cli_main
 from moeyard.launch.entry import rank_command
 from moeyard.launch.mpi import find_mpirun, mpi_command
-from tests.helpers import BASE, assert_same_losses, moeyard, reference_losses, run_losses
+from tests.helpers import BASE, assert_same_losses, job_report, moeyard, reference_losses, run_losses
 
 
 @pytest.mark.multiproc
@@ -26,7 +26,7 @@ def test_four_mpi_ranks_match_single_process(tmp_path, tmp_path_factory):
     want = reference_losses(tmp_path_factory)
     run_dir = tmp_path / "run"
     out = moeyard(*BASE, "launcher=mpi", "launcher.np=4", "parallel.ep=2", f"run.dir={run_dir}", timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, job_report(out, run_dir)
     assert_same_losses(run_losses(run_dir), want)
     assert out.stdout.count("[5/5]") == 1  # only rank 0 talks to the console
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["rank_1.log", "rank_2.log", "rank_3.log"]

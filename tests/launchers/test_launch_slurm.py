@@ -22,7 +22,7 @@ import pytest
 from moeyard.job.compose import compose, write_resolved
 from moeyard.launch.cli import main as cli_main
 from moeyard.launch.slurm import exit_status, job_state, node_address, rank_env_from_slurm
-from tests.helpers import BASE, REPO, assert_same_losses, free_port, moeyard, reference_losses, run_losses
+from tests.helpers import BASE, REPO, assert_same_losses, free_port, job_report, moeyard, reference_losses, run_losses
 from tests.launchers.slurm_cluster import SlurmCluster
 
 JOB_LINE = re.compile(r"^submitted slurm job (\d+); run dir (\S+); output (\S+)$", re.M)
@@ -120,7 +120,7 @@ def test_two_node_job_matches_single_process(cluster, tmp_path, tmp_path_factory
         timeout=360,
         env=cluster.env,
     )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.returncode == 0, job_report(out, run_dir)
     job = JOB_LINE.search(out.stdout)
     assert job and job.group(2) == str(run_dir), out.stdout[:500]
     assert "[5/5]" in out.stdout  # rank 0's console, followed from the job's output file
@@ -146,7 +146,7 @@ def test_torchrun_per_node_job_matches_single_process(cluster, tmp_path, tmp_pat
         timeout=360,
         env=cluster.env,
     )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.returncode == 0, job_report(out, run_dir)
     assert_same_losses(run_losses(run_dir), want)
     assert (run_dir / "logs" / "rank_1.log").exists()
 
