@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from moeyard.moe.combine import weighted_scatter_add
+from moeyard.moe.combine import combine_every_assignment, weighted_scatter_add
 from moeyard.moe.router import Routing, SequenceSplit, count_per_expert
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -83,6 +83,8 @@ def gather_rows(x_TD: torch.Tensor, routing: Routing, order_A: torch.Tensor) -> 
 
 def combine_rows(y_ND: torch.Tensor, routing: Routing, order_A: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Scatters expert outputs [N, D] (in `order_A`'s order) back to tokens, weighted by the router [T, D]."""
+    if routing.per_token is not None and order_A.numel() == routing.weight_A.numel():
+        return combine_every_assignment(y_ND, routing.weight_A.to(y_ND.dtype), order_A, routing.per_token)
     token_N = routing.token_idx_A.index_select(0, order_A)
     weight_N = routing.weight_A.index_select(0, order_A).to(y_ND.dtype)
     return weighted_scatter_add(y_ND, weight_N, token_N, num_tokens)

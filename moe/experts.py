@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeyard.moe import scratch
 from moeyard.moe.config import MoEConfig
 
 HAS_GROUPED_MM = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
@@ -45,43 +46,53 @@ class SwiGLUGroupedMM(torch.autograd.Function):
     the input gradient as ONE grouped matmul against [W1 | W3] where copying those is the cheaper extra,
     and reuses its [N, F] temporaries in place. On CPU, where each new large tensor costs page faults, that
     took the experts' forward+backward below three plain grouped_mm calls at the fine-grained shape of
-    benchmarks/moe_layer.py (0.92x, 1 thread). The same products: equal to autograd's result within fp32
-    rounding (only the input gradient's sum over 2F may run in another order).
+    benchmarks/moe_layer.py (0.92x, 1 thread). The temporaries that die inside forward or backward (the
+    hidden h, silu(gate), the [N, 2F] gradient, the [W1 | W3] copy) live in moe/scratch.py's kept buffer,
+    so they cost no fresh pages either. The same products: equal to autograd's result within fp32 rounding
+    (only the input gradient's sum over 2F may run in another order).
     """
 
     @staticmethod
     def forward(ctx, x_ND, w1_EDF, w3_EDF, w2_EFD, offsets_E):
         gate_NF, up_NF = _grouped_mm(x_ND, w1_EDF, offsets_E), _grouped_mm(x_ND, w3_EDF, offsets_E)
         ctx.save_for_backward(x_ND, w1_EDF, w3_EDF, w2_EFD, gate_NF, up_NF, offsets_E)
-        return _grouped_mm(F.silu(gate_NF).mul_(up_NF), w2_EFD, offsets_E)
+        (h_NF,) = scratch.take(gate_NF.dtype, gate_NF.shape)
+        return _grouped_mm(torch.ops.aten.silu.out(gate_NF, out=h_NF).mul_(up_NF), w2_EFD, offsets_E)
 
     @staticmethod
     def backward(ctx, dy_ND):
         x_ND, w1_EDF, w3_EDF, w2_EFD, gate_NF, up_NF, offsets_E = ctx.saved_tensors
         need_x, need_w1, need_w3, need_w2, _ = ctx.needs_input_grad
         dy_ND = dy_ND.contiguous()
-        hidden = gate_NF.shape[1]
+        (N, hidden), (E, D, _) = gate_NF.shape, w1_EDF.shape
         dh_NF = _grouped_mm(dy_ND, w2_EFD.transpose(1, 2), offsets_E)
-        silu_NF = F.silu(gate_NF)
-        dgu_N2F = dh_NF.new_empty(dh_NF.shape[0], 2 * hidden)
+        w13_shape = (E, D, 2 * hidden) if _input_grad_concatenates(E, hidden, N) else (0,)
+        silu_NF, dgu_N2F, w13_ED2F = scratch.take(gate_NF.dtype, (N, hidden), (N, 2 * hidden), w13_shape)
+        torch.ops.aten.silu.out(gate_NF, out=silu_NF)
         dgate_NF, dup_NF = dgu_N2F[:, :hidden], dgu_N2F[:, hidden:]
         torch.mul(dh_NF, silu_NF, out=dup_NF)
         torch.ops.aten.silu_backward.grad_input(dh_NF.mul_(up_NF), gate_NF, grad_input=dgate_NF)
         dw2 = _grouped_mm(silu_NF.mul_(up_NF).T, dy_ND, offsets_E) if need_w2 else None
         dw1 = _grouped_mm(x_ND.T, dgate_NF, offsets_E) if need_w1 else None
         dw3 = _grouped_mm(x_ND.T, dup_NF, offsets_E) if need_w3 else None
-        return _input_grad(dgu_N2F, w1_EDF, w3_EDF, offsets_E) if need_x else None, dw1, dw3, dw2, None
+        dx = _input_grad(dgu_N2F, w1_EDF, w3_EDF, w13_ED2F, offsets_E) if need_x else None
+        return dx, dw1, dw3, dw2, None
 
 
-def _input_grad(dgu_N2F: torch.Tensor, w1_EDF: torch.Tensor, w3_EDF: torch.Tensor, offsets_E: torch.Tensor):
-    """dgate W1^T + dup W3^T [N, D]: one grouped matmul over the concatenated weights when copying them
-    (E*D*2F elements) costs less than a second [N, D] product and its add; two products when experts are
-    few and wide against the rows (E*F > N)."""
-    hidden = w1_EDF.shape[2]
-    if w1_EDF.shape[0] * hidden > dgu_N2F.shape[0]:
+def _input_grad_concatenates(experts: int, hidden: int, rows: int) -> bool:
+    """Whether the input gradient is one grouped matmul over [W1 | W3] copied side by side: when copying
+    them (E*D*2F elements) costs less than a second [N, D] product and its add, i.e. unless experts are few
+    and wide against the rows (E*F > N)."""
+    return experts * hidden <= rows
+
+
+def _input_grad(dgu_N2F, w1_EDF, w3_EDF, w13_ED2F, offsets_E: torch.Tensor) -> torch.Tensor:
+    """dgate W1^T + dup W3^T [N, D]; `w13_ED2F` is the buffer for [W1 | W3] where that is the cheaper way."""
+    (E, _, hidden), N = w1_EDF.shape, dgu_N2F.shape[0]
+    if not _input_grad_concatenates(E, hidden, N):
         dx_ND = _grouped_mm(dgu_N2F[:, :hidden], w1_EDF.transpose(1, 2), offsets_E)
         return dx_ND.add_(_grouped_mm(dgu_N2F[:, hidden:], w3_EDF.transpose(1, 2), offsets_E))
-    return _grouped_mm(dgu_N2F, torch.cat([w1_EDF, w3_EDF], 2).transpose(1, 2), offsets_E)
+    return _grouped_mm(dgu_N2F, torch.cat([w1_EDF, w3_EDF], 2, out=w13_ED2F).transpose(1, 2), offsets_E)
 
 
 def aligned_for_grouped_mm(dim: int, hidden: int) -> bool:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+from moeyard.moe.combine import inverse_permutation
 from moeyard.moe.dispatcher import AlongsideFn, ExpertsFn, LocalDispatcher, MoEOutput, combine_rows, gather_rows
 from moeyard.moe.experts import GroupedExperts, autocast_dtype
 from moeyard.moe.model import Transformer
@@ -86,10 +87,6 @@ def source_to_expert_order(counts_PEl: torch.Tensor, total: int) -> torch.Tensor
     dst_start_EP = counts_EP.cumsum(0) - counts_EP
     segment_R = torch.repeat_interleave(torch.arange(P * El, device=counts_PEl.device), counts_EP, output_size=total)
     return src_start_EP[segment_R] + torch.arange(total, device=counts_PEl.device) - dst_start_EP[segment_R]
-
-
-def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ exactly, for GQA, qk-norm, MLA, dense, MoE with shared experts, sigmoid and expe
     MoE rows received       grouped-matmul input, h1, silu, h3, product (+ 2 regroup indices under EP)
                                                                                  R ((D + 4 Fe) b [+ 16])
                             (uncompiled on CPU the hand-written backwards keep y alone and h1, h3:
-                            A (D b + 28) and R ((D + 2 Fe) b [+ 16]); `Shape.cpu_eager`)
+                            A (D b + 28) and R ((D + 2 Fe) b [+ 16]); `Shape.cpu_eager`; A (D b + 20)
+                            where the combine is the sparse product, `sparse_combine`)
     shared experts          4 T Fs b
     head                    final norm, output input, fp32 log-softmax            T (... + 4 V)
 
@@ -72,6 +73,8 @@ class Shape:
     cpu_eager: bool = False
     """Uncompiled on CPU, where the experts' and the combine's backwards are written by hand and save less
     (moe/experts.py `SwiGLUGroupedMM`: x, gate and up; moe/combine.py: y without y * w)."""
+    ep_chunks: int = 1
+    """Token chunks the expert-parallel dispatcher sends and combines one by one (parallel.ep_overlap=chunked)."""
     cp: int = 1
     """Context-parallel ranks sharing each row: `seq` is this rank's S / cp positions, and attention keeps the
     keys and values of all S, gathered (parallel/context.py)."""
@@ -165,14 +168,24 @@ def moe_bytes(m: ModelConfig, e: MoEConfig, s: Shape) -> dict[str, int]:
         gate_in += T * D * s.cast  # the shared experts' input: a second copy of this rank's slice
     ep_indices = 2 * INDEX if s.ep > 1 else 0
     combine_rows = 1 if s.cpu_eager else 2  # y, and y * w where autograd's own backward runs
+    # Indices per sent row: the gather's token, the sort order, and the combine's token except where the
+    # sparse combine reads the order itself.
+    indices = 2 if sparse_combine(e, s) else 3
     expert_widths = 2 if s.cpu_eager and hand_backward_on_cpu(e, D) else 4  # gate, up [, silu, product]
     return {
         "norm": norm_bytes(D, s.norm_tokens, s.res),
         "router": gate_in + router,
-        "moe_sent": sent * (combine_rows * D * b + 3 * INDEX + FP32),
+        "moe_sent": sent * (combine_rows * D * b + indices * INDEX + FP32),
         "moe_received": received * ((D + expert_widths * e.expert_hidden) * b + ep_indices),
         "shared": 4 * T * shared * b,
     }
+
+
+def sparse_combine(e: MoEConfig, s: Shape) -> bool:
+    """Whether the combine runs as moe/combine.py's sparse product: on CPU uncompiled, fp32 rows, every
+    assignment of token-choice routing (no capacity drops, not the static dispatcher), in one chunk."""
+    token_choice = e.router != "expert_choice" and e.capacity_factor is None and e.dispatch != "static"
+    return s.cpu_eager and s.act == FP32 and token_choice and s.ep_chunks == 1
 
 
 def block_bytes(m: ModelConfig, e: MoEConfig, s: Shape, is_moe: bool) -> dict[str, int]:
@@ -202,15 +215,26 @@ def head_backward_bytes(m: ModelConfig, s: Shape) -> int:
 
 
 def _hand_backward_working(m: ModelConfig, e: MoEConfig, s: Shape) -> int:
-    """What the CPU's hand-written backwards hold at a block's backward peak beyond autograd's: exactly what
-    they do not save. The expert backward recomputes silu(gate) and fills one [R, 2 Fe] gate/up gradient
-    where autograd kept silu and the product; the combine's weights its [A, D] gradient where autograd
-    kept y * w. So the peak is autograd's, only reached later (test_plan_cpu measures it under full AC)."""
+    """What the CPU's hand-written backwards hold at a block's backward peak beyond the saved tensors and the
+    rows' gradients: the expert backward's [R, Fe] gradient of the hidden (its other temporaries live in the
+    kept buffer, `scratch_bytes`), and the combine's weighted [A, D] gradient where autograd kept y * w."""
     if not s.cpu_eager:
         return 0
     sent, received = routed_rows(e, s)
-    experts = 2 * received * e.expert_hidden * s.act if hand_backward_on_cpu(e, m.dim) else 0
+    experts = received * e.expert_hidden * s.act if hand_backward_on_cpu(e, m.dim) else 0
     return experts + sent * m.dim * s.act
+
+
+def scratch_bytes(m: ModelConfig, e: MoEConfig, s: Shape) -> int:
+    """moe/scratch.py's buffer, held from the first MoE backward on: the largest set of temporaries one expert
+    call takes, the backward's silu(gate) [R, Fe] and gate/up gradient [R, 2 Fe], plus [W1 | W3]
+    [E/ep, D, 2 Fe] where the input gradient concatenates them (moe/experts.py `_input_grad_concatenates`)."""
+    if not (s.cpu_eager and hand_backward_on_cpu(e, m.dim)):
+        return 0
+    _, received = routed_rows(e, s)
+    local, hidden = e.num_experts // s.ep, e.expert_hidden
+    weights = 2 * local * m.dim * hidden if local * hidden <= received else 0
+    return (3 * received * hidden + weights) * s.act
 
 
 def block_backward_bytes(m: ModelConfig, e: MoEConfig, s: Shape, is_moe: bool) -> int:

@@ -41,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from moeyard.job.compose import compose
+from moeyard.moe import scratch
 from moeyard.parallel.dims import ParallelDims
 from moeyard.train.spawn import spawn_ranks
 from moeyard.train.trainer import Trainer
@@ -81,7 +82,9 @@ class FreeWatch(TorchDispatchMode):
             return NotImplemented  # DTensor runs its local ops, which come back through this mode
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if type(t) is torch.Tensor and t.device.type != "meta":
+            # A sparse tensor (the CPU combine's CSR weights) has no storage of its own: its index and value
+            # tensors are watched where the ops that made them returned them.
+            if type(t) is torch.Tensor and t.device.type != "meta" and t.layout == torch.strided:
                 self._watch(t.untyped_storage())
         return out
 
@@ -225,6 +228,9 @@ def run_job(job: Job, run_dir: str) -> dict:
     trainer = Trainer(cfg, dims=ParallelDims(pp=1, dp=1, tp=1, ep=1, world_size=1) if job.solo else None)
     out: dict = {"name": job.name}
     if job.memory_steps:
+        # The experts' kept working memory lives as long as the process; a job measures what a fresh run
+        # holds, that buffer included, so it starts without the one an earlier job in this process grew.
+        scratch.release()
         timeline = MemoryTimeline(trainer)
         out["memory"] = asdict(timeline.run(job.memory_steps))
         out["window_peaks"] = timeline.window_peaks

@@ -33,6 +33,7 @@ from moeyard.plan.activations import (
     embedding_bytes,
     head_backward_bytes,
     head_bytes,
+    scratch_bytes,
 )
 
 
@@ -223,4 +224,6 @@ def _stage(
     for block_kept, block_peak in reversed(kept):
         over = max(over, live - block_kept + block_peak - saved, live + block_input + block_extra - saved)
         live -= block_kept
+    if any(model.is_moe_layer(layer) for layer in range(*layers)):
+        over += scratch_bytes(model, moe, shape)  # kept from the first backward on, so under every peak
     return parts, over

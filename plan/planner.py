@@ -212,6 +212,7 @@ class Planner:
             tp=layout.tp,
             sp=layout.sp,
             ep=layout.ep,
+            ep_chunks=self.cfg.parallel.ep_chunks if self.cfg.parallel.ep_overlap == "chunked" and layout.ep > 1 else 1,
             headroom=self.cfg.cluster.moe_headroom,
             act=act,
             res=2 if fsdp_bf16 else FP32,

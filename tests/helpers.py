@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
 
 from moeyard.job.compose import compose
 from moeyard.launch.entry import weight_loader
@@ -220,3 +221,22 @@ def slice_only_safe_open(real, on_read):
             return Slice(self.f.get_slice(name), name)
 
     return Handle
+
+
+def _mm_flops_of_dense_operands(a, b, *args, out_val=None, **kwargs) -> int:
+    if a.layout != torch.strided or b.layout != torch.strided:
+        return 0
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+
+_mm_flops_of_dense_operands._get_raw = True  # FlopCounterMode passes the tensors, not their shapes
+
+
+def flop_counter(custom_mapping: dict | None = None) -> FlopCounterMode:
+    """torch's FlopCounterMode (display off) counting a sparse-times-dense `mm` as 0: moe/combine.py's CPU
+    combine is such a product, K multiply-adds per token row, elementwise work that the MFU formula leaves
+    out as it leaves out the index_add the other paths use; counted as a dense [T, A] x [A, D] matmul it
+    would be T times too much."""
+    return FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.mm: _mm_flops_of_dense_operands, **(custom_mapping or {})}
+    )

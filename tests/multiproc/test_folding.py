@@ -13,11 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils.flop_counter import FlopCounterMode
 
 from moeyard.job.compose import compose
 from moeyard.train.trainer import Trainer
-from tests.helpers import free_port, local_rank_env, spawn
+from tests.helpers import flop_counter, free_port, local_rank_env, spawn
 
 BASE = [
     "model=debug",
@@ -33,7 +32,7 @@ def moe_flops(trainer: Trainer) -> dict[str, int]:
     """FLOPs of one step's forward + backward, summed over the MoE experts and over the routers."""
     x, y = trainer.data.batch(0, trainer.cfg.train.batch_size)
     x, y = trainer.local_rows(x), trainer.local_rows(y)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         trainer.forward_backward(x, y)
     flops = {module: sum(counts.values()) for module, counts in counter.get_flop_counts().items()}
     moe = [m for m in flops if m.endswith(".moe")]

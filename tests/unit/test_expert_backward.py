@@ -1,8 +1,11 @@
 """The hand-written CPU backward passes of the experts (`SwiGLUGroupedMM`) and of the combine
-(`weighted_scatter_add`) give what autograd's graph of the same ops gives: the same outputs and gradients
-within fp32 rounding (torch.testing's fp32 defaults: each element is one sum of the same products, only
-summed in another order), for experts with no rows, frozen weights, and both ways of taking the input
-gradient (one matmul over [W1 | W3], or two).
+(`weighted_scatter_add`, and the sparse product `combine_every_assignment` runs for dropless token choice)
+give what autograd's graph of the same ops gives: the same outputs and gradients within fp32 rounding
+(torch.testing's fp32 defaults: each element is one sum of the same products, only summed in another
+order), for experts with no rows, frozen weights, and both ways of taking the input gradient (one matmul
+over [W1 | W3], or two). The experts' temporaries come from moe/scratch.py's kept buffer: two layers whose
+forwards and backwards interleave, and an activation-checkpoint recompute inside backward, still match,
+and no returned tensor lies in that buffer.
 
 Run: .venv/bin/pytest -q tests/unit/test_expert_backward.py
 """
@@ -12,8 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from moeyard.moe.combine import weighted_scatter_add
+from moeyard.moe import scratch
+from moeyard.moe.combine import combine_every_assignment, weighted_scatter_add
 from moeyard.moe.experts import HAS_GROUPED_MM, GroupedExperts
 
 pytestmark = pytest.mark.skipif(not HAS_GROUPED_MM, reason="torch without grouped_mm")
@@ -75,3 +80,69 @@ def test_combine_matches_autograd() -> None:
     ours = _grads(lambda: weighted_scatter_add(y_ND, weight_N, token_N, T), [y_ND, weight_N], grad_TD)
     for got, want in zip(ours, _grads(plain, [y_ND, weight_N], grad_TD), strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_combine_every_assignment_matches_autograd() -> None:
+    torch.manual_seed(0)
+    T, K, D = 9, 3, 16
+    order_N = torch.randperm(T * K)  # rows arrive in any order, e.g. sorted by expert
+    y_ND = torch.randn(T * K, D, requires_grad=True)
+    weight_A = torch.rand(T * K, requires_grad=True)
+    grad_TD = torch.randn(T, D)
+
+    def plain() -> torch.Tensor:
+        return y_ND.new_zeros(T, D).index_add(0, order_N // K, y_ND * weight_A[order_N][:, None])
+
+    assert type(combine_every_assignment(y_ND, weight_A, order_N, K).grad_fn).__name__ == "_SparseCombineBackward"
+    # MKL's sparse product takes fp32 and fp64 only: bf16 rows keep the index_add.
+    bf16 = combine_every_assignment(y_ND.bfloat16(), weight_A.bfloat16(), order_N, K)
+    assert type(bf16.grad_fn).__name__ == "_WeightedScatterAddBackward"
+    ours = _grads(lambda: combine_every_assignment(y_ND, weight_A, order_N, K), [y_ND, weight_A], grad_TD)
+    for got, want in zip(ours, _grads(plain, [y_ND, weight_A], grad_TD), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def _experts(seed: int) -> GroupedExperts:
+    torch.manual_seed(seed)
+    module = GroupedExperts(4, 16, 8, grouped_mm="on")
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return module
+
+
+def _arena_spans() -> list[tuple[int, int]]:
+    buffers = getattr(scratch._arenas, "by_dtype", {}).values()
+    return [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in buffers]
+
+
+def test_interleaved_layers_and_recompute_share_the_scratch_buffer() -> None:
+    counts_E = torch.tensor([20, 0, 30, 14])
+    layers = [_experts(1), _experts(2)]
+    x_ND = torch.randn(64, 16, requires_grad=True)
+    grad_ND = torch.randn(64, 16)
+
+    def stacked(recompute: bool):
+        h_ND = x_ND
+        for layer in layers:  # both forwards take the buffer before either backward does
+            h_ND = checkpoint(layer, h_ND, counts_E, use_reentrant=False) if recompute else layer(h_ND, counts_E)
+        return h_ND
+
+    def reference():
+        h_ND = x_ND
+        for layer in layers:
+            h_ND = _autograd_swiglu(layer, h_ND, counts_E)
+        return h_ND
+
+    inputs = [x_ND, *(p for layer in layers for p in layer.parameters())]
+    want = _grads(reference, inputs, grad_ND)
+    for recompute in (False, True):
+        got = _grads(lambda recompute=recompute: stacked(recompute), inputs, grad_ND)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w)
+    held = scratch.held_bytes()
+    assert held > 0
+    got = _grads(lambda: stacked(False), inputs, grad_ND)
+    assert scratch.held_bytes() == held  # kept and reused, not grown, on a repeat
+    for t in got:
+        start = t.data_ptr()
+        assert not any(lo <= start < hi for lo, hi in _arena_spans()), "a result lies in the scratch buffer"

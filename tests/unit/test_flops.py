@@ -14,7 +14,6 @@ import math
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from moeyard.job.compose import compose
 from moeyard.moe.model import Transformer, init_weights
@@ -23,6 +22,7 @@ from moeyard.profiling import devices
 from moeyard.profiling.devices import GPUS, gpu_peak_tflops
 from moeyard.profiling.flops import forward_flops_per_token, train_flops_per_token
 from moeyard.profiling.profiler import throughput
+from tests.helpers import flop_counter
 
 
 def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
@@ -44,9 +44,8 @@ def counted_train_flops(overrides: list[str], batch: int, seq: int) -> tuple[int
     model = Transformer(cfg.model, cfg.moe)
     init_weights(model, 0)
     tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq))
-    counter = FlopCounterMode(
-        display=False,
-        custom_mapping={torch.ops.aten._grouped_mm: grouped_mm_flops, torch.ops.aten.bmm: bmm_flops_without_row_dots},
+    counter = flop_counter(
+        {torch.ops.aten._grouped_mm: grouped_mm_flops, torch.ops.aten.bmm: bmm_flops_without_row_dots}
     )
     with counter, sdpa_kernel(SDPBackend.MATH):
         model(tokens).float().sum().backward()

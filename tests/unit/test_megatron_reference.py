@@ -232,7 +232,7 @@ def test_sequence_aux_loss_matches(mcore, router):
     # f_e counts an unbiased top-k and ours the selection with bias and groups; none are used here.
     B, S, E, K = 3, 16, 8, 2
     logits_BSE = seeded_logits(B, S, E, seed=8, requires_grad=True)
-    ours = route(logits_BSE, router=router, top_k=K).seq_aux_loss
+    ours = route(logits_BSE, router=router, top_k=K, seq_aux_loss_coef=1e-4).seq_aux_loss  # a weighted term
     score_function = "sigmoid" if router == "sigmoid_topk" else "softmax"
     theirs = megatron_seq_aux_loss(mcore, logits_BSE, K, score_function)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=TOL)

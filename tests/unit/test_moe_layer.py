@@ -185,9 +185,9 @@ def test_balancing_loss_gradient_reaches_router(coef_name, loss_name, router):
     without = make_layer(router=router)
     g_with = grads(with_loss, x, with_loss, probe)["router.gate.weight"]
     g_without = grads(without, x, without, probe)["router.gate.weight"]
-    without.zero_grad(set_to_none=True)
-    (coef * getattr(without.router(x), loss_name)).backward()
-    g_direct = without.router.gate.weight.grad
+    with_loss.zero_grad(set_to_none=True)  # the same weights; a term weighted by 0 records no graph
+    (coef * getattr(with_loss.router(x), loss_name)).backward()
+    g_direct = with_loss.router.gate.weight.grad
     assert g_direct.abs().sum() > 1e-4
     torch.testing.assert_close(g_with - g_without, g_direct, rtol=1e-4, atol=1e-7)
 
@@ -240,3 +240,14 @@ def test_shared_expert_width_and_gate_defaults_keep_the_layer_as_it_was():
         make_layer(shared_expert_gate=True)
     with pytest.raises(ValueError, match="moe.shared_expert_hidden=0 must be >= 1"):
         make_layer(num_shared_experts=1, shared_expert_hidden=0)
+
+
+def test_loss_terms_weighted_by_zero_are_computed_without_a_graph():
+    """A term with coefficient 0 is still computed (the metrics log it) but records no backward; with its
+    coefficient set it is differentiable."""
+    x = torch.randn(G, S, D, requires_grad=True)
+    off = make_layer().router(x)
+    on = make_layer(aux_loss_coef=0.01, seq_aux_loss_coef=1e-4, z_loss_coef=1e-3).router(x)
+    for name in ("aux_loss", "seq_aux_loss", "z_loss"):
+        assert not getattr(off, name).requires_grad and getattr(on, name).requires_grad, name
+        torch.testing.assert_close(getattr(off, name), getattr(on, name).detach())

@@ -247,16 +247,16 @@ def test_flops_formula_counts_the_mtp_modules():
     adds, its block (dense here: layer 3 with moe_every=2), projection and pass through the head, as
     tests/unit/test_flops.py checks the rest."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
 
     from moeyard.profiling.flops import train_flops_per_token
+    from tests.helpers import flop_counter
 
     def counted_and_formula(depth: int) -> tuple[int, int]:
         cfg = compose(["model=debug", "model.n_layers=3", "model.moe_every=2", f"model.mtp_layers={depth}"])
         model = Transformer(cfg.model, cfg.moe)
         init_weights(model, 0)
         tokens = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with counter, sdpa_kernel(SDPBackend.MATH):
             model(tokens, mtp_tokens=tokens if depth else None).float().sum().backward()
         return counter.get_total_flops(), train_flops_per_token(cfg.model, cfg.moe, 32) * 2 * 32
