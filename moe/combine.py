@@ -47,7 +47,12 @@ def combine_every_assignment(y_ND: torch.Tensor, weight_A: torch.Tensor, order_N
 
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     """The position of each index in the permutation `order`."""
-    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return inverse_order(torch.arange(order.numel(), device=order.device), order)
+
+
+def inverse_order(values_N: torch.Tensor, order_N: torch.Tensor) -> torch.Tensor:
+    """`values_N` (row n's value) put back in assignment order: out[order_N[n]] = values_N[n]."""
+    return torch.empty_like(values_N).index_copy_(0, order_N, values_N)
 
 
 @cache
@@ -56,7 +61,7 @@ def sparse_product_runs(dtype: torch.dtype) -> bool:
     builds: fp32 and fp64; bf16 and fp16 raise NotImplementedError)."""
     try:
         _csr(torch.tensor([0, 1]), torch.tensor([0]), torch.ones(1, dtype=dtype), 1) @ torch.ones(1, 1, dtype=dtype)
-    except (NotImplementedError, RuntimeError):
+    except RuntimeError:  # NotImplementedError for a dtype the kernel lacks
         return False
     return True
 
@@ -106,11 +111,6 @@ class _SparseCombine(torch.autograd.Function):
         grad_ND, dweight_N = _rows_backward(grad_TD, y_ND, weight_N, token_N, need_y, need_weight)
         dweight_A = inverse_order(dweight_N, order_N) if need_weight else None
         return grad_ND, dweight_A, None, None
-
-
-def inverse_order(values_N: torch.Tensor, order_N: torch.Tensor) -> torch.Tensor:
-    """`values_N` (row n's value) put back in assignment order: out[order_N[n]] = values_N[n]."""
-    return torch.empty_like(values_N).index_copy_(0, order_N, values_N)
 
 
 def _rows_backward(grad_TD, y_ND, weight_N, token_N, need_y: bool, need_weight: bool):

@@ -30,7 +30,7 @@ def take(dtype: torch.dtype, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
     Valid until the next `take` on this thread: a caller uses them only inside one call and returns none of
     them (nor a view of one), and takes them after reading its saved tensors (an activation-checkpoint
     recompute runs while they are read, and takes its own)."""
-    step = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    step = max(1, ALIGN_BYTES // dtype.itemsize)
     sizes = [math.prod(shape) for shape in shapes]
     starts = [0]
     for size in sizes:

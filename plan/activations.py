@@ -183,7 +183,8 @@ def moe_bytes(m: ModelConfig, e: MoEConfig, s: Shape) -> dict[str, int]:
 
 def sparse_combine(e: MoEConfig, s: Shape) -> bool:
     """Whether the combine runs as moe/combine.py's sparse product: on CPU uncompiled, fp32 rows, every
-    assignment of token-choice routing (no capacity drops, not the static dispatcher), in one chunk."""
+    assignment of token-choice routing (no capacity drops, not the static dispatcher), in one chunk. It
+    assumes a build with MKL's kernel (x86); without it the combine keeps one more index per row."""
     token_choice = e.router != "expert_choice" and e.capacity_factor is None and e.dispatch != "static"
     return s.cpu_eager and s.act == FP32 and token_choice and s.ep_chunks == 1
 
