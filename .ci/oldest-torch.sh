@@ -38,7 +38,7 @@ fi
 # grouped_mm, SDPA, profiler, FakeTensor/dispatch modes) rather than pure Python (config, planner, docs).
 unit=(compat gpu_path compile moe_layer router attention attention_flex model train checkpoint checkpoint_scale
   checksums startup_alloc document_mask profiling upcycle hf_families run_dir plan_state gpu_trainer muon
-  static_dispatch context expert_backward flops)
+  static_dispatch context expert_backward flops combine_precision)
 "$venv/bin/pytest" -q $(printf "tests/unit/test_%s.py " "${unit[@]}") "$@"
 # Pipeline, bf16, FSDP and ZeRO layouts against one process (not the 8-rank tp2-pp2-ep2-dp2: time), a pipeline
 # checkpoint loaded under another layout, and Muon's uneven all-to-all of experts whose rows FSDP splits.

@@ -82,11 +82,12 @@ def gather_rows(x_TD: torch.Tensor, routing: Routing, order_A: torch.Tensor) -> 
 
 
 def combine_rows(y_ND: torch.Tensor, routing: Routing, order_A: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Scatters expert outputs [N, D] (in `order_A`'s order) back to tokens, weighted by the router [T, D]."""
+    """Scatters expert outputs [N, D] (in `order_A`'s order) back to tokens, weighted by the router [T, D]
+    (its fp32 weights, summed in fp32 whatever the rows' dtype: moe/combine.py)."""
     if routing.per_token is not None and order_A.numel() == routing.weight_A.numel():
-        return combine_every_assignment(y_ND, routing.weight_A.to(y_ND.dtype), order_A, routing.per_token)
+        return combine_every_assignment(y_ND, routing.weight_A, order_A, routing.per_token)
     token_N = routing.token_idx_A.index_select(0, order_A)
-    weight_N = routing.weight_A.index_select(0, order_A).to(y_ND.dtype)
+    weight_N = routing.weight_A.index_select(0, order_A)
     return weighted_scatter_add(y_ND, weight_N, token_N, num_tokens)
 
 

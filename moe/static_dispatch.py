@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moeyard.moe.combine import plain_weighted_sum
 from moeyard.moe.config import MoEConfig
 from moeyard.moe.dispatcher import AlongsideFn, MoEOutput
 from moeyard.moe.experts import GroupedExperts, autocast_dtype, clamped_swiglu
@@ -124,8 +125,8 @@ def from_slots(y_ERD: torch.Tensor, routing: Routing, plan: SlotPlan, num_tokens
     """Weighted sum of each token's kept rows [T, D]; dropped assignments read the scratch zero row."""
     D = y_ERD.shape[-1]
     y_pad = torch.cat([y_ERD.reshape(-1, D), y_ERD.new_zeros(1, D)])
-    rows_AD = y_pad.index_select(0, plan.slot_A) * routing.weight_A.to(y_ERD.dtype)[:, None]
-    return y_ERD.new_zeros(num_tokens, D).index_add(0, routing.token_idx_A, rows_AD)
+    # Summed in fp32 like the dynamic combine (moe/combine.py `plain_weighted_sum`).
+    return plain_weighted_sum(y_pad.index_select(0, plan.slot_A), routing.weight_A, routing.token_idx_A, num_tokens)
 
 
 def padded_experts(experts: GroupedExperts, x_ERD: torch.Tensor) -> torch.Tensor:

@@ -18,11 +18,11 @@ exactly, for GQA, qk-norm, MLA, dense, MoE with shared experts, sigmoid and expe
                             probabilities and a separate wo input (CPU math SDPA, which MLA's Vd != N + R needs)
     dense SwiGLU            h1, silu(h1), h3, the product (w2's input)          4 T F b
     MoE router              gate input (fp32), logits, scores, top-k ids, weights, lse       T (4 D + 8 E + 12 K + 12)
-    MoE rows sent           gather/combine indices, weights, returned rows y and y * w       A (2 D b + 28)
+    MoE rows sent           gather/combine indices, fp32 weights, returned rows y            A (D b + 28)
     MoE rows received       grouped-matmul input, h1, silu, h3, product (+ 2 regroup indices under EP)
                                                                                  R ((D + 4 Fe) b [+ 16])
-                            (uncompiled on CPU the hand-written backwards keep y alone and h1, h3:
-                            A (D b + 28) and R ((D + 2 Fe) b [+ 16]); `Shape.cpu_eager`; A (D b + 20)
+                            (uncompiled on CPU the experts' hand-written backward keeps h1 and h3 alone:
+                            R ((D + 2 Fe) b [+ 16]), `Shape.cpu_eager`; the rows sent keep A (D b + 20)
                             where the combine is the sparse product, `sparse_combine`)
     shared experts          4 T Fs b
     head                    final norm, output input, fp32 log-softmax            T (... + 4 V)
@@ -71,8 +71,8 @@ class Shape:
     math_attention: bool = False
     """The CPU runs MLA's attention on SDPA's math path (its flash kernel needs equal q/k and v widths)."""
     cpu_eager: bool = False
-    """Uncompiled on CPU, where the experts' and the combine's backwards are written by hand and save less
-    (moe/experts.py `SwiGLUGroupedMM`: x, gate and up; moe/combine.py: y without y * w)."""
+    """Uncompiled on CPU, where the experts' backward is written by hand and saves less (moe/experts.py
+    `SwiGLUGroupedMM`: x, gate and up)."""
     ep_chunks: int = 1
     """Token chunks the expert-parallel dispatcher sends and combines one by one (parallel.ep_overlap=chunked)."""
     cp: int = 1
@@ -167,7 +167,6 @@ def moe_bytes(m: ModelConfig, e: MoEConfig, s: Shape) -> dict[str, int]:
     if shared and s.tp > 1 and not s.sp:
         gate_in += T * D * s.cast  # the shared experts' input: a second copy of this rank's slice
     ep_indices = 2 * INDEX if s.ep > 1 else 0
-    combine_rows = 1 if s.cpu_eager else 2  # y, and y * w where autograd's own backward runs
     # Indices per sent row: the gather's token, the sort order, and the combine's token except where the
     # sparse combine reads the order itself.
     indices = 2 if sparse_combine(e, s) else 3
@@ -175,18 +174,19 @@ def moe_bytes(m: ModelConfig, e: MoEConfig, s: Shape) -> dict[str, int]:
     return {
         "norm": norm_bytes(D, s.norm_tokens, s.res),
         "router": gate_in + router,
-        "moe_sent": sent * (combine_rows * D * b + indices * INDEX + FP32),
+        "moe_sent": sent * (D * b + indices * INDEX + FP32),  # y, the indices, the fp32 weights
         "moe_received": received * ((D + expert_widths * e.expert_hidden) * b + ep_indices),
         "shared": 4 * T * shared * b,
     }
 
 
 def sparse_combine(e: MoEConfig, s: Shape) -> bool:
-    """Whether the combine runs as moe/combine.py's sparse product: on CPU uncompiled, fp32 rows, every
-    assignment of token-choice routing (no capacity drops, not the static dispatcher), in one chunk. It
-    assumes a build with MKL's kernel (x86); without it the combine keeps one more index per row."""
+    """Whether the combine runs as moe/combine.py's sparse product: on CPU uncompiled, every assignment of
+    token-choice routing (no capacity drops, not the static dispatcher), in one chunk (bf16 rows too: the
+    product runs in the router weights' fp32). It assumes a build with MKL's kernel (x86); without it the
+    combine keeps one more index per row."""
     token_choice = e.router != "expert_choice" and e.capacity_factor is None and e.dispatch != "static"
-    return s.cpu_eager and s.act == FP32 and token_choice and s.ep_chunks == 1
+    return s.cpu_eager and token_choice and s.ep_chunks == 1
 
 
 def block_bytes(m: ModelConfig, e: MoEConfig, s: Shape, is_moe: bool) -> dict[str, int]:
@@ -240,11 +240,12 @@ def scratch_bytes(m: ModelConfig, e: MoEConfig, s: Shape) -> int:
 
 def block_backward_bytes(m: ModelConfig, e: MoEConfig, s: Shape, is_moe: bool) -> int:
     """Held on top of the saved tensors during one block's backward: the incoming gradient [T, D] and the
-    gradients of the widest intermediate (the routed rows' [R, D] output and its weighted copy, or the dense
-    FFN's hidden)."""
+    gradients of the widest intermediate (the routed rows' [R, D] output and its weighted copy, which the
+    combine's plain ops hold in fp32, or the dense FFN's hidden)."""
     T, D = s.tokens, m.dim
     incoming = T * D * s.res
     if is_moe:
         _, received = routed_rows(e, s)
-        return incoming + 2 * received * D * s.act + _hand_backward_working(m, e, s)
+        weighted = s.act if s.cpu_eager else FP32  # moe/combine.py sums (and differentiates) in fp32
+        return incoming + received * D * (s.act + weighted) + _hand_backward_working(m, e, s)
     return incoming + 2 * T * (m.ffn_hidden // s.tp) * s.act

@@ -94,9 +94,12 @@ def test_combine_every_assignment_matches_autograd() -> None:
         return y_ND.new_zeros(T, D).index_add(0, order_N // K, y_ND * weight_A[order_N][:, None])
 
     assert type(combine_every_assignment(y_ND, weight_A, order_N, K).grad_fn).__name__ == "_SparseCombineBackward"
-    # MKL's sparse product takes fp32 and fp64 only: bf16 rows keep the index_add.
+    # MKL's sparse product takes fp32 and fp64 only: bf16 rows with bf16 weights keep the index_add; with
+    # the router's fp32 weights they take the product, in fp32 (tests/unit/test_combine_precision.py).
     bf16 = combine_every_assignment(y_ND.bfloat16(), weight_A.bfloat16(), order_N, K)
     assert type(bf16.grad_fn).__name__ == "_WeightedScatterAddBackward"
+    mixed = combine_every_assignment(y_ND.bfloat16(), weight_A, order_N, K)
+    assert type(mixed.grad_fn).__name__ == "_SparseCombineBackward" and mixed.dtype == torch.bfloat16
     ours = _grads(lambda: combine_every_assignment(y_ND, weight_A, order_N, K), [y_ND, weight_A], grad_TD)
     for got, want in zip(ours, _grads(plain, [y_ND, weight_A], grad_TD), strict=True):
         torch.testing.assert_close(got, want)
