@@ -160,9 +160,10 @@ def _rows_backward(grad_TD, y_ND, weight_N, token_N, need_y: bool, need_weight: 
     dweight_N = _row_dots(grad_ND, y_ND, accumulation_dtype(grad_ND, weight_N)) if need_weight else None
     if need_y:
         # One product per element and nothing summed: the weight rounded to the rows' dtype first costs one
-        # more rounding (bf16: 2u instead of u) and keeps it one plain multiply (a mixed-dtype one, or a
-        # cast round trip, took 12x as long at the fine-grained shape, this CPU). It also leaves a weight's
-        # last fp32 bits, where layouts' fp32 sums differ, out of every element of the rows' gradient.
+        # more rounding (bf16: 2u instead of u) and keeps it one plain multiply (a mixed-dtype one took 12x
+        # as long at the fine-grained shape, this CPU). It also keeps a weight's last fp32 bits, where a
+        # layout's fp32 sums and one process's differ, out of every element of the rows' gradient: with
+        # them, the pp2-ep2-dp2 bf16 layout of tests/multiproc/test_golden.py drifted past one bf16 rounding.
         grad_ND.mul_(weight_N.to(grad_ND.dtype)[:, None])
     return (grad_ND if need_y else None), dweight_N
 
