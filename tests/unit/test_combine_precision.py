@@ -1,16 +1,17 @@
 """bf16 expert outputs are combined in fp32: each token's K rows, weighted by the router's fp32 weights, are
 summed in fp32 and rounded to bf16 once, on every path of moe/combine.py (the CPU sparse product, the CPU
-hand-written index_add, the plain ops compiled graphs and accelerators run) and in the static dispatcher.
+hand-written index_add, the plain ops compiled graphs, accelerators and the static dispatcher run).
 
 The bound is derived, not tuned: with u = 2^-8 (bf16's unit roundoff, 8 significant bits), every output
-element is within u |exact| of the exact weighted sum, plus the fp32 sum's own error, (K + 1) 2^-24 times
-the sum of the terms' magnitudes. Summing in bf16 (bf16 weights, products and partial sums, the old way)
-errs by up to (K + 1) u times that sum of magnitudes, which cancellation among a token's rows makes far
-larger than u |exact|: the test shows it breaks the bound on the same data, so the bound tells the two apart.
-The weights' gradients are fp32 sums of exact products, within the fp32 sum's error; the rows' gradients
-are one product per element, rounded at most twice (the CPU paths round the weight to bf16 first), within
-(2u + u^2) |exact|. Summing in fp32 keeps no fp32 copy of the rows for the backward: each path saves the bf16
-rows, the fp32 weights and the indices, as plan/activations.py counts them.
+element is within u |exact| of the exact weighted sum, plus the fp32 products' and sum's own error, at most K
+2^-24 times the sum of the terms' magnitudes before the final rounding ((K + 1) 2^-24 after it). Summing in
+bf16 (bf16 weights, products and partial sums, the old way) errs by up to (K + 1) u times that sum of
+magnitudes, which cancellation among a token's rows makes far larger than u |exact|: the test shows it breaks
+the bound on the same data, so the bound tells the two apart. The weights' gradients are fp32 sums of exact
+products, within the fp32 sum's error; the rows' gradients are one product per element, rounded at most twice
+(the CPU paths round the weight to bf16 first), within (2u + u^2) |exact|. Summing in fp32 keeps no fp32 copy
+of the rows for the backward: each path saves the bf16 rows, the fp32 weights and the indices, as
+plan/activations.py counts them.
 
 Run: .venv/bin/pytest -q tests/unit/test_combine_precision.py
 """
@@ -47,7 +48,7 @@ def _exact(order_N, y_ND, weight_A):
 
 def _excess(got: torch.Tensor, exact: torch.Tensor, magnitude: torch.Tensor, terms: int) -> torch.Tensor:
     """How far each element lies outside one bf16 rounding plus an fp32 sum of `terms` terms (<= 0: inside)."""
-    bound = U_BF16 * exact.abs() + (terms + 1) * 2 * U_FP32 * magnitude
+    bound = U_BF16 * exact.abs() + (terms + 1) * U_FP32 * magnitude
     return (got.double() - exact).abs() - bound
 
 
