@@ -21,7 +21,7 @@ from moeyard.launch.entry import GENERATE_ENV, weight_loader
 from moeyard.launch.mpi import rank_env_from_mpi
 from moeyard.launch.slurm import rank_env_from_slurm
 from moeyard.train.guard import exit_on_stop_signals
-from moeyard.train.process import leave
+from moeyard.train.process import leave, report_fatal_signals
 from moeyard.train.trainer import init_distributed, pick_device, train
 
 
@@ -96,6 +96,7 @@ def main() -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         redirect_output(rank_log(Path(cfg.run.dir), rank))
+    report_fatal_signals()  # into the rank's log (file descriptor 2, redirected above)
     status = run(cfg, console)
     if status and cfg.launcher.rank_env_source() == "mpi":
         from mpi4py import MPI

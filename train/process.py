@@ -1,4 +1,5 @@
-"""How a rank's process ends: without the interpreter's finalization, once its work is written.
+"""How a rank's process ends: without the interpreter's finalization once its work is written, and with the
+Python stack of every thread printed if a fatal signal ends it first.
 
 Used by `python -m moeyard.launch.rank` (every launcher's rank) and, through `run_then_leave`, by every spawn of
 ranks in the planner's measurements, the benchmarks and the tests.
@@ -6,6 +7,7 @@ ranks in the planner's measurements, the benchmarks and the tests.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import sys
@@ -31,8 +33,18 @@ def leave(status: int) -> NoReturn:
     os._exit(status)
 
 
+def report_fatal_signals() -> None:
+    """Makes a crash in native code (SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL: a kernel, a collective's
+    thread, glibc finding its heap corrupted) print every thread's Python stack to this process's stderr
+    before it dies. Without it a launcher reports only the signal, which names neither the rank's step nor
+    the op. Python's own handler (faulthandler): it writes from the signal handler without allocating."""
+    faulthandler.enable(all_threads=True)
+
+
 def run_then_leave(rank: int, fn: Callable[..., object], *args: object) -> NoReturn:
     """A torch.multiprocessing spawn target: `fn(rank, *args)`, then `leave(0)`. An exception in `fn`
-    propagates as before (torch's spawn reports it); a rank that returned has written its results."""
+    propagates as before (torch's spawn reports it); a rank that returned has written its results; a fatal
+    signal prints the rank's Python stacks (`report_fatal_signals`)."""
+    report_fatal_signals()
     fn(rank, *args)
     leave(0)
