@@ -13,8 +13,11 @@ from torch.multiprocessing import ProcessExitedException
 from moeyard.train.spawn import spawn_ranks
 
 CRASHING_RANK = """
-import os
+import io, os, sys
 from moeyard.train.process import report_fatal_signals
+
+if {swap_stderr}:
+    sys.stderr = io.StringIO()  # as a host that captures sys.stderr leaves it: no file descriptor
 
 def step_that_crashes():
     os.abort()  # what glibc does on finding its heap corrupted
@@ -24,8 +27,10 @@ step_that_crashes()
 """
 
 
-def test_an_aborting_process_prints_its_python_stack():
-    done = subprocess.run([sys.executable, "-c", CRASHING_RANK], capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("swap_stderr", [False, True], ids=["stderr", "sys.stderr-swapped"])
+def test_an_aborting_process_prints_its_python_stack(swap_stderr):
+    script = CRASHING_RANK.format(swap_stderr=swap_stderr)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == -signal.SIGABRT  # the signal still ends it, as the launcher expects
     assert "Fatal Python error: Aborted" in done.stderr
     assert "step_that_crashes" in done.stderr
