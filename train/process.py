@@ -36,9 +36,10 @@ def leave(status: int) -> NoReturn:
 def report_fatal_signals() -> None:
     """Makes a crash in native code (SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL: a kernel, a collective's
     thread, glibc finding its heap corrupted) print every thread's Python stack to this process's stderr
-    before it dies. Without it a launcher reports only the signal, which names neither the rank's step nor
-    the op. Python's own handler (faulthandler): it writes from the signal handler without allocating. It is
-    given descriptor 2 rather than `sys.stderr`, which a host may have swapped for an object without one."""
+    before it dies. Without it a launcher reports only the signal, which names neither the phase of the
+    step nor the call. Python's own handler (faulthandler): it writes from the signal handler without
+    allocating. It is given descriptor 2 rather than `sys.stderr`, which a host may have swapped for an
+    object without one."""
     faulthandler.enable(file=2, all_threads=True)
 
 
