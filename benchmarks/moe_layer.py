@@ -15,7 +15,12 @@ For each shape (T tokens, D model dim, E experts, K top-k, F expert hidden) and 
                  and its `eager` one (a Python loop over the experts hit).
 Every variant runs forward and backward (input and weight gradients). Variants take turns within each
 repeat, so drift on a shared machine hits them alike; the table shows the median ms and the median over
-repeats of the time over the floor's in the same repeat ("x floor").
+repeats of the time over the floor's in the same repeat ("x floor"). On CPU it also shows the median minor
+page faults of a step ("faults"): glibc hands large freed blocks back to the OS, and an allocation it must
+take from the OS again costs a fresh page for every 4 KiB written. Which variant pays depends on what ran
+before it in the process as much as on its own allocations (the same step can take 0 or 4,096 faults), so a
+variant's time with many faults is partly the allocator's. To time every variant on a heap that keeps what
+it freed, run with GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184.
 Our layer also computes its balancing losses and routing statistics; the peers' blocks compute none (Hugging
 Face computes the aux loss once per model from the router logits), so that work is counted against ours.
 
@@ -30,6 +35,7 @@ import argparse
 import contextlib
 import io
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -358,8 +364,11 @@ def paired_ratios(times: dict[str, list[float]], base: str) -> dict[str, float]:
     return {name: statistics.median(t / b for t, b in zip(ts, times[base], strict=True)) for name, ts in times.items()}
 
 
-def time_repeats(steps: dict[str, Step], warmup: int, repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """ms of each step in each repeat; the variants take turns in every repeat."""
+def time_repeats(
+    steps: dict[str, Step], warmup: int, repeats: int, device: torch.device, faults: dict[str, list[int]] | None = None
+) -> dict[str, list[float]]:
+    """ms of each step in each repeat; the variants take turns in every repeat. `faults`, when given, gets
+    each step's minor page faults (this process's, read around the step) under the step's name."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for step in steps.values():
         for _ in range(warmup):
@@ -368,11 +377,19 @@ def time_repeats(steps: dict[str, Step], warmup: int, repeats: int, device: torc
     for _ in range(repeats):
         for name, step in steps.items():
             sync()
+            faults_before = minor_faults()
             t0 = time.perf_counter()
             step()
             sync()
             times[name].append((time.perf_counter() - t0) * 1e3)
+            if faults is not None:
+                faults.setdefault(name, []).append(minor_faults() - faults_before)
     return times
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (pages the OS mapped in on first touch)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def deepspeed_available(device: torch.device) -> str | None:
@@ -432,14 +449,17 @@ def main(argv: list[str] | None = None) -> None:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shapes:
         shapes = [shapes[int(i)] for i in args.shapes.split(",")]
-    print(f"{'shape':<34} {'variant':<24} {'ms':>9} {'x floor':>8}")
+    faults_column = f" {'faults':>8}" if device.type == "cpu" else ""
+    print(f"{'shape':<34} {'variant':<24} {'ms':>9} {'x floor':>8}{faults_column}")
     for shape in shapes:
         torch.manual_seed(0)
         steps, _ = variants(shape, device, dtype, not ds_missing, () if hf_missing else HF_IMPLS)
-        times = time_repeats(steps, args.warmup, args.repeats, device)
+        faults: dict[str, list[int]] = {}
+        times = time_repeats(steps, args.warmup, args.repeats, device, faults if faults_column else None)
         ratios = paired_ratios(times, "floor (grouped_mm)")
         for i, (name, ts) in enumerate(times.items()):
-            print(f"{str(shape) if i == 0 else '':<34} {name:<24} {statistics.median(ts):>9.2f} {ratios[name]:>8.2f}")
+            row = f"{str(shape) if i == 0 else '':<34} {name:<24} {statistics.median(ts):>9.2f} {ratios[name]:>8.2f}"
+            print(row + (f" {statistics.median(faults[name]):>8.0f}" if faults_column else ""))
 
 
 if __name__ == "__main__":
