@@ -7,6 +7,10 @@ For each shape (T tokens, D model dim, E experts, K top-k, F expert hidden) and 
                  combine have hand-written backward passes (moe/experts.py, moe/combine.py), so its expert
                  part alone can run below the floor.
   ours looped    the same layer with one matmul per expert (moe.grouped_mm=off), for reference.
+  ours compiled  with --compile only: the grouped layer under torch.compile, as parallel.compile=true compiles
+                 each block (plain ops for inductor to fuse, no hand-written backward; fp32 grouped_mm runs
+                 eager between compiled pieces, as moe/experts.py says). Its first warmup step compiles
+                 (seconds); the peers stay eager.
   deepspeed      deepspeed.moe.layer.MoE, ep_size=1, drop_tokens=False, an nn.Module SwiGLU expert, our
                  weights copied in (so it routes the same tokens to the same experts).
   transformers   Hugging Face's MixtralSparseMoeBlock (DeepseekV3MoE for sigmoid-routed shapes), our weights
@@ -25,8 +29,8 @@ Our layer also computes its balancing losses and routing statistics; the peers' 
 Face computes the aux loss once per model from the router logits), so that work is counted against ours.
 
 Run: .venv/bin/python benchmarks/moe_layer.py [--quick] [--repeats N] [--threads N] [--device auto|cpu|cuda]
-     [--shapes 0,4] [--no-deepspeed] [--no-transformers]; the fine-grained shape (index 4) weighs routing and
-     permutation most; benchmarks/profile_layer.py breaks our layer's time there down by phase.
+     [--shapes 0,4] [--no-deepspeed] [--no-transformers] [--compile]; the fine-grained shape (index 4) weighs
+     routing and permutation most; benchmarks/profile_layer.py breaks our layer's time there down by phase.
 """
 
 from __future__ import annotations
@@ -332,6 +336,7 @@ def variants(
     with_ds: bool,
     hf_impls: tuple[str, ...] = HF_IMPLS,
     looped: bool = True,
+    compiled: bool = False,
 ) -> tuple[dict[str, Step], torch.Tensor]:
     """The steps to time for one shape, all on the same tokens and weights, and the tokens per expert
     (int64 [E]) of our routing, which the floor's groups have."""
@@ -342,6 +347,10 @@ def variants(
     steps = {"floor (grouped_mm)": floor_step(ours, x, grad), "ours grouped_mm": layer_step(ours, x, grad)}
     if looped:
         steps["ours looped"] = layer_step(our_layer(shape, "off", device, dtype), x, grad)
+    if compiled:
+        layer = our_layer(shape, "on", device, dtype)
+        layer.compile()
+        steps["ours compiled"] = layer_step(layer, x, grad)
     if with_ds and shape.router == "softmax_topk" and not shape.shared:
         steps["deepspeed MoE"] = layer_step(deepspeed_layer(ours, device, dtype), x, grad)
     if hf_impls:
@@ -427,6 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed rows")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers rows")
     parser.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
+    parser.add_argument("--compile", action="store_true", help="add our layer under torch.compile")
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.repeats = 1, 3
@@ -453,7 +463,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'shape':<34} {'variant':<24} {'ms':>9} {'x floor':>8}{faults_column}")
     for shape in shapes:
         torch.manual_seed(0)
-        steps, _ = variants(shape, device, dtype, not ds_missing, () if hf_missing else HF_IMPLS)
+        hf_impls = () if hf_missing else HF_IMPLS
+        steps, _ = variants(shape, device, dtype, not ds_missing, hf_impls, compiled=args.compile)
         faults: dict[str, list[int]] = {}
         times = time_repeats(steps, args.warmup, args.repeats, device, faults if faults_column else None)
         ratios = paired_ratios(times, "floor (grouped_mm)")

@@ -30,14 +30,14 @@ REPO = Path(__file__).resolve().parents[2]
 NUMBER = r"\d+(?:\.\d+)?"
 
 
-def run_quick(script: str, timeout: float) -> str:
-    """Runs `python benchmarks/SCRIPT --quick` from the repo root; returns its stdout."""
+def run_quick(script: str, timeout: float, *options: str) -> str:
+    """Runs `python benchmarks/SCRIPT --quick [OPTIONS]` from the repo root; returns its stdout."""
     env = {
         **os.environ,
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
     }
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / script), "--quick"],
+        [sys.executable, str(REPO / "benchmarks" / script), "--quick", *options],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -62,9 +62,9 @@ def ratio_rows(stdout: str, names: list[str], trailing: int = 0) -> dict[str, tu
 
 @pytest.mark.timeout(300)
 def test_moe_layer_benchmark_prints_ratios_to_the_floor() -> None:
-    out = run_quick("moe_layer.py", timeout=280)
+    out = run_quick("moe_layer.py", 280, "--compile")  # the compiled row too: its first step compiles
     assert "x floor" in out and "deepspeed MoE skipped" not in out and "transformers skipped" not in out
-    names = ["floor (grouped_mm)", "ours grouped_mm", "ours looped", "deepspeed MoE"]
+    names = ["floor (grouped_mm)", "ours grouped_mm", "ours looped", "ours compiled", "deepspeed MoE"]
     rows = ratio_rows(out, [*names, "transformers grouped_mm", "transformers eager"], trailing=1)
     assert rows["floor (grouped_mm)"][1] == 1.0
     assert all(ms > 0 and ratio > 0 for ms, ratio, _ in rows.values())
